@@ -1,0 +1,253 @@
+//! Wiring and ordered shutdown: origin → catalog → memory tier → reader → admin → mount;
+//! on shutdown: not ready → unmount → stop tasks. One cancellation token, one task tracker.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn, Instrument};
+
+use crate::admin::{self, AdminState};
+use crate::cache::{ChunkSource, MemoryTier, Reader, ReaderOptions};
+use crate::catalog::{Catalog, ObjectVersion};
+use crate::config::MountConfig;
+use crate::fs::FsCore;
+use crate::fuse::CachefsFuse;
+use crate::metrics::{Metrics, Tier};
+use crate::origin::Origin;
+use crate::size::format_size;
+
+/// Kernel readahead for the mount (KiB), set through its BDI after mounting.
+pub const READ_AHEAD_KB: u32 = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Origin(#[from] crate::origin::OriginError),
+    #[error("cannot list the source {0}: {1}")]
+    List(String, String),
+    #[error("cannot use cache directory {0}: {1}")]
+    CacheDir(String, std::io::Error),
+    #[error("cannot listen on admin address {0}: {1}")]
+    Admin(String, std::io::Error),
+    #[error("cannot prepare mountpoint {0}: {1}")]
+    Mountpoint(String, String),
+    #[error("cannot mount at {0}: {1}")]
+    Mount(String, String),
+}
+
+/// List the origin and turn the listing into pinned versions.
+pub async fn list_versions(origin: &Origin) -> Result<Vec<ObjectVersion>, crate::origin::OriginError> {
+    let metas = origin.list().await?;
+    Ok(metas
+        .into_iter()
+        .filter_map(|m| {
+            let key = origin.relative_key(&m.location)?;
+            Some(ObjectVersion::new(key, m.location, m.e_tag, m.version, m.size, m.last_modified.into()))
+        })
+        .collect())
+}
+
+/// Detach a stale FUSE mount (ENOTCONN) left by a killed agent; create a missing directory.
+fn prepare_mountpoint(path: &Path) -> Result<(), AgentError> {
+    let err = |m: String| AgentError::Mountpoint(path.display().to_string(), m);
+    match std::fs::metadata(path) {
+        Ok(md) if md.is_dir() => Ok(()),
+        Ok(_) => Err(err("it is a file, not a directory".into())),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            warn!(mountpoint = %path.display(), "detaching a stale mount (transport endpoint is not connected)");
+            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| err(e.to_string()))?;
+            // SAFETY: c is a valid NUL-terminated path.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+                return Err(err(format!("stale mount could not be detached: {}", std::io::Error::last_os_error())));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(path).map_err(|e| err(e.to_string()))?;
+            info!(mountpoint = %path.display(), "created mountpoint");
+            Ok(())
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+fn set_read_ahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::metadata(mountpoint) else { return };
+    let dev = md.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let p = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    match std::fs::write(&p, READ_AHEAD_KB.to_string()) {
+        Ok(()) => info!(read_ahead_kb = READ_AHEAD_KB, "raised kernel readahead for the mount"),
+        Err(e) => warn!(path = %p, error = %e, "could not raise kernel readahead (needs root); reads stay at 128 KiB"),
+    }
+}
+
+fn is_tmpfs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out-pointer.
+    unsafe { libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type == libc::TMPFS_MAGIC }
+}
+
+/// Run the agent until `shutdown` resolves (or the mount goes away), then unmount and stop.
+pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let metrics = Arc::new(Metrics::new());
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+
+    let origin = Arc::new(Origin::from_url(&cfg.source, &cfg.source_options, cfg.origin_concurrency, metrics.clone())?);
+    let versions = list_versions(&origin).await.map_err(|e| AgentError::List(cfg.source.clone(), e.to_string()))?;
+    let catalog = Arc::new(Catalog::new());
+    let total: u64 = versions.iter().map(|v| v.size).sum();
+    let n = versions.len();
+    catalog.apply(versions);
+    info!(source = %cfg.source, files = n, bytes = %format_size(total), "listed source");
+
+    let memory = Arc::new(
+        MemoryTier::new(&cfg.cache_dir, cfg.chunk_size, cfg.cache_size, metrics.clone())
+            .map_err(|e| AgentError::CacheDir(cfg.cache_dir.display().to_string(), e))?,
+    );
+    if !is_tmpfs(&cfg.cache_dir) {
+        warn!(cache_dir = %cfg.cache_dir.display(), "cache directory is not on tmpfs: cached chunks will use disk and page cache");
+    }
+    info!(cache_dir = %cfg.cache_dir.display(), cache_size = %format_size(cfg.cache_size), chunk_size = %format_size(cfg.chunk_size), "memory tier ready");
+
+    let sources: Vec<Arc<dyn ChunkSource>> = vec![origin.clone()];
+    let reader = Reader::new(
+        memory.clone(),
+        sources,
+        ReaderOptions { chunk_size: cfg.chunk_size, read_timeout: cfg.read_timeout, readahead_budget: cfg.readahead_budget },
+        metrics.clone(),
+    );
+    let core = Arc::new(FsCore::new(catalog.clone(), reader.clone()));
+
+    // Admin endpoint.
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(cfg.admin).await.map_err(|e| AgentError::Admin(cfg.admin.to_string(), e))?;
+    let status = {
+        let (metrics, memory, catalog, core, ready) = (metrics.clone(), memory.clone(), catalog.clone(), core.clone(), ready.clone());
+        let (source, mountpoint) = (cfg.source.clone(), cfg.mountpoint.display().to_string());
+        Arc::new(move || {
+            serde_json::json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "source": source,
+                "mountpoint": mountpoint,
+                "ready": ready.load(Ordering::SeqCst),
+                "drain_state": "serving",
+                "files": catalog.files().len(),
+                "open_handles": core.open_handles(),
+                "cache": { "used_bytes": memory.used(), "capacity_bytes": memory.capacity(), "chunk_size": memory.chunk_size() },
+                "read_bytes": {
+                    "memory": metrics.read_bytes_of(Tier::memory),
+                    "peer": metrics.read_bytes_of(Tier::peer),
+                    "origin": metrics.read_bytes_of(Tier::origin),
+                },
+                "origin": { "bytes": metrics.origin_bytes.get(), "requests": metrics.origin_requests.get(), "errors": metrics.origin_errors.get() },
+            })
+        })
+    };
+    let admin_state = AdminState { metrics: metrics.clone(), ready: ready.clone(), status };
+    info!(admin = %cfg.admin, "admin endpoint listening");
+    tasks.spawn(admin::serve(listener, admin_state, stop.clone()).instrument(tracing::info_span!("admin")));
+
+    // Mount.
+    prepare_mountpoint(&cfg.mountpoint)?;
+    let fuse_tasks = TaskTracker::new();
+    let fs = CachefsFuse::new(core.clone(), metrics.clone(), tokio::runtime::Handle::current(), fuse_tasks.clone());
+    let mut fcfg = fuser::Config::default();
+    fcfg.mount_options = vec![
+        fuser::MountOption::RO,
+        fuser::MountOption::FSName("cachefs".into()),
+        fuser::MountOption::Subtype("cachefs".into()),
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::DefaultPermissions,
+    ];
+    fcfg.acl = if cfg.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
+    fcfg.n_threads = Some(cfg.fuse_threads);
+    fcfg.clone_fd = true;
+    let mp = cfg.mountpoint.clone();
+    let mut session = tokio::task::spawn_blocking(move || fuser::Session::new(fs, &mp, &fcfg))
+        .await
+        .map_err(|e| AgentError::Mount(cfg.mountpoint.display().to_string(), e.to_string()))?
+        .map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::PermissionDenied { " (mounting needs root or access to /dev/fuse)" } else { "" };
+            AgentError::Mount(cfg.mountpoint.display().to_string(), format!("{e}{hint}"))
+        })?;
+    let mut unmounter = session.unmount_callable();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let fuse_thread = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || {
+            let r = session.run();
+            let _ = done_tx.send(r);
+        })
+        .map_err(|e| AgentError::Mount(cfg.mountpoint.display().to_string(), e.to_string()))?;
+    set_read_ahead(&cfg.mountpoint);
+    ready.store(true, Ordering::SeqCst);
+    info!(mountpoint = %cfg.mountpoint.display(), "mounted; serving");
+
+    // Catalog refresh.
+    {
+        let (origin, catalog, stop) = (origin.clone(), catalog.clone(), stop.clone());
+        let ttl = cfg.catalog_ttl;
+        tasks.spawn(
+            async move {
+                let mut tick = tokio::time::interval(ttl);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    match list_versions(&origin).await {
+                        Ok(v) => {
+                            let ch = catalog.apply(v);
+                            if ch.added + ch.changed + ch.removed > 0 {
+                                info!(added = ch.added, changed = ch.changed, removed = ch.removed, "catalog refreshed");
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "catalog refresh failed; keeping the previous listing"),
+                    }
+                }
+            }
+            .instrument(tracing::info_span!("catalog")),
+        );
+    }
+
+    let mut done_rx = done_rx;
+    tokio::select! {
+        _ = shutdown => info!("shutting down"),
+        r = &mut done_rx => {
+            warn!(result = ?r, "FUSE session ended (unmounted from outside?)");
+        }
+    }
+
+    // Ordered shutdown.
+    ready.store(false, Ordering::SeqCst);
+    if let Err(e) = unmounter.unmount() {
+        warn!(error = %e, "unmount failed; detaching lazily");
+        if let Ok(c) = std::ffi::CString::new(cfg.mountpoint.as_os_str().as_encoded_bytes()) {
+            // SAFETY: c is a valid NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+    let joined = tokio::task::spawn_blocking(move || fuse_thread.join());
+    if tokio::time::timeout(Duration::from_secs(5), joined).await.is_err() {
+        warn!("FUSE session did not end within 5 s");
+    }
+    stop.cancel();
+    reader.shutdown().await;
+    fuse_tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), fuse_tasks.wait()).await;
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+    info!("stopped");
+    Ok(())
+}

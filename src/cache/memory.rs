@@ -1,0 +1,362 @@
+//! The memory tier: one sparse file per object version in the cache directory (tmpfs), filled
+//! chunk by chunk, with an LRU index of chunks under a byte budget.
+//!
+//! # Contract
+//! - [`MemoryTier::read`] returns `Some` only with bytes of a chunk that was fully written and
+//!   whose crc32c was recorded, and that was not evicted while it was being read; otherwise
+//!   `None` (a miss, never an error and never zeros from a punched hole).
+//! - [`MemoryTier::insert`] stores a whole chunk; when it returns, the bytes held are within the
+//!   budget. A chunk larger than the whole budget is not stored (`Ok(false)`).
+//! - Eviction punches a hole in the file (`fallocate(PUNCH_HOLE)`), so tmpfs pages go back to
+//!   the kernel. File I/O and hole punching happen outside the index lock.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use lru::LruCache;
+use tracing::{info, warn};
+
+use super::chunk::{chunk_count, chunk_range, ChunkKey};
+use crate::catalog::ObjectVersion;
+use crate::metrics::{Metrics, Tier};
+
+/// Suffix of the memory tier's data files in the cache directory.
+pub const DATA_SUFFIX: &str = ".chunks";
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Slot {
+    present: bool,
+    writing: bool,
+    epoch: u64,
+    crc: u32,
+    /// Bytes of this chunk not yet served since it was filled: they count for `source`.
+    fresh: u64,
+    source: Option<Tier>,
+}
+
+/// Who a read's bytes are credited to: the first pass over a freshly filled chunk (readahead
+/// included) counts for the tier that filled it, later reads for memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credit {
+    pub source: Tier,
+    pub source_bytes: u64,
+}
+
+impl Credit {
+    pub fn record(&self, metrics: &Metrics, total: u64) {
+        metrics.add_read(self.source, self.source_bytes);
+        metrics.add_read(Tier::memory, total - self.source_bytes);
+    }
+}
+
+fn take_fresh(s: &mut Slot, n: u64) -> Credit {
+    let take = s.fresh.min(n);
+    s.fresh -= take;
+    Credit { source: s.source.unwrap_or(Tier::memory), source_bytes: take }
+}
+
+struct ObjFile {
+    file: File,
+    slots: Mutex<Vec<Slot>>,
+}
+
+impl ObjFile {
+    fn slots(&self) -> MutexGuard<'_, Vec<Slot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Index {
+    lru: LruCache<ChunkKey, u64>,
+    used: u64,
+}
+
+pub struct MemoryTier {
+    dir: PathBuf,
+    chunk_size: u64,
+    capacity: u64,
+    index: Mutex<Index>,
+    files: Mutex<HashMap<Arc<str>, Arc<ObjFile>>>,
+    metrics: Arc<Metrics>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MemoryTier {
+    /// Open the tier in `dir` (created if missing). Data files left by an earlier run are removed.
+    pub fn new(dir: &Path, chunk_size: u64, capacity: u64, metrics: Arc<Metrics>) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut removed = 0;
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().ends_with(DATA_SUFFIX) {
+                std::fs::remove_file(entry.path())?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            info!(removed, dir = %dir.display(), "removed cache files of an earlier run");
+        }
+        metrics.cache_capacity_bytes.set(capacity as i64);
+        metrics.cache_bytes.set(0);
+        Ok(MemoryTier {
+            dir: dir.to_path_buf(),
+            chunk_size,
+            capacity,
+            index: Mutex::new(Index { lru: LruCache::unbounded(), used: 0 }),
+            files: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Bytes of chunks held now.
+    pub fn used(&self) -> u64 {
+        lock(&self.index).used
+    }
+
+    /// Path of the data file of `obj` (whether or not it exists).
+    pub fn file_path(&self, obj: &ObjectVersion) -> PathBuf {
+        self.dir.join(format!("{}{DATA_SUFFIX}", obj.id))
+    }
+
+    fn existing(&self, obj: &ObjectVersion) -> Option<Arc<ObjFile>> {
+        lock(&self.files).get(&obj.id).cloned()
+    }
+
+    fn open_file(&self, obj: &ObjectVersion) -> io::Result<Arc<ObjFile>> {
+        let mut files = lock(&self.files);
+        if let Some(f) = files.get(&obj.id) {
+            return Ok(f.clone());
+        }
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(self.file_path(obj))?;
+        if file.metadata()?.len() != obj.size {
+            file.set_len(obj.size)?;
+        }
+        let n = chunk_count(obj.size, self.chunk_size) as usize;
+        let f = Arc::new(ObjFile { file, slots: Mutex::new(vec![Slot::default(); n]) });
+        files.insert(obj.id.clone(), f.clone());
+        Ok(f)
+    }
+
+    /// Whether chunk `index` of `obj` is present.
+    pub fn contains(&self, obj: &ObjectVersion, index: u64) -> bool {
+        self.existing(obj).is_some_and(|f| f.slots().get(index as usize).is_some_and(|s| s.present))
+    }
+
+    /// Whether every chunk of `obj` is present.
+    pub fn is_complete(&self, obj: &ObjectVersion) -> bool {
+        if obj.size == 0 {
+            return true;
+        }
+        self.existing(obj).is_some_and(|f| f.slots().iter().all(|s| s.present))
+    }
+
+    /// Bytes `within` of chunk `index` of `obj`, if present, and whom to credit them to.
+    pub fn read(&self, obj: &ObjectVersion, index: u64, within: Range<u64>) -> Option<(Bytes, Credit)> {
+        let chunk = chunk_range(index, obj.size, self.chunk_size);
+        if within.end > chunk.end - chunk.start || within.is_empty() {
+            return None;
+        }
+        let f = self.existing(obj)?;
+        let epoch = {
+            let slots = f.slots();
+            let s = slots.get(index as usize)?;
+            if !s.present {
+                return None;
+            }
+            s.epoch
+        };
+        let mut buf = BytesMut::zeroed((within.end - within.start) as usize);
+        if let Err(e) = f.file.read_exact_at(&mut buf, chunk.start + within.start) {
+            warn!(key = %obj.key, index, error = %e, "memory tier read failed; treating as a miss");
+            return None;
+        }
+        // Still present and not evicted (then re-filled) while we read: the bytes are good.
+        let credit = {
+            let mut slots = f.slots();
+            let s = slots.get_mut(index as usize)?;
+            if !(s.present && s.epoch == epoch) {
+                return None;
+            }
+            take_fresh(s, buf.len() as u64)
+        };
+        let key = ChunkKey { object: obj.id.clone(), index };
+        lock(&self.index).lru.promote(&key);
+        Some((buf.freeze(), credit))
+    }
+
+    /// Credit `n` bytes of chunk `index` served straight from a fetch (not read back from the
+    /// file): counts for `fetched_from` unless the chunk's fresh bytes were already served.
+    pub fn credit(&self, obj: &ObjectVersion, index: u64, n: u64, fetched_from: Tier) -> Credit {
+        let Some(f) = self.existing(obj) else { return Credit { source: fetched_from, source_bytes: n } };
+        let mut slots = f.slots();
+        match slots.get_mut(index as usize) {
+            Some(s) if s.present => take_fresh(s, n),
+            _ => Credit { source: fetched_from, source_bytes: n },
+        }
+    }
+
+    /// Store the whole chunk `index` of `obj`. `Ok(false)` if it was not stored (already present,
+    /// being written by someone else, or larger than the budget).
+    pub fn insert(&self, obj: &ObjectVersion, index: u64, data: &[u8], source: Tier) -> io::Result<bool> {
+        let chunk = chunk_range(index, obj.size, self.chunk_size);
+        let len = chunk.end - chunk.start;
+        if data.len() as u64 != len {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("chunk {index} of {} has {} bytes, expected {len}", obj.key, data.len())));
+        }
+        if len > self.capacity || len == 0 {
+            return Ok(false);
+        }
+        let f = self.open_file(obj)?;
+        {
+            let mut slots = f.slots();
+            let Some(s) = slots.get_mut(index as usize) else { return Ok(false) };
+            if s.present || s.writing {
+                return Ok(false);
+            }
+            s.writing = true;
+        }
+        let crc = crc32c::crc32c(data);
+        let written = f.file.write_all_at(data, chunk.start);
+        {
+            let mut slots = f.slots();
+            if let Some(s) = slots.get_mut(index as usize) {
+                s.writing = false;
+                if written.is_ok() {
+                    s.present = true;
+                    s.crc = crc;
+                    s.epoch += 1;
+                    s.fresh = len;
+                    s.source = Some(source);
+                }
+            }
+        }
+        if let Err(e) = written {
+            punch(&f.file, chunk.start, len);
+            return Err(e);
+        }
+        let victims = {
+            let mut idx = lock(&self.index);
+            idx.lru.put(ChunkKey { object: obj.id.clone(), index }, len);
+            idx.used += len;
+            let mut victims = Vec::new();
+            while idx.used > self.capacity {
+                match idx.lru.pop_lru() {
+                    Some((k, l)) => {
+                        idx.used -= l;
+                        victims.push(k);
+                    }
+                    None => break,
+                }
+            }
+            self.metrics.cache_bytes.set(idx.used as i64);
+            victims
+        };
+        self.evict(victims);
+        Ok(true)
+    }
+
+    fn evict(&self, victims: Vec<ChunkKey>) {
+        for key in victims {
+            let Some(f) = lock(&self.files).get(&key.object).cloned() else { continue };
+            let mut slots = f.slots();
+            let Some(s) = slots.get_mut(key.index as usize) else { continue };
+            s.present = false;
+            s.epoch += 1;
+            // The hole is punched under the slot lock so a refill cannot start before it.
+            let start = key.index * self.chunk_size;
+            punch(&f.file, start, self.chunk_size);
+            self.metrics.evictions.inc();
+        }
+    }
+
+    /// crc32c of a present chunk.
+    pub fn crc(&self, obj: &ObjectVersion, index: u64) -> Option<u32> {
+        let f = self.existing(obj)?;
+        let slots = f.slots();
+        slots.get(index as usize).filter(|s| s.present).map(|s| s.crc)
+    }
+}
+
+fn punch(file: &File, offset: u64, len: u64) {
+    // SAFETY: fallocate on an owned, open fd with in-range arguments has no memory effects.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        warn!(error = %io::Error::last_os_error(), "punching a hole in the cache file failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::path::Path as OPath;
+    use std::time::SystemTime;
+
+    fn obj(size: u64) -> ObjectVersion {
+        ObjectVersion::new("f".into(), OPath::from("f"), Some("e".into()), None, size, SystemTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn insert_read_evict_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::new());
+        let tier = MemoryTier::new(dir.path(), 4096, 3 * 4096, m.clone()).unwrap();
+        let o = obj(5 * 4096 + 10);
+        let data: Vec<u8> = (0..o.size).map(|i| (i % 251) as u8).collect();
+        for i in 0..6u64 {
+            let r = chunk_range(i, o.size, 4096);
+            assert!(tier.insert(&o, i, &data[r.start as usize..r.end as usize], Tier::origin).unwrap());
+            assert!(tier.used() <= tier.capacity());
+        }
+        // The first chunks were evicted; the last three are present.
+        assert!(!tier.contains(&o, 0) && !tier.contains(&o, 2));
+        assert!(tier.contains(&o, 3) && tier.contains(&o, 5));
+        assert_eq!(tier.read(&o, 0, 0..10), None);
+        let (b, credit) = tier.read(&o, 5, 2..10).unwrap();
+        assert_eq!(&b[..], &data[5 * 4096 + 2..5 * 4096 + 10]);
+        assert_eq!(credit, Credit { source: Tier::origin, source_bytes: 8 });
+        // Only the chunk's own length is ever credited to the filling tier.
+        assert_eq!(tier.read(&o, 4, 0..4096).unwrap().1.source_bytes, 4096);
+        assert_eq!(tier.read(&o, 4, 0..4096).unwrap().1.source_bytes, 0);
+        assert_eq!(tier.read(&o, 5, 2..11), None, "past the end of the chunk");
+        assert_eq!(m.evictions.get(), 3);
+        // The punched range really holds no pages.
+        let blocks = std::fs::metadata(tier.file_path(&o)).map(|md| std::os::unix::fs::MetadataExt::blocks(&md)).unwrap();
+        assert!(blocks * 512 <= 3 * 4096 + 4096, "blocks {blocks}");
+        assert_eq!(tier.crc(&o, 4), Some(crc32c::crc32c(&data[4 * 4096..5 * 4096])));
+        assert!(tier.insert(&o, 0, &data[..10], Tier::origin).is_err(), "wrong length is refused");
+    }
+
+    #[test]
+    fn chunk_larger_than_budget_is_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = MemoryTier::new(dir.path(), 4096, 1000, Arc::new(Metrics::new())).unwrap();
+        let o = obj(4096);
+        assert!(!tier.insert(&o, 0, &[1u8; 4096], Tier::origin).unwrap());
+        assert_eq!(tier.used(), 0);
+    }
+}

@@ -1,0 +1,270 @@
+//! The tiered reader: memory → sources below it (peers, origin) in order, with single-flight
+//! per chunk, sequential readahead under a global budget, and a deadline on every read.
+//!
+//! # Contract
+//! - [`Reader::read`] returns exactly the bytes `[offset, offset+len)` of the object version,
+//!   clamped to its size, or an error within the read deadline; never other bytes.
+//! - N concurrent reads of one cold chunk cause one fetch from the sources (single-flight); a
+//!   failed fetch is forgotten, so the next read tries again.
+//! - Fetches run as tracked tasks: they finish (and fill the memory tier) even if the reader
+//!   that started them gave up, and stop when [`Reader::shutdown`] is called.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::{BoxFuture, FutureExt, Shared};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn, Instrument};
+
+use super::chunk::{chunk_count, chunk_range, split_read, ChunkKey};
+use super::memory::MemoryTier;
+use crate::catalog::ObjectVersion;
+use crate::error::Error;
+use crate::metrics::{Metrics, Tier};
+
+/// A tier below memory that can supply whole chunks.
+///
+/// # Contract
+/// `fetch` returns the whole chunk `index` of exactly that object version (`range` is its byte
+/// range in the object, already clamped to the size), `Ok(None)` when this source cannot supply
+/// it (a miss, not an error), or an error. It must never return bytes of another version, and
+/// must return within a bounded time.
+pub trait ChunkSource: Send + Sync + 'static {
+    fn tier(&self) -> Tier;
+    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, index: u64, range: Range<u64>) -> BoxFuture<'a, Result<Option<Bytes>, Error>>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ReaderOptions {
+    pub chunk_size: u64,
+    pub read_timeout: Duration,
+    /// Bytes of readahead in flight over all files.
+    pub readahead_budget: u64,
+}
+
+type Fetched = Result<(Bytes, Tier), Error>;
+type Flight = Shared<BoxFuture<'static, Fetched>>;
+
+pub struct Reader {
+    memory: Arc<MemoryTier>,
+    sources: Vec<Arc<dyn ChunkSource>>,
+    flights: Mutex<HashMap<ChunkKey, Flight>>,
+    readahead: Arc<Semaphore>,
+    opts: ReaderOptions,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    /// Fetches are spawned here: `read_cached`/`prefetch` run on FUSE threads, outside the runtime.
+    rt: tokio::runtime::Handle,
+}
+
+impl Reader {
+    /// Must be called inside a tokio runtime: background fetches run on it.
+    pub fn new(memory: Arc<MemoryTier>, sources: Vec<Arc<dyn ChunkSource>>, opts: ReaderOptions, metrics: Arc<Metrics>) -> Arc<Self> {
+        let permits = (opts.readahead_budget / opts.chunk_size).max(1) as usize;
+        Arc::new(Reader {
+            memory,
+            sources,
+            flights: Mutex::new(HashMap::new()),
+            readahead: Arc::new(Semaphore::new(permits)),
+            opts,
+            metrics,
+            tracker: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            rt: tokio::runtime::Handle::current(),
+        })
+    }
+
+    pub fn memory(&self) -> &Arc<MemoryTier> {
+        &self.memory
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.opts.chunk_size
+    }
+
+    /// Most chunks a single file's readahead window may span.
+    pub fn max_window(&self) -> u64 {
+        (self.opts.readahead_budget / self.opts.chunk_size).clamp(1, 16)
+    }
+
+    /// The read, if every byte of it is in memory now (no waiting, no I/O but tmpfs).
+    pub fn read_cached(&self, obj: &ObjectVersion, offset: u64, len: u64) -> Option<Bytes> {
+        let pieces = split_read(offset, len, obj.size, self.opts.chunk_size);
+        let out = match pieces.as_slice() {
+            [] => Bytes::new(),
+            [p] => {
+                let (b, credit) = self.memory.read(obj, p.index, p.within.clone())?;
+                credit.record(&self.metrics, b.len() as u64);
+                b
+            }
+            many => {
+                let mut parts = Vec::with_capacity(many.len());
+                for p in many {
+                    parts.push(self.memory.read(obj, p.index, p.within.clone())?);
+                }
+                let mut buf = BytesMut::new();
+                for (b, credit) in parts {
+                    credit.record(&self.metrics, b.len() as u64);
+                    buf.extend_from_slice(&b);
+                }
+                buf.freeze()
+            }
+        };
+        Some(out)
+    }
+
+    /// Exactly the bytes `[offset, offset+len)` of `obj` (clamped to its size), from the first
+    /// tier that has them, within the read deadline.
+    pub async fn read(self: &Arc<Self>, obj: &Arc<ObjectVersion>, offset: u64, len: u64) -> Result<Bytes, Error> {
+        let deadline = self.opts.read_timeout;
+        match tokio::time::timeout(deadline, self.read_inner(obj, offset, len)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::TimedOut(deadline)),
+        }
+    }
+
+    async fn read_inner(self: &Arc<Self>, obj: &Arc<ObjectVersion>, offset: u64, len: u64) -> Result<Bytes, Error> {
+        let pieces = split_read(offset, len, obj.size, self.opts.chunk_size);
+        let parts = futures::future::try_join_all(pieces.into_iter().map(|p| async move {
+            if let Some(hit) = self.memory.read(obj, p.index, p.within.clone()) {
+                return Ok::<_, Error>(hit);
+            }
+            let (chunk, tier) = self.chunk(obj, p.index).await?;
+            let within = p.within.start as usize..(p.within.end as usize).min(chunk.len());
+            let credit = self.memory.credit(obj, p.index, within.len() as u64, tier);
+            Ok((chunk.slice(within), credit))
+        }))
+        .await?;
+        for (b, credit) in &parts {
+            credit.record(&self.metrics, b.len() as u64);
+        }
+        Ok(match parts.len() {
+            1 => parts.into_iter().next().map(|(b, _)| b).unwrap_or_default(),
+            _ => {
+                let mut buf = BytesMut::with_capacity(parts.iter().map(|(b, _)| b.len()).sum());
+                for (b, _) in parts {
+                    buf.extend_from_slice(&b);
+                }
+                buf.freeze()
+            }
+        })
+    }
+
+    /// The whole chunk `index` of `obj`: joins a fetch in flight or starts one.
+    pub fn chunk(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64) -> Flight {
+        let key = ChunkKey { object: obj.id.clone(), index };
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = flights.get(&key) {
+            return f.clone();
+        }
+        let this = self.clone();
+        let obj = obj.clone();
+        let span = tracing::debug_span!("fill", key = %obj.key, index);
+        let task_key = key.clone();
+        let handle = self.tracker.spawn_on(
+            async move {
+                let result = tokio::select! {
+                    r = this.fill(&obj, index) => r,
+                    _ = this.cancel.cancelled() => Err(Error::unavailable("agent is shutting down")),
+                };
+                this.flights.lock().unwrap_or_else(|p| p.into_inner()).remove(&task_key);
+                result
+            }
+            .instrument(span),
+            &self.rt,
+        );
+        let flight = async move { handle.await.unwrap_or_else(|e| Err(Error::unavailable(format!("fetch task failed: {e}")))) }
+            .boxed()
+            .shared();
+        flights.insert(key, flight.clone());
+        flight
+    }
+
+    async fn fill(&self, obj: &Arc<ObjectVersion>, index: u64) -> Fetched {
+        let range = chunk_range(index, obj.size, self.opts.chunk_size);
+        let want = range.end - range.start;
+        let mut last: Option<Error> = None;
+        for source in &self.sources {
+            match source.fetch(obj, index, range.clone()).await {
+                Ok(Some(bytes)) if bytes.len() as u64 == want => {
+                    if let Err(e) = self.memory.insert(obj, index, &bytes, source.tier()) {
+                        warn!(key = %obj.key, index, error = %e, "could not store chunk in the memory tier");
+                    }
+                    return Ok((bytes, source.tier()));
+                }
+                Ok(Some(bytes)) => {
+                    warn!(key = %obj.key, index, tier = ?source.tier(), got = bytes.len(), want, "source returned a chunk of the wrong size");
+                }
+                Ok(None) => {}
+                Err(e @ Error::Stale(_)) => return Err(e),
+                Err(e) => {
+                    debug!(key = %obj.key, index, tier = ?source.tier(), error = %e, "source failed; trying the next");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::unavailable("no source has this chunk")))
+    }
+
+    /// Start fetching chunk `index` in the background if it is missing and the readahead
+    /// budget allows. Returns false when the budget is used up.
+    pub fn prefetch(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64) -> bool {
+        if index >= chunk_count(obj.size, self.opts.chunk_size) || self.memory.contains(obj, index) {
+            return true;
+        }
+        let key = ChunkKey { object: obj.id.clone(), index };
+        if self.flights.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&key) {
+            return true;
+        }
+        let Ok(permit) = self.readahead.clone().try_acquire_owned() else { return false };
+        let flight = self.chunk(obj, index);
+        self.tracker.spawn_on(
+            async move {
+                let _ = flight.await;
+                drop(permit);
+            },
+            &self.rt,
+        );
+        true
+    }
+
+    /// Load every chunk of `obj` into memory; returns the bytes that had to be fetched.
+    pub async fn load_all(self: &Arc<Self>, obj: &Arc<ObjectVersion>, mut progress: impl FnMut(u64)) -> Result<(), Error> {
+        let n = chunk_count(obj.size, self.opts.chunk_size);
+        let parallel = self.max_window().max(2) as usize;
+        let mut stream = futures::stream::iter(0..n)
+            .map(|i| {
+                let this = self.clone();
+                let obj = obj.clone();
+                async move {
+                    if this.memory.contains(&obj, i) {
+                        return Ok(chunk_range(i, obj.size, this.opts.chunk_size));
+                    }
+                    this.chunk(&obj, i).await.map(|_| chunk_range(i, obj.size, this.opts.chunk_size))
+                }
+            })
+            .buffer_unordered(parallel);
+        use futures::StreamExt;
+        while let Some(r) = stream.next().await {
+            let r = r?;
+            progress(r.end - r.start);
+        }
+        Ok(())
+    }
+
+    /// Stop background fetches and wait (bounded) for them to end.
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await.is_err() {
+            warn!("background fetches did not stop within 5 s");
+        }
+    }
+}
+

@@ -1,0 +1,341 @@
+//! Names, inodes and pinned object versions. Built from a listing of the source prefix and
+//! refreshed on a TTL. No fuser types here.
+//!
+//! # Contract
+//! - Each file is pinned to one [`ObjectVersion`] `(key, etag/version, size)`; a refresh that
+//!   sees a different etag or size replaces the pin with a new `Arc`, so new opens see the new
+//!   bytes while open handles keep the version they opened.
+//! - An inode number, once given to a path, stays with that path for the catalog's life.
+//! - Directories come from `/` in keys; a key that is both a file and a directory prefix is shown
+//!   as the directory (the file is skipped with a warning).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use object_store::path::Path;
+use sha2::{Digest, Sha256};
+
+use crate::error::Error;
+
+pub const ROOT_INO: u64 = 1;
+
+/// One version of one object: what a chunk key and a cache file are tied to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectVersion {
+    /// Key relative to the source prefix, `/`-separated.
+    pub key: String,
+    /// Full location in the object store.
+    pub location: Path,
+    pub etag: Option<String>,
+    pub version: Option<String>,
+    pub size: u64,
+    pub mtime: SystemTime,
+    /// Stable identity of this version (hex), used for chunk keys and cache file names.
+    pub id: Arc<str>,
+}
+
+impl ObjectVersion {
+    pub fn new(key: String, location: Path, etag: Option<String>, version: Option<String>, size: u64, mtime: SystemTime) -> Self {
+        let mut h = Sha256::new();
+        for part in [location.as_ref(), etag.as_deref().unwrap_or(""), version.as_deref().unwrap_or("")] {
+            h.update(part.as_bytes());
+            h.update([0u8]);
+        }
+        h.update(size.to_le_bytes());
+        let id: Arc<str> = hex::encode(&h.finalize()[..16]).into();
+        ObjectVersion { key, location, etag, version, size, mtime, id }
+    }
+
+    /// Same bytes at the origin (same etag, version and size).
+    pub fn same_version(&self, other: &ObjectVersion) -> bool {
+        self.id == other.id
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+}
+
+/// What `lookup`/`getattr` return.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: SystemTime,
+}
+
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: String,
+}
+
+#[derive(Debug)]
+enum NodeData {
+    Dir { children: BTreeMap<String, u64> },
+    File(Arc<ObjectVersion>),
+}
+
+#[derive(Debug)]
+struct Node {
+    parent: u64,
+    path: String,
+    data: NodeData,
+}
+
+#[derive(Debug, Default)]
+struct Tree {
+    nodes: HashMap<u64, Node>,
+    by_path: HashMap<String, u64>,
+    next_ino: u64,
+    mtime: Option<SystemTime>,
+}
+
+/// What a refresh changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    pub added: usize,
+    pub changed: usize,
+    pub removed: usize,
+}
+
+pub struct Catalog {
+    tree: RwLock<Tree>,
+    started: SystemTime,
+}
+
+impl Default for Catalog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Catalog {
+    pub fn new() -> Self {
+        let mut tree = Tree { next_ino: ROOT_INO + 1, ..Default::default() };
+        tree.nodes.insert(ROOT_INO, Node { parent: ROOT_INO, path: String::new(), data: NodeData::Dir { children: BTreeMap::new() } });
+        tree.by_path.insert(String::new(), ROOT_INO);
+        Catalog { tree: RwLock::new(tree), started: SystemTime::now() }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Tree> {
+        self.tree.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replace the contents with `objects` (a full listing), keeping inode numbers by path.
+    pub fn apply(&self, objects: Vec<ObjectVersion>) -> Changes {
+        let mut changes = Changes::default();
+        let mut tree = self.tree.write().unwrap_or_else(|p| p.into_inner());
+        // Which paths are directories in this listing.
+        let mut dirs: HashSet<String> = HashSet::from([String::new()]);
+        for o in &objects {
+            let mut p = o.key.as_str();
+            while let Some((parent, _)) = p.rsplit_once('/') {
+                dirs.insert(parent.to_string());
+                p = parent;
+            }
+        }
+        let mut keep: HashSet<String> = dirs.clone();
+        let mut sorted_dirs: Vec<&String> = dirs.iter().collect();
+        sorted_dirs.sort_by_key(|d| d.matches('/').count() + usize::from(!d.is_empty()));
+        for d in sorted_dirs {
+            ensure_dir(&mut tree, d);
+        }
+        for o in objects {
+            if dirs.contains(&o.key) || o.key.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+                tracing::warn!(key = %o.key, "skipping object: its name is also a directory or not a valid path");
+                continue;
+            }
+            keep.insert(o.key.clone());
+            let parent_path = o.key.rsplit_once('/').map(|(p, _)| p).unwrap_or("").to_string();
+            let name = o.key.rsplit_once('/').map(|(_, n)| n).unwrap_or(&o.key).to_string();
+            match tree.by_path.get(&o.key).copied() {
+                Some(ino) => {
+                    if let Some(node) = tree.nodes.get_mut(&ino) {
+                        match &node.data {
+                            NodeData::File(old) if old.same_version(&o) => {}
+                            _ => {
+                                node.data = NodeData::File(Arc::new(o));
+                                changes.changed += 1;
+                            }
+                        }
+                    }
+                }
+                None => {
+                    let ino = tree.next_ino;
+                    tree.next_ino += 1;
+                    let parent = tree.by_path.get(&parent_path).copied().unwrap_or(ROOT_INO);
+                    tree.nodes.insert(ino, Node { parent, path: o.key.clone(), data: NodeData::File(Arc::new(o.clone())) });
+                    tree.by_path.insert(o.key.clone(), ino);
+                    if let Some(Node { data: NodeData::Dir { children }, .. }) = tree.nodes.get_mut(&parent) {
+                        children.insert(name, ino);
+                    }
+                    changes.added += 1;
+                }
+            }
+        }
+        // Drop what the listing no longer has.
+        let gone: Vec<(String, u64)> = tree.by_path.iter().filter(|(p, _)| !keep.contains(*p)).map(|(p, i)| (p.clone(), *i)).collect();
+        for (path, ino) in gone {
+            tree.by_path.remove(&path);
+            if let Some(node) = tree.nodes.remove(&ino) {
+                if matches!(node.data, NodeData::File(_)) {
+                    changes.removed += 1;
+                }
+                let name = path.rsplit_once('/').map(|(_, n)| n).unwrap_or(&path).to_string();
+                if let Some(Node { data: NodeData::Dir { children }, .. }) = tree.nodes.get_mut(&node.parent) {
+                    children.remove(&name);
+                }
+            }
+        }
+        if changes != Changes::default() {
+            tree.mtime = Some(SystemTime::now());
+        }
+        changes
+    }
+
+    fn entry(&self, tree: &Tree, ino: u64) -> Result<Entry, Error> {
+        let node = tree.nodes.get(&ino).ok_or(Error::NotFound)?;
+        Ok(match &node.data {
+            NodeData::Dir { .. } => Entry { ino, kind: Kind::Dir, size: 0, mtime: tree.mtime.unwrap_or(self.started) },
+            NodeData::File(o) => Entry { ino, kind: Kind::File, size: o.size, mtime: o.mtime },
+        })
+    }
+
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<Entry, Error> {
+        let tree = self.read();
+        let node = tree.nodes.get(&parent).ok_or(Error::NotFound)?;
+        match &node.data {
+            NodeData::Dir { children } => {
+                let ino = *children.get(name).ok_or(Error::NotFound)?;
+                self.entry(&tree, ino)
+            }
+            NodeData::File(_) => Err(Error::NotDir),
+        }
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Entry, Error> {
+        self.entry(&self.read(), ino)
+    }
+
+    /// Entries of a directory, `.` and `..` first, in a stable order.
+    pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>, Error> {
+        let tree = self.read();
+        let node = tree.nodes.get(&ino).ok_or(Error::NotFound)?;
+        let NodeData::Dir { children } = &node.data else { return Err(Error::NotDir) };
+        let mut out = vec![
+            DirEntry { ino, kind: Kind::Dir, name: ".".into() },
+            DirEntry { ino: node.parent, kind: Kind::Dir, name: "..".into() },
+        ];
+        for (name, child) in children {
+            let kind = match tree.nodes.get(child).map(|n| &n.data) {
+                Some(NodeData::Dir { .. }) => Kind::Dir,
+                Some(NodeData::File(_)) => Kind::File,
+                None => continue,
+            };
+            out.push(DirEntry { ino: *child, kind, name: name.clone() });
+        }
+        Ok(out)
+    }
+
+    /// The version a new open of `ino` gets.
+    pub fn object(&self, ino: u64) -> Result<Arc<ObjectVersion>, Error> {
+        let tree = self.read();
+        match tree.nodes.get(&ino).map(|n| &n.data) {
+            Some(NodeData::File(o)) => Ok(o.clone()),
+            Some(NodeData::Dir { .. }) => Err(Error::IsDir),
+            None => Err(Error::NotFound),
+        }
+    }
+
+    /// The version at a path relative to the mount root (`a/b.bin`).
+    pub fn object_at(&self, path: &str) -> Result<Arc<ObjectVersion>, Error> {
+        let path = path.trim_matches('/');
+        let ino = *self.read().by_path.get(path).ok_or(Error::NotFound)?;
+        self.object(ino)
+    }
+
+    /// Every file version now in the catalog.
+    pub fn files(&self) -> Vec<Arc<ObjectVersion>> {
+        self.read().nodes.values().filter_map(|n| match &n.data { NodeData::File(o) => Some(o.clone()), _ => None }).collect()
+    }
+
+    pub fn path_of(&self, ino: u64) -> Option<String> {
+        self.read().nodes.get(&ino).map(|n| n.path.clone())
+    }
+}
+
+fn ensure_dir(tree: &mut Tree, path: &str) {
+    if tree.by_path.contains_key(path) {
+        if let Some(ino) = tree.by_path.get(path).copied() {
+            if let Some(node) = tree.nodes.get_mut(&ino) {
+                if matches!(node.data, NodeData::File(_)) {
+                    node.data = NodeData::Dir { children: BTreeMap::new() };
+                }
+            }
+        }
+        return;
+    }
+    let (parent_path, name) = path.rsplit_once('/').unwrap_or(("", path));
+    let parent = tree.by_path.get(parent_path).copied().unwrap_or(ROOT_INO);
+    let ino = tree.next_ino;
+    tree.next_ino += 1;
+    tree.nodes.insert(ino, Node { parent, path: path.to_string(), data: NodeData::Dir { children: BTreeMap::new() } });
+    tree.by_path.insert(path.to_string(), ino);
+    if let Some(Node { data: NodeData::Dir { children }, .. }) = tree.nodes.get_mut(&parent) {
+        children.insert(name.to_string(), ino);
+    }
+}
+
+/// Shorthand for tests and the origin adapter.
+pub fn version_of(key: &str, location: Path, etag: Option<String>, version: Option<String>, size: u64, mtime: SystemTime) -> ObjectVersion {
+    ObjectVersion::new(key.to_string(), location, etag, version, size, mtime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(key: &str, etag: &str, size: u64) -> ObjectVersion {
+        ObjectVersion::new(key.into(), Path::from(key), Some(etag.into()), None, size, SystemTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn tree_and_refresh() {
+        let c = Catalog::new();
+        let ch = c.apply(vec![v("a/b/c.bin", "1", 10), v("a/d.bin", "1", 5), v("top", "1", 0)]);
+        assert_eq!(ch, Changes { added: 3, changed: 0, removed: 0 });
+        let a = c.lookup(ROOT_INO, "a").unwrap();
+        assert_eq!(a.kind, Kind::Dir);
+        let b = c.lookup(a.ino, "b").unwrap();
+        let f = c.lookup(b.ino, "c.bin").unwrap();
+        assert_eq!((f.kind, f.size), (Kind::File, 10));
+        let names: Vec<String> = c.readdir(a.ino).unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(names, vec![".", "..", "b", "d.bin"]);
+        assert!(matches!(c.lookup(ROOT_INO, "nope"), Err(Error::NotFound)));
+        assert!(matches!(c.lookup(f.ino, "x"), Err(Error::NotDir)));
+        assert!(matches!(c.object(a.ino), Err(Error::IsDir)));
+
+        let old = c.object(f.ino).unwrap();
+        let ch = c.apply(vec![v("a/b/c.bin", "2", 12), v("top", "1", 0)]);
+        assert_eq!(ch, Changes { added: 0, changed: 1, removed: 1 });
+        let f2 = c.lookup(b.ino, "c.bin").unwrap();
+        assert_eq!((f2.ino, f2.size), (f.ino, 12), "inode kept, new size");
+        assert_eq!(old.size, 10, "an open handle keeps its version");
+        assert!(!c.object(f.ino).unwrap().same_version(&old));
+        assert!(matches!(c.lookup(a.ino, "d.bin"), Err(Error::NotFound)));
+        assert_eq!(c.object_at("/a/b/c.bin").unwrap().size, 12);
+    }
+
+    #[test]
+    fn file_shadowed_by_dir() {
+        let c = Catalog::new();
+        c.apply(vec![v("x", "1", 1), v("x/y", "1", 2)]);
+        assert_eq!(c.lookup(ROOT_INO, "x").unwrap().kind, Kind::Dir);
+    }
+}

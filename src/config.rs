@@ -1,0 +1,296 @@
+//! The only place flags, the TOML config file and the environment are read. Produces a validated
+//! [`MountConfig`]; every validation failure is a one-line message.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::size::{format_size, parse_size};
+
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:7071";
+pub const DEFAULT_CACHE_DIR: &str = "/dev/shm/cachefs";
+pub const DEFAULT_CHUNK_SIZE: u64 = 8 << 20;
+pub const MIN_CHUNK_SIZE: u64 = 1 << 20;
+pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
+pub const DEFAULT_CATALOG_TTL_SECS: u64 = 60;
+pub const DEFAULT_READ_TIMEOUT_SECS: u64 = 30;
+pub const DEFAULT_ORIGIN_CONCURRENCY: usize = 16;
+pub const DEFAULT_READAHEAD_BUDGET: u64 = 256 << 20;
+pub const DEFAULT_FUSE_THREADS: usize = 4;
+
+#[derive(Debug, Parser)]
+#[command(name = "cachefs", version, about = "Node-local memory cache for model files: a read-only FUSE mount over memory, peers and object storage")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mount the source read-only at the mountpoint and serve until SIGINT/SIGTERM.
+    Mount(MountArgs),
+}
+
+/// Flags of `cachefs mount`. Every one may also be set in the `--config` TOML file under the
+/// same name (`cache-size` or `cache_size`); flags win.
+#[derive(Debug, Default, Args)]
+pub struct MountArgs {
+    /// Origin URL: file:///dir or a bare path, s3://bucket/prefix, gs://, az://, http(s)://
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Directory to mount on (created if missing).
+    #[arg(long)]
+    pub mountpoint: Option<PathBuf>,
+    /// TOML file with the same settings; flags win.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Where the memory tier keeps its files (should be tmpfs) [default: /dev/shm/cachefs]
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Memory budget for cached chunks, e.g. 16GiB [default: half the available memory]
+    #[arg(long)]
+    pub cache_size: Option<String>,
+    /// Chunk size, 1MiB..64MiB [default: 8MiB]
+    #[arg(long)]
+    pub chunk_size: Option<String>,
+    /// Admin HTTP address (/healthz, /readyz, /metrics, /status) [default: 127.0.0.1:7071]
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// Object store option KEY=VALUE (endpoint, region, access_key_id, allow_http, ...); repeatable.
+    #[arg(long = "source-option", value_name = "KEY=VALUE")]
+    pub source_option: Vec<String>,
+    /// Let users other than the mounting one read the mount (needed for containers).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Seconds between re-listings of the source [default: 60]
+    #[arg(long)]
+    pub catalog_ttl: Option<u64>,
+    /// Seconds a read may take before it fails with EIO [default: 30]
+    #[arg(long)]
+    pub read_timeout: Option<u64>,
+    /// Most concurrent requests to the origin [default: 16]
+    #[arg(long)]
+    pub origin_concurrency: Option<usize>,
+    /// Most bytes of sequential readahead in flight, over all files [default: 256MiB]
+    #[arg(long)]
+    pub readahead_budget: Option<String>,
+    /// FUSE worker threads [default: 4]
+    #[arg(long)]
+    pub fuse_threads: Option<usize>,
+    /// Log format: plain or json [default: plain]
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+/// The `--config` file: same names as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    source: Option<String>,
+    mountpoint: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
+    cache_size: Option<String>,
+    chunk_size: Option<String>,
+    admin: Option<String>,
+    source_options: Option<BTreeMap<String, String>>,
+    allow_other: Option<bool>,
+    catalog_ttl: Option<u64>,
+    read_timeout: Option<u64>,
+    origin_concurrency: Option<usize>,
+    readahead_budget: Option<String>,
+    fuse_threads: Option<usize>,
+    log_format: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// A validated mount configuration.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    pub source: String,
+    pub mountpoint: PathBuf,
+    pub cache_dir: PathBuf,
+    pub cache_size: u64,
+    pub chunk_size: u64,
+    pub admin: SocketAddr,
+    pub source_options: Vec<(String, String)>,
+    pub allow_other: bool,
+    pub catalog_ttl: Duration,
+    pub read_timeout: Duration,
+    pub origin_concurrency: usize,
+    pub readahead_budget: u64,
+    pub fuse_threads: usize,
+    pub log_format: LogFormat,
+}
+
+impl MountConfig {
+    /// A configuration with defaults for everything but source, mountpoint, cache dir and size.
+    pub fn new(source: &str, mountpoint: PathBuf, cache_dir: PathBuf, cache_size: u64) -> Self {
+        MountConfig {
+            source: source.to_string(),
+            mountpoint,
+            cache_dir,
+            cache_size,
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            admin: DEFAULT_ADMIN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7071))),
+            source_options: Vec::new(),
+            allow_other: false,
+            catalog_ttl: Duration::from_secs(DEFAULT_CATALOG_TTL_SECS),
+            read_timeout: Duration::from_secs(DEFAULT_READ_TIMEOUT_SECS),
+            origin_concurrency: DEFAULT_ORIGIN_CONCURRENCY,
+            readahead_budget: DEFAULT_READAHEAD_BUDGET,
+            fuse_threads: DEFAULT_FUSE_THREADS,
+            log_format: LogFormat::Plain,
+        }
+    }
+}
+
+fn read_file_config(path: &std::path::Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("invalid config {}: {}", path.display(), one_line(&e.to_string())))?;
+    // Accept the flag spelling (`cache-size`) as well as `cache_size`.
+    let normalized: toml::Table =
+        table.into_iter().map(|(k, v)| (k.replace('-', "_"), v)).collect();
+    normalized
+        .try_into()
+        .map_err(|e: toml::de::Error| format!("invalid config {}: {}", path.display(), one_line(&e.to_string())))
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Bytes the kernel reports as available (`MemAvailable`), if it can be read.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Merge flags over the config file over defaults, and validate.
+pub fn resolve_mount(args: MountArgs) -> Result<MountConfig, String> {
+    let file = match &args.config {
+        Some(p) => read_file_config(p)?,
+        None => FileConfig::default(),
+    };
+    let source = args.source.or(file.source).ok_or("missing --source (the origin URL or directory)")?;
+    let mountpoint = args.mountpoint.or(file.mountpoint).ok_or("missing --mountpoint")?;
+    let cache_dir = args.cache_dir.or(file.cache_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
+
+    let avail = available_memory();
+    let cache_size = match args.cache_size.or(file.cache_size) {
+        Some(s) => parse_size(&s).map_err(|e| format!("--cache-size: {e}"))?,
+        None => avail.map(|a| a / 2).ok_or("cannot read MemAvailable from /proc/meminfo: set --cache-size")?,
+    };
+    if let Some(a) = avail {
+        if cache_size > a {
+            return Err(format!(
+                "--cache-size {} is above the available memory ({}): the memory tier lives in RAM",
+                format_size(cache_size),
+                format_size(a)
+            ));
+        }
+    }
+    let chunk_size = match args.chunk_size.or(file.chunk_size) {
+        Some(s) => parse_size(&s).map_err(|e| format!("--chunk-size: {e}"))?,
+        None => DEFAULT_CHUNK_SIZE,
+    };
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        return Err(format!("--chunk-size {} is out of range: it must be between 1MiB and 64MiB", format_size(chunk_size)));
+    }
+    let admin_s = args.admin.or(file.admin).unwrap_or_else(|| DEFAULT_ADMIN.to_string());
+    let admin: SocketAddr =
+        admin_s.parse().map_err(|_| format!("--admin {admin_s:?} is not an address like 127.0.0.1:7071"))?;
+
+    let mut source_options: Vec<(String, String)> = file.source_options.unwrap_or_default().into_iter().collect();
+    for kv in &args.source_option {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("--source-option {kv:?} must be KEY=VALUE"))?;
+        source_options.retain(|(ek, _)| ek != k);
+        source_options.push((k.trim().to_string(), v.to_string()));
+    }
+    let readahead_budget = match args.readahead_budget.or(file.readahead_budget) {
+        Some(s) => parse_size(&s).map_err(|e| format!("--readahead-budget: {e}"))?,
+        None => DEFAULT_READAHEAD_BUDGET,
+    };
+    let log_format = match args.log_format.or(file.log_format).as_deref() {
+        None | Some("plain") => LogFormat::Plain,
+        Some("json") => LogFormat::Json,
+        Some(other) => return Err(format!("--log-format {other:?}: use plain or json")),
+    };
+    let positive = |name: &str, v: u64| if v == 0 { Err(format!("--{name} must be at least 1")) } else { Ok(v) };
+    let cfg = MountConfig {
+        source,
+        mountpoint,
+        cache_dir,
+        cache_size,
+        chunk_size,
+        admin,
+        source_options,
+        allow_other: args.allow_other || file.allow_other.unwrap_or(false),
+        catalog_ttl: Duration::from_secs(positive("catalog-ttl", args.catalog_ttl.or(file.catalog_ttl).unwrap_or(DEFAULT_CATALOG_TTL_SECS))?),
+        read_timeout: Duration::from_secs(positive("read-timeout", args.read_timeout.or(file.read_timeout).unwrap_or(DEFAULT_READ_TIMEOUT_SECS))?),
+        origin_concurrency: positive("origin-concurrency", args.origin_concurrency.or(file.origin_concurrency).unwrap_or(DEFAULT_ORIGIN_CONCURRENCY) as u64)? as usize,
+        readahead_budget,
+        fuse_threads: positive("fuse-threads", args.fuse_threads.or(file.fuse_threads).unwrap_or(DEFAULT_FUSE_THREADS) as u64)? as usize,
+        log_format,
+    };
+    if cfg.mountpoint.is_file() {
+        return Err(format!("--mountpoint {} is a file, not a directory", cfg.mountpoint.display()));
+    }
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(src: &str) -> MountArgs {
+        MountArgs { source: Some(src.into()), mountpoint: Some("/tmp/x-cachefs-test".into()), cache_size: Some("64MiB".into()), ..Default::default() }
+    }
+
+    #[test]
+    fn chunk_size_range() {
+        let mut a = args("/tmp");
+        a.chunk_size = Some("512KiB".into());
+        assert!(resolve_mount(a).unwrap_err().contains("out of range"));
+        let mut a = args("/tmp");
+        a.chunk_size = Some("16MiB".into());
+        assert_eq!(resolve_mount(a).unwrap().chunk_size, 16 << 20);
+    }
+
+    #[test]
+    fn file_config_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "source = \"/data\"\nmountpoint = \"/mnt/m\"\ncache-size = \"32MiB\"\nchunk_size = \"4MiB\"\n[source_options]\nregion = \"x\"\n").unwrap();
+        let a = MountArgs { config: Some(p.clone()), chunk_size: Some("2MiB".into()), ..Default::default() };
+        let c = resolve_mount(a).unwrap();
+        assert_eq!(c.source, "/data");
+        assert_eq!(c.cache_size, 32 << 20);
+        assert_eq!(c.chunk_size, 2 << 20);
+        assert_eq!(c.source_options, vec![("region".to_string(), "x".to_string())]);
+        std::fs::write(&p, "sauce = 1\n").unwrap();
+        let e = resolve_mount(MountArgs { config: Some(p), ..Default::default() }).unwrap_err();
+        assert!(e.contains("unknown field") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn rejects_huge_cache() {
+        let mut a = args("/tmp");
+        a.cache_size = Some("100TiB".into());
+        assert!(resolve_mount(a).unwrap_err().contains("available memory"));
+    }
+}

@@ -1,0 +1,150 @@
+//! The filesystem core behind the FUSE adapter: names and attributes from the catalog, open
+//! handles pinned to one object version, reads through the tiered reader, and the readahead
+//! policy. No fuser types; tested without a mount.
+//!
+//! # Contract
+//! - An open handle reads only the version it opened, for its whole life.
+//! - `open` tells whether the kernel may keep its page cache: yes unless the inode's version
+//!   changed since the previous open.
+//! - Writes of any kind are `Error::ReadOnly`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::cache::Reader;
+use crate::catalog::{Catalog, DirEntry, Entry, ObjectVersion};
+use crate::error::Error;
+
+/// One open file.
+pub struct Handle {
+    pub ino: u64,
+    pub obj: Arc<ObjectVersion>,
+    ra: Mutex<Readahead>,
+}
+
+#[derive(Default)]
+struct Readahead {
+    /// Where the next sequential read would start.
+    next_offset: u64,
+    /// Chunks to keep fetched ahead of the reader; 0 = not sequential.
+    window: u64,
+    /// Chunks below this index were already requested.
+    upto: u64,
+    last_chunk: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Opened {
+    pub fh: u64,
+    pub keep_cache: bool,
+}
+
+pub struct FsCore {
+    catalog: Arc<Catalog>,
+    reader: Arc<Reader>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    last_opened: Mutex<HashMap<u64, Arc<str>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl FsCore {
+    pub fn new(catalog: Arc<Catalog>, reader: Arc<Reader>) -> Self {
+        FsCore { catalog, reader, handles: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1), last_opened: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    pub fn reader(&self) -> &Arc<Reader> {
+        &self.reader
+    }
+
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<Entry, Error> {
+        self.catalog.lookup(parent, name)
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Entry, Error> {
+        self.catalog.getattr(ino)
+    }
+
+    pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>, Error> {
+        self.catalog.readdir(ino)
+    }
+
+    pub fn open(&self, ino: u64, write: bool) -> Result<Opened, Error> {
+        if write {
+            return Err(Error::ReadOnly);
+        }
+        let obj = self.catalog.object(ino)?;
+        let keep_cache = {
+            let mut last = lock(&self.last_opened);
+            let same = last.get(&ino).is_none_or(|id| *id == obj.id);
+            last.insert(ino, obj.id.clone());
+            same
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, Arc::new(Handle { ino, obj, ra: Mutex::new(Readahead::default()) }));
+        Ok(Opened { fh, keep_cache })
+    }
+
+    pub fn handle(&self, fh: u64) -> Result<Arc<Handle>, Error> {
+        lock(&self.handles).get(&fh).cloned().ok_or(Error::BadHandle)
+    }
+
+    pub fn release(&self, fh: u64) {
+        lock(&self.handles).remove(&fh);
+    }
+
+    pub fn open_handles(&self) -> usize {
+        lock(&self.handles).len()
+    }
+
+    /// The read if it is wholly in memory (answered on the caller's thread), else `None`.
+    pub fn read_cached(&self, h: &Handle, offset: u64, size: u32) -> Option<Bytes> {
+        self.readahead(h, offset, size as u64);
+        self.reader.read_cached(&h.obj, offset, size as u64)
+    }
+
+    /// The read through every tier; call `read_cached` first (it also drives readahead).
+    pub async fn read(&self, h: &Handle, offset: u64, size: u32) -> Result<Bytes, Error> {
+        self.reader.read(&h.obj, offset, size as u64).await
+    }
+
+    /// Sequential readers get the next chunks fetched ahead, in a window that doubles each time
+    /// the reader enters a new chunk; a jump resets it. Random readers fetch only what they touch.
+    fn readahead(&self, h: &Handle, offset: u64, len: u64) {
+        let cs = self.reader.chunk_size();
+        let mut ra = lock(&h.ra);
+        let sequential = offset <= ra.next_offset.saturating_add(cs) && offset.saturating_add(cs) >= ra.next_offset;
+        ra.next_offset = offset.saturating_add(len);
+        let chunk = offset / cs;
+        if !sequential {
+            ra.window = 0;
+            ra.upto = 0;
+            ra.last_chunk = Some(chunk);
+            return;
+        }
+        if ra.last_chunk != Some(chunk) || ra.window == 0 {
+            ra.window = (ra.window * 2).clamp(1, self.reader.max_window());
+            ra.last_chunk = Some(chunk);
+        }
+        let from = (chunk + 1).max(ra.upto);
+        let to = chunk + 1 + ra.window;
+        let mut next = from;
+        while next < to {
+            if !self.reader.prefetch(&h.obj, next) {
+                break;
+            }
+            next += 1;
+        }
+        ra.upto = next;
+    }
+}

@@ -1,0 +1,290 @@
+//! The fuser adapter: each handler opens a span, calls the core (`fs::FsCore`), and replies or
+//! maps the error to an errno in one place ([`errno`]). Reads that are wholly in memory are
+//! answered on the FUSE thread; all others are answered from a tokio task, so no FUSE thread
+//! ever waits on the network.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    Request,
+};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn, Instrument};
+
+use crate::catalog::{Entry, Kind};
+use crate::error::Error;
+use crate::fs::FsCore;
+use crate::metrics::Metrics;
+
+/// How long the kernel may cache names and attributes.
+const TTL: Duration = Duration::from_secs(1);
+const BLOCK: u32 = 4096;
+
+/// The one place core errors become errnos.
+pub fn errno(e: &Error) -> Errno {
+    match e {
+        Error::NotFound => Errno::ENOENT,
+        Error::NotDir => Errno::ENOTDIR,
+        Error::IsDir => Errno::EISDIR,
+        Error::ReadOnly => Errno::EROFS,
+        Error::BadHandle => Errno::EBADF,
+        Error::Stale(_) => Errno::ESTALE,
+        Error::Unavailable(_) | Error::TimedOut(_) => Errno::EIO,
+    }
+}
+
+pub struct CachefsFuse {
+    core: Arc<FsCore>,
+    metrics: Arc<Metrics>,
+    rt: tokio::runtime::Handle,
+    tasks: TaskTracker,
+    uid: u32,
+    gid: u32,
+}
+
+impl CachefsFuse {
+    pub fn new(core: Arc<FsCore>, metrics: Arc<Metrics>, rt: tokio::runtime::Handle, tasks: TaskTracker) -> Self {
+        // SAFETY: getuid/getgid have no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        CachefsFuse { core, metrics, rt, tasks, uid, gid }
+    }
+
+    fn attr(&self, e: &Entry) -> FileAttr {
+        let (kind, perm, nlink) = match e.kind {
+            Kind::Dir => (FileType::Directory, 0o555, 2),
+            Kind::File => (FileType::RegularFile, 0o444, 1),
+        };
+        FileAttr {
+            ino: INodeNo(e.ino),
+            size: e.size,
+            blocks: e.size.div_ceil(512),
+            atime: e.mtime,
+            mtime: e.mtime,
+            ctime: e.mtime,
+            crtime: e.mtime,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: BLOCK,
+            flags: 0,
+        }
+    }
+}
+
+fn kind_of(k: Kind) -> FileType {
+    match k {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+    }
+}
+
+impl Filesystem for CachefsFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_background(64);
+        if let Err(max) = config.set_max_readahead(u32::MAX) {
+            let _ = config.set_max_readahead(max);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
+        match self.core.lookup(parent.0, name) {
+            Ok(e) => reply.entry(&TTL, &self.attr(&e), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        // An open handle reports the size of the version it reads.
+        if let Some(h) = fh.and_then(|fh| self.core.handle(fh.0).ok()) {
+            let e = Entry { ino: ino.0, kind: Kind::File, size: h.obj.size, mtime: h.obj.mtime };
+            return reply.attr(&TTL, &self.attr(&e));
+        }
+        match self.core.getattr(ino.0) {
+            Ok(e) => reply.attr(&TTL, &self.attr(&e)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & (libc::O_TRUNC | libc::O_CREAT) != 0;
+        match self.core.open(ino.0, write) {
+            Ok(o) => {
+                let f = if o.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                reply.opened(FileHandle(o.fh), f)
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.metrics.fuse_read_requests.inc();
+        let h = match self.core.handle(fh.0) {
+            Ok(h) => h,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        if let Some(bytes) = self.core.read_cached(&h, offset, size) {
+            return reply.data(&bytes);
+        }
+        let core = self.core.clone();
+        let metrics = self.metrics.clone();
+        let span = tracing::debug_span!("read", ino = ino.0, offset, size);
+        self.tasks.spawn_on(
+            async move {
+                match core.read(&h, offset, size).await {
+                    Ok(bytes) => reply.data(&bytes),
+                    Err(e) => {
+                        metrics.read_errors.inc();
+                        warn!(key = %h.obj.key, offset, size, error = %e, "read failed");
+                        reply.error(errno(&e))
+                    }
+                }
+            }
+            .instrument(span),
+            &self.rt,
+        );
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::from_i32(libc::ENODATA));
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.core.release(fh.0);
+        reply.ok();
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match self.core.readdir(ino.0) {
+            Ok(v) => v,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        // The offset handed back with each entry is the index of the next one.
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(e.ino), (i + 1) as u64, kind_of(e.kind), &e.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let files = self.core.catalog().files();
+        let bytes: u64 = files.iter().map(|o| o.size).sum();
+        let blocks = bytes.div_ceil(BLOCK as u64);
+        reply.statfs(blocks, 0, 0, files.len() as u64, 0, BLOCK, 1024, BLOCK);
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, _rdev: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(&self, _req: &Request, _parent: INodeNo, _link_name: &OsStr, _target: &std::path::Path, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: fuser::ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, _flags: i32, reply: fuser::ReplyCreate) {
+        debug!("create refused: read-only");
+        reply.error(Errno::EROFS);
+    }
+}

@@ -1,0 +1,60 @@
+//! CLI → Config → `agent::run(config, shutdown signal)`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use cachefs::config::{resolve_mount, Cli, Command, LogFormat};
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Plain => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Mount(args) => {
+            let cfg = match resolve_mount(args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("cachefs: error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_tracing(cfg.log_format);
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("cachefs").build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cachefs: error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(cachefs::agent::run(cfg, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cachefs: error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Every metric the agent exports, by its contract name (DESIGN.md). Counters are cheap atomics
+//! shared by all modules; `encode` renders the Prometheus text format for `/metrics`.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Which tier supplied bytes to a read.
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Tier {
+    memory,
+    peer,
+    origin,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabel {
+    pub tier: Tier,
+}
+
+/// Contract names as exported (prometheus-client appends `_total` to counters).
+pub mod names {
+    pub const READ_BYTES: &str = "cachefs_read_bytes_total";
+    pub const ORIGIN_BYTES: &str = "cachefs_origin_bytes_total";
+    pub const ORIGIN_REQUESTS: &str = "cachefs_origin_requests_total";
+    pub const ORIGIN_ERRORS: &str = "cachefs_origin_errors_total";
+    pub const PEER_SENT_BYTES: &str = "cachefs_peer_sent_bytes_total";
+    pub const PEER_RECEIVED_BYTES: &str = "cachefs_peer_received_bytes_total";
+    pub const CACHE_BYTES: &str = "cachefs_cache_bytes";
+    pub const CACHE_CAPACITY_BYTES: &str = "cachefs_cache_capacity_bytes";
+    pub const EVICTIONS: &str = "cachefs_evictions_total";
+    pub const DRAIN_STATE: &str = "cachefs_drain_state";
+    pub const FUSE_READ_REQUESTS: &str = "cachefs_fuse_read_requests_total";
+    pub const READ_ERRORS: &str = "cachefs_read_errors_total";
+}
+
+/// The agent's metrics. Clone-free: share it behind an `Arc`.
+pub struct Metrics {
+    registry: Registry,
+    pub read_bytes: Family<TierLabel, Counter>,
+    pub origin_bytes: Counter,
+    pub origin_requests: Counter,
+    pub origin_errors: Counter,
+    pub peer_sent_bytes: Counter,
+    pub peer_received_bytes: Counter,
+    pub cache_bytes: Gauge,
+    pub cache_capacity_bytes: Gauge,
+    pub evictions: Counter,
+    pub drain_state: Gauge,
+    pub fuse_read_requests: Counter,
+    pub read_errors: Counter,
+}
+
+fn base(name: &str) -> &str {
+    name.trim_start_matches("cachefs_").trim_end_matches("_total")
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("cachefs");
+        let m = Metrics {
+            read_bytes: Family::default(),
+            origin_bytes: Counter::default(),
+            origin_requests: Counter::default(),
+            origin_errors: Counter::default(),
+            peer_sent_bytes: Counter::default(),
+            peer_received_bytes: Counter::default(),
+            cache_bytes: Gauge::default(),
+            cache_capacity_bytes: Gauge::default(),
+            evictions: Counter::default(),
+            drain_state: Gauge::default(),
+            fuse_read_requests: Counter::default(),
+            read_errors: Counter::default(),
+            registry: Registry::default(),
+        };
+        use names::*;
+        registry.register(base(READ_BYTES), "Bytes returned to FUSE reads, by the tier that supplied them", m.read_bytes.clone());
+        registry.register(base(ORIGIN_BYTES), "Bytes fetched from the origin, including fills for peers", m.origin_bytes.clone());
+        registry.register(base(ORIGIN_REQUESTS), "Requests sent to the origin", m.origin_requests.clone());
+        registry.register(base(ORIGIN_ERRORS), "Origin requests that failed after retries", m.origin_errors.clone());
+        registry.register(base(PEER_SENT_BYTES), "Chunk bytes sent to peers", m.peer_sent_bytes.clone());
+        registry.register(base(PEER_RECEIVED_BYTES), "Chunk bytes received from peers", m.peer_received_bytes.clone());
+        registry.register(base(CACHE_BYTES), "Bytes of chunks held in the memory tier", m.cache_bytes.clone());
+        registry.register(base(CACHE_CAPACITY_BYTES), "Memory tier budget", m.cache_capacity_bytes.clone());
+        registry.register(base(EVICTIONS), "Chunks evicted from the memory tier", m.evictions.clone());
+        registry.register(base(DRAIN_STATE), "0 serving, 1 draining, 2 drained", m.drain_state.clone());
+        registry.register(base(FUSE_READ_REQUESTS), "FUSE read requests answered by the agent", m.fuse_read_requests.clone());
+        registry.register(base(READ_ERRORS), "FUSE reads answered with an error", m.read_errors.clone());
+        for tier in [Tier::memory, Tier::peer, Tier::origin] {
+            let _ = m.read_bytes.get_or_create(&TierLabel { tier });
+        }
+        Metrics { registry, ..m }
+    }
+
+    pub fn add_read(&self, tier: Tier, bytes: u64) {
+        self.read_bytes.get_or_create(&TierLabel { tier }).inc_by(bytes);
+    }
+
+    pub fn read_bytes_of(&self, tier: Tier) -> u64 {
+        self.read_bytes.get_or_create(&TierLabel { tier }).get()
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_match_contract() {
+        let m = super::Metrics::new();
+        m.add_read(super::Tier::origin, 5);
+        m.origin_bytes.inc_by(7);
+        let text = m.encode();
+        assert!(text.contains("cachefs_read_bytes_total{tier=\"origin\"} 5"), "{text}");
+        assert!(text.contains("cachefs_origin_bytes_total 7"), "{text}");
+        assert!(text.contains("cachefs_cache_capacity_bytes 0"), "{text}");
+        assert!(text.contains("cachefs_drain_state 0"), "{text}");
+    }
+}

@@ -1,0 +1,351 @@
+//! The origin tier: an `object_store` built from the source URL and options.
+//!
+//! # Contract
+//! - [`Origin::list`] returns every object under the source prefix with its size and etag.
+//! - [`Origin::get_range`] returns exactly the bytes `range` (clamped to the object's size) of the
+//!   pinned object version, or an error; never other bytes. A store that answers a ranged GET
+//!   with the whole object (or a wider range) is handled: the range actually returned is checked
+//!   and the wanted bytes are cut from it. A changed object is [`OriginError::Changed`].
+//! - Every request holds a permit of a bounded semaphore (at most `concurrency` in flight), has a
+//!   per-attempt timeout, and transient failures are retried with backoff a bounded number of times.
+
+use std::ops::Range;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreScheme};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use crate::catalog::ObjectVersion;
+use crate::metrics::Metrics;
+
+/// Per-attempt timeout of one origin request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Timeout of listing the whole prefix.
+pub const LIST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Attempts for one ranged GET (the first try included).
+pub const ATTEMPTS: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    #[error("invalid source {0:?}: {1}")]
+    BadUrl(String, String),
+    #[error("unknown --source-option {0:?} for a {1} source")]
+    UnknownOption(String, &'static str),
+    #[error("source directory {0} does not exist or is not a directory")]
+    NoDirectory(String),
+    #[error("cannot configure the object store: {0}")]
+    Build(String),
+    #[error("object {0} not found at the origin")]
+    NotFound(String),
+    #[error("object {0} changed at the origin since it was listed")]
+    Changed(String),
+    #[error("origin request timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("origin returned {got} bytes for a request of {want}")]
+    Short { want: u64, got: u64 },
+    #[error("origin request failed: {0}")]
+    Request(String),
+}
+
+impl OriginError {
+    fn retryable(&self) -> bool {
+        matches!(self, OriginError::Timeout(_) | OriginError::Request(_) | OriginError::Short { .. })
+    }
+}
+
+fn one_line(s: impl std::fmt::Display) -> String {
+    s.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn map_err(path: &str, e: object_store::Error) -> OriginError {
+    match e {
+        object_store::Error::NotFound { .. } => OriginError::NotFound(path.to_string()),
+        object_store::Error::Precondition { .. } => OriginError::Changed(path.to_string()),
+        other => OriginError::Request(one_line(other)),
+    }
+}
+
+/// The object store behind the cache, with limits.
+pub struct Origin {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    limit: Semaphore,
+    metrics: Arc<Metrics>,
+    description: String,
+}
+
+impl Origin {
+    /// Wrap an already built store (tests use `InMemory`).
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: Path, concurrency: usize, metrics: Arc<Metrics>) -> Self {
+        Origin { description: format!("{store}/{prefix}"), store, prefix, limit: Semaphore::new(concurrency.max(1)), metrics }
+    }
+
+    /// Build from a source URL (`file://`, a bare path, `s3://`, `gs://`, `az://`, `http(s)://`)
+    /// and `--source-option` pairs; `AWS_*`, `GOOGLE_*`, `AZURE_*` variables are read too.
+    pub fn from_url(source: &str, options: &[(String, String)], concurrency: usize, metrics: Arc<Metrics>) -> Result<Self, OriginError> {
+        let (store, prefix) = build_store(source, options)?;
+        let mut o = Origin::new(store, prefix, concurrency, metrics);
+        o.description = source.to_string();
+        Ok(o)
+    }
+
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    pub fn prefix(&self) -> &Path {
+        &self.prefix
+    }
+
+    /// Every object under the prefix.
+    pub async fn list(&self) -> Result<Vec<ObjectMeta>, OriginError> {
+        let _permit = self.limit.acquire().await.map_err(|_| OriginError::Request("shutting down".into()))?;
+        let prefix = if self.prefix.as_ref().is_empty() { None } else { Some(&self.prefix) };
+        let fut = async {
+            let mut out = Vec::new();
+            let mut stream = self.store.list(prefix);
+            while let Some(item) = stream.next().await {
+                out.push(item.map_err(|e| map_err(self.prefix.as_ref(), e))?);
+            }
+            Ok(out)
+        };
+        self.metrics.origin_requests.inc();
+        tokio::time::timeout(LIST_TIMEOUT, fut).await.map_err(|_| OriginError::Timeout(LIST_TIMEOUT))?
+    }
+
+    /// The key of `meta` relative to the prefix, `/`-separated.
+    pub fn relative_key(&self, location: &Path) -> Option<String> {
+        let parts: Vec<String> = location.prefix_match(&self.prefix)?.map(|p| p.as_ref().to_string()).collect();
+        if parts.is_empty() { None } else { Some(parts.join("/")) }
+    }
+
+    /// Exactly the bytes `range` of `obj`, with retries.
+    pub async fn get_range(&self, obj: &ObjectVersion, range: Range<u64>) -> Result<Bytes, OriginError> {
+        let range = range.start.min(obj.size)..range.end.min(obj.size);
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 1;
+        loop {
+            let result = {
+                let _permit = self.limit.acquire().await.map_err(|_| OriginError::Request("shutting down".into()))?;
+                self.metrics.origin_requests.inc();
+                match tokio::time::timeout(REQUEST_TIMEOUT, self.get_once(obj, range.clone())).await {
+                    Ok(r) => r,
+                    Err(_) => Err(OriginError::Timeout(REQUEST_TIMEOUT)),
+                }
+            };
+            match result {
+                Ok(b) => {
+                    self.metrics.origin_bytes.inc_by(b.len() as u64);
+                    return Ok(b);
+                }
+                Err(e) if e.retryable() && attempt < ATTEMPTS => {
+                    warn!(key = %obj.key, ?range, attempt, error = %e, "origin read failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    self.metrics.origin_errors.inc();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn get_once(&self, obj: &ObjectVersion, range: Range<u64>) -> Result<Bytes, OriginError> {
+        let want = range.end - range.start;
+        let opts = GetOptions {
+            range: Some(GetRange::Bounded(range.clone())),
+            if_match: obj.etag.clone(),
+            version: obj.version.clone(),
+            ..Default::default()
+        };
+        let res = match self.store.get_opts(&obj.location, opts).await {
+            Ok(r) => r,
+            // The server ignored the range (200 with the whole object): read the object as a
+            // stream, keep only the wanted bytes, and stop as soon as they are in.
+            Err(e) if e.to_string().contains("non-partial") => {
+                debug!(key = %obj.key, "origin ignored the range; streaming the object instead");
+                return self.get_streamed(obj, range).await;
+            }
+            Err(e) => return Err(map_err(&obj.key, e)),
+        };
+        let got = res.range.clone();
+        if got.start > range.start || got.end < range.end {
+            return Err(OriginError::Request(format!("origin returned range {got:?}, wanted {range:?}")));
+        }
+        let body = res.bytes().await.map_err(|e| map_err(&obj.key, e))?;
+        if body.len() as u64 != got.end - got.start {
+            return Err(OriginError::Short { want: got.end - got.start, got: body.len() as u64 });
+        }
+        let from = (range.start - got.start) as usize;
+        let out = body.slice(from..from + want as usize);
+        Ok(out)
+    }
+
+    async fn get_streamed(&self, obj: &ObjectVersion, range: Range<u64>) -> Result<Bytes, OriginError> {
+        let opts = GetOptions { if_match: obj.etag.clone(), version: obj.version.clone(), ..Default::default() };
+        let res = self.store.get_opts(&obj.location, opts).await.map_err(|e| map_err(&obj.key, e))?;
+        let mut stream = res.into_stream();
+        let mut pos = 0u64;
+        let want = (range.end - range.start) as usize;
+        let mut out = BytesMut::with_capacity(want);
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(|e| map_err(&obj.key, e))?;
+            let (start, end) = (pos, pos + piece.len() as u64);
+            pos = end;
+            if end <= range.start {
+                continue;
+            }
+            let from = range.start.saturating_sub(start) as usize;
+            let to = (range.end.min(end) - start) as usize;
+            out.extend_from_slice(&piece[from..to]);
+            if out.len() >= want {
+                break;
+            }
+        }
+        if out.len() != want {
+            return Err(OriginError::Short { want: want as u64, got: out.len() as u64 });
+        }
+        Ok(out.freeze())
+    }
+}
+
+fn build_store(source: &str, options: &[(String, String)]) -> Result<(Arc<dyn ObjectStore>, Path), OriginError> {
+    use object_store::client::ClientConfigKey;
+    use object_store::RetryConfig;
+
+    let bad = |m: &str| OriginError::BadUrl(source.to_string(), m.to_string());
+    let url = if source.contains("://") {
+        url::Url::parse(source).map_err(|e| bad(&e.to_string()))?
+    } else {
+        let abs = std::path::absolute(source).map_err(|e| bad(&e.to_string()))?;
+        url::Url::from_directory_path(&abs).map_err(|_| bad("not an absolute directory path"))?
+    };
+    let (scheme, path) = ObjectStoreScheme::parse(&url)
+        .map_err(|_| bad("unknown scheme: use file://, a path, s3://, gs://, az://, http:// or https://"))?;
+    let retry = RetryConfig { max_retries: 2, retry_timeout: Duration::from_secs(20), ..Default::default() };
+    let timeout = format!("{}s", REQUEST_TIMEOUT.as_secs());
+    let build = |e: object_store::Error| OriginError::Build(one_line(e));
+
+    macro_rules! with_options {
+        ($builder:expr, $key:ty, $kind:expr) => {{
+            let mut b = $builder;
+            for (k, v) in options {
+                let key = <$key>::from_str(&k.to_ascii_lowercase()).map_err(|_| OriginError::UnknownOption(k.clone(), $kind))?;
+                b = b.with_config(key, v.clone());
+            }
+            b
+        }};
+    }
+
+    let store: Arc<dyn ObjectStore> = match scheme {
+        ObjectStoreScheme::Local => {
+            if !options.is_empty() {
+                return Err(OriginError::UnknownOption(options[0].0.clone(), "local directory"));
+            }
+            let dir = url.to_file_path().map_err(|_| bad("not a local path"))?;
+            if !dir.is_dir() {
+                return Err(OriginError::NoDirectory(dir.display().to_string()));
+            }
+            let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(build)?;
+            return Ok((Arc::new(fs), Path::default()));
+        }
+        ObjectStoreScheme::AmazonS3 => {
+            use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+            let b = AmazonS3Builder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry)
+                .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), timeout)
+                .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout), "5s");
+            Arc::new(with_options!(b, AmazonS3ConfigKey, "s3").build().map_err(build)?)
+        }
+        ObjectStoreScheme::GoogleCloudStorage => {
+            use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+            let b = GoogleCloudStorageBuilder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry)
+                .with_config(GoogleConfigKey::Client(ClientConfigKey::Timeout), timeout);
+            Arc::new(with_options!(b, GoogleConfigKey, "gcs").build().map_err(build)?)
+        }
+        ObjectStoreScheme::MicrosoftAzure => {
+            use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+            let b = MicrosoftAzureBuilder::from_env()
+                .with_url(url.as_str())
+                .with_retry(retry)
+                .with_config(AzureConfigKey::Client(ClientConfigKey::Timeout), timeout);
+            Arc::new(with_options!(b, AzureConfigKey, "azure").build().map_err(build)?)
+        }
+        ObjectStoreScheme::Http => {
+            let base = &url[..url::Position::BeforePath];
+            let b = object_store::http::HttpBuilder::new()
+                .with_url(base)
+                .with_retry(retry)
+                .with_config(ClientConfigKey::Timeout, timeout);
+            Arc::new(with_options!(b, ClientConfigKey, "http").build().map_err(build)?)
+        }
+        _ => return Err(bad("unsupported scheme")),
+    };
+    let prefix = Path::parse(path.as_ref()).map_err(|e| bad(&e.to_string()))?;
+    Ok((store, prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m() -> Arc<Metrics> {
+        Arc::new(Metrics::new())
+    }
+
+    #[test]
+    fn url_errors_are_clear() {
+        let e = Origin::from_url("ftp://x/y", &[], 4, m()).err().unwrap().to_string();
+        assert!(e.contains("unknown scheme"), "{e}");
+        let e = Origin::from_url("/definitely/not/here", &[], 4, m()).err().unwrap().to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        let opts = vec![("colour".to_string(), "blue".to_string())];
+        let e = Origin::from_url("s3://b/p", &opts, 4, m()).err().unwrap().to_string();
+        assert!(e.contains("unknown --source-option \"colour\""), "{e}");
+    }
+
+    #[test]
+    fn s3_prefix_and_options() {
+        let opts = vec![
+            ("endpoint".to_string(), "http://127.0.0.1:1".to_string()),
+            ("allow_http".to_string(), "true".to_string()),
+            ("access_key_id".to_string(), "k".to_string()),
+            ("secret_access_key".to_string(), "s".to_string()),
+            ("region".to_string(), "us-east-1".to_string()),
+        ];
+        let o = Origin::from_url("s3://bucket/models/llama", &opts, 4, m()).unwrap();
+        assert_eq!(o.prefix().as_ref(), "models/llama");
+        assert_eq!(o.relative_key(&Path::from("models/llama/a/b.bin")).as_deref(), Some("a/b.bin"));
+        assert_eq!(o.relative_key(&Path::from("other/x")), None);
+    }
+}
+
+impl crate::cache::ChunkSource for Origin {
+    fn tier(&self) -> crate::metrics::Tier {
+        crate::metrics::Tier::origin
+    }
+
+    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, _index: u64, range: Range<u64>) -> futures::future::BoxFuture<'a, Result<Option<Bytes>, crate::Error>> {
+        Box::pin(async move {
+            match self.get_range(obj, range).await {
+                Ok(b) => Ok(Some(b)),
+                Err(OriginError::Changed(k)) | Err(OriginError::NotFound(k)) => Err(crate::Error::Stale(k)),
+                Err(e) => Err(crate::Error::unavailable(e)),
+            }
+        })
+    }
+}
