@@ -101,7 +101,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let origin = Arc::new(Origin::from_url(&cfg.source, &cfg.source_options, cfg.origin_concurrency, metrics.clone())?);
+    let origin = Arc::new(Origin::with_request_timeout(&cfg.source, &cfg.source_options, cfg.origin_concurrency, metrics.clone(), cfg.read_timeout)?);
     let versions = list_versions(&origin).await.map_err(|e| AgentError::List(cfg.source.clone(), e.to_string()))?;
     let catalog = Arc::new(Catalog::new());
     let total: u64 = versions.iter().map(|v| v.size).sum();
@@ -222,10 +222,12 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     }
 
     let mut done_rx = done_rx;
+    let mut ended_outside = false;
     tokio::select! {
         _ = shutdown => info!("shutting down"),
         r = &mut done_rx => {
             warn!(result = ?r, "FUSE session ended (unmounted from outside?)");
+            ended_outside = true;
         }
     }
 
@@ -238,9 +240,13 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
     }
-    let joined = tokio::task::spawn_blocking(move || fuse_thread.join());
-    if tokio::time::timeout(Duration::from_secs(5), joined).await.is_err() {
-        warn!("FUSE session did not end within 5 s");
+    // A file still open keeps a lazily detached session alive; do not wait for it forever.
+    let ended = ended_outside || tokio::time::timeout(Duration::from_secs(5), &mut done_rx).await.is_ok();
+    match ended {
+        true => {
+            let _ = fuse_thread.join();
+        }
+        false => warn!("FUSE session did not end within 5 s (files still open); exiting anyway"),
     }
     stop.cancel();
     reader.shutdown().await;

@@ -48,7 +48,10 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(cachefs::agent::run(cfg, shutdown_signal())) {
+            let result = rt.block_on(cachefs::agent::run(cfg, shutdown_signal()));
+            // Blocking work still running (a FUSE thread kept by an open file) must not hold the exit.
+            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("cachefs: error: {e}");

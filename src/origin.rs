@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 use crate::catalog::ObjectVersion;
 use crate::metrics::Metrics;
 
-/// Per-attempt timeout of one origin request.
+/// Longest per-attempt timeout of one origin request (lowered to the read deadline if shorter).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// Timeout of listing the whole prefix.
 pub const LIST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -78,20 +78,31 @@ pub struct Origin {
     limit: Semaphore,
     metrics: Arc<Metrics>,
     description: String,
+    request_timeout: Duration,
 }
 
 impl Origin {
     /// Wrap an already built store (tests use `InMemory`).
     pub fn new(store: Arc<dyn ObjectStore>, prefix: Path, concurrency: usize, metrics: Arc<Metrics>) -> Self {
-        Origin { description: format!("{store}/{prefix}"), store, prefix, limit: Semaphore::new(concurrency.max(1)), metrics }
+        Origin { description: format!("{store}/{prefix}"), store, prefix, limit: Semaphore::new(concurrency.max(1)), metrics, request_timeout: REQUEST_TIMEOUT }
     }
 
     /// Build from a source URL (`file://`, a bare path, `s3://`, `gs://`, `az://`, `http(s)://`)
     /// and `--source-option` pairs; `AWS_*`, `GOOGLE_*`, `AZURE_*` variables are read too.
     pub fn from_url(source: &str, options: &[(String, String)], concurrency: usize, metrics: Arc<Metrics>) -> Result<Self, OriginError> {
-        let (store, prefix) = build_store(source, options)?;
+        let (store, prefix) = build_store(source, options, REQUEST_TIMEOUT)?;
         let mut o = Origin::new(store, prefix, concurrency, metrics);
         o.description = source.to_string();
+        Ok(o)
+    }
+
+    /// Per-attempt timeout no longer than `limit` (the read deadline), at most [`REQUEST_TIMEOUT`].
+    pub fn with_request_timeout(source: &str, options: &[(String, String)], concurrency: usize, metrics: Arc<Metrics>, limit: Duration) -> Result<Self, OriginError> {
+        let t = limit.min(REQUEST_TIMEOUT).max(Duration::from_secs(1));
+        let (store, prefix) = build_store(source, options, t)?;
+        let mut o = Origin::new(store, prefix, concurrency, metrics);
+        o.description = source.to_string();
+        o.request_timeout = t;
         Ok(o)
     }
 
@@ -137,9 +148,9 @@ impl Origin {
             let result = {
                 let _permit = self.limit.acquire().await.map_err(|_| OriginError::Request("shutting down".into()))?;
                 self.metrics.origin_requests.inc();
-                match tokio::time::timeout(REQUEST_TIMEOUT, self.get_once(obj, range.clone())).await {
+                match tokio::time::timeout(self.request_timeout, self.get_once(obj, range.clone())).await {
                     Ok(r) => r,
-                    Err(_) => Err(OriginError::Timeout(REQUEST_TIMEOUT)),
+                    Err(_) => Err(OriginError::Timeout(self.request_timeout)),
                 }
             };
             match result {
@@ -220,7 +231,7 @@ impl Origin {
     }
 }
 
-fn build_store(source: &str, options: &[(String, String)]) -> Result<(Arc<dyn ObjectStore>, Path), OriginError> {
+fn build_store(source: &str, options: &[(String, String)], request_timeout: Duration) -> Result<(Arc<dyn ObjectStore>, Path), OriginError> {
     use object_store::client::ClientConfigKey;
     use object_store::RetryConfig;
 
@@ -233,8 +244,8 @@ fn build_store(source: &str, options: &[(String, String)]) -> Result<(Arc<dyn Ob
     };
     let (scheme, path) = ObjectStoreScheme::parse(&url)
         .map_err(|_| bad("unknown scheme: use file://, a path, s3://, gs://, az://, http:// or https://"))?;
-    let retry = RetryConfig { max_retries: 2, retry_timeout: Duration::from_secs(20), ..Default::default() };
-    let timeout = format!("{}s", REQUEST_TIMEOUT.as_secs());
+    let retry = RetryConfig { max_retries: 2, retry_timeout: request_timeout, ..Default::default() };
+    let timeout = format!("{}s", request_timeout.as_secs());
     let build = |e: object_store::Error| OriginError::Build(one_line(e));
 
     macro_rules! with_options {

@@ -50,10 +50,20 @@ pub struct ReaderOptions {
 type Fetched = Result<(Bytes, Tier), Error>;
 type Flight = Shared<BoxFuture<'static, Fetched>>;
 
+/// A fetch in flight: joined by readers of the same chunk until it is older than the read
+/// deadline; then a new fetch replaces it (an origin connection that hangs must not hold a chunk
+/// hostage after the origin recovered).
+struct InFlight {
+    id: u64,
+    started: std::time::Instant,
+    flight: Flight,
+}
+
 pub struct Reader {
     memory: Arc<MemoryTier>,
     sources: Vec<Arc<dyn ChunkSource>>,
-    flights: Mutex<HashMap<ChunkKey, Flight>>,
+    flights: Mutex<HashMap<ChunkKey, InFlight>>,
+    next_flight: std::sync::atomic::AtomicU64,
     readahead: Arc<Semaphore>,
     opts: ReaderOptions,
     metrics: Arc<Metrics>,
@@ -71,6 +81,7 @@ impl Reader {
             memory,
             sources,
             flights: Mutex::new(HashMap::new()),
+            next_flight: std::sync::atomic::AtomicU64::new(0),
             readahead: Arc::new(Semaphore::new(permits)),
             opts,
             metrics,
@@ -161,8 +172,12 @@ impl Reader {
         let key = ChunkKey { object: obj.id.clone(), index };
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = flights.get(&key) {
-            return f.clone();
+            if f.started.elapsed() < self.opts.read_timeout {
+                return f.flight.clone();
+            }
+            warn!(key = %obj.key, index, "a fetch of this chunk is older than the read deadline; starting another");
         }
+        let id = self.next_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let this = self.clone();
         let obj = obj.clone();
         let span = tracing::debug_span!("fill", key = %obj.key, index);
@@ -173,7 +188,11 @@ impl Reader {
                     r = this.fill(&obj, index) => r,
                     _ = this.cancel.cancelled() => Err(Error::unavailable("agent is shutting down")),
                 };
-                this.flights.lock().unwrap_or_else(|p| p.into_inner()).remove(&task_key);
+                let mut flights = this.flights.lock().unwrap_or_else(|p| p.into_inner());
+                if flights.get(&task_key).is_some_and(|f| f.id == id) {
+                    flights.remove(&task_key);
+                }
+                drop(flights);
                 result
             }
             .instrument(span),
@@ -182,7 +201,7 @@ impl Reader {
         let flight = async move { handle.await.unwrap_or_else(|e| Err(Error::unavailable(format!("fetch task failed: {e}")))) }
             .boxed()
             .shared();
-        flights.insert(key, flight.clone());
+        flights.insert(key, InFlight { id, started: std::time::Instant::now(), flight: flight.clone() });
         flight
     }
 

@@ -1,0 +1,133 @@
+//! A minimal S3 endpoint on 127.0.0.1 for failure injection: ListObjectsV2 of one object, and
+//! GETs that fail (500), hang, or serve the exact range, switchable while it runs.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const FAIL: u8 = 0;
+pub const HANG: u8 = 1;
+pub const SERVE: u8 = 2;
+
+pub struct FakeS3 {
+    pub addr: SocketAddr,
+    pub mode: Arc<AtomicU8>,
+    pub gets: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FakeS3 {
+    /// Serves `bucket` with the single object `key` holding `data`.
+    pub fn start(bucket: &str, key: &str, data: Vec<u8>) -> FakeS3 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mode = Arc::new(AtomicU8::new(SERVE));
+        let gets = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let data = Arc::new(data);
+        let (bucket, key) = (bucket.to_string(), key.to_string());
+        let (m, g, s) = (mode.clone(), gets.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let (m, g, s, data, bucket, key) = (m.clone(), g.clone(), s.clone(), data.clone(), bucket.clone(), key.clone());
+                std::thread::spawn(move || handle(conn, &m, &g, &s, &data, &bucket, &key));
+            }
+        });
+        FakeS3 { addr, mode, gets, stop }
+    }
+
+    pub fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for FakeS3 {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn handle(conn: TcpStream, mode: &AtomicU8, gets: &AtomicU64, stop: &AtomicBool, data: &[u8], bucket: &str, key: &str) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut w = conn;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+        let mut range: Option<(u64, u64)> = None;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = h.split_once(':') {
+                if name.eq_ignore_ascii_case("range") {
+                    let v = value.trim().trim_start_matches("bytes=");
+                    if let Some((a, b)) = v.split_once('-') {
+                        range = Some((a.parse().unwrap_or(0), b.parse().unwrap_or(u64::MAX)));
+                    }
+                }
+            }
+        }
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let obj_path = format!("/{bucket}/{key}");
+        if method == "GET" && path.trim_end_matches('/') == format!("/{bucket}") && query.contains("list-type=2") {
+            let body = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>{bucket}</Name><KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated><Contents><Key>{key}</Key><LastModified>2024-01-01T00:00:00.000Z</LastModified><ETag>&quot;0123456789abcdef&quot;</ETag><Size>{}</Size><StorageClass>STANDARD</StorageClass></Contents></ListBucketResult>",
+                data.len()
+            );
+            let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        } else if method == "GET" && path == obj_path {
+            gets.fetch_add(1, Ordering::SeqCst);
+            match mode.load(Ordering::SeqCst) {
+                FAIL => {
+                    let body = "<Error><Code>InternalError</Code><Message>injected</Message></Error>";
+                    let _ = write!(w, "HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                }
+                HANG => {
+                    for _ in 0..600 {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    return;
+                }
+                _ => {
+                    let len = data.len() as u64;
+                    let (a, b) = range.unwrap_or((0, len.saturating_sub(1)));
+                    let b = b.min(len.saturating_sub(1));
+                    let body = &data[a as usize..=b as usize];
+                    let _ = write!(
+                        w,
+                        "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{len}\r\nETag: \"0123456789abcdef\"\r\nLast-Modified: Mon, 01 Jan 2024 00:00:00 GMT\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = w.write_all(body);
+                }
+            }
+        } else {
+            let _ = write!(w, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+        }
+        let _ = w.flush();
+    }
+}
