@@ -127,6 +127,7 @@ impl FsCore {
         ra.next_offset = offset.saturating_add(len);
         let chunk = offset / cs;
         if !sequential {
+            tracing::debug!(offset, next = ra.next_offset, "random read: readahead reset");
             ra.window = 0;
             ra.upto = 0;
             ra.last_chunk = Some(chunk);

@@ -30,7 +30,17 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line: clap's first line, without the usage block.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("cachefs: error: {first} (see cachefs --help)");
+            return ExitCode::from(2);
+        }
+    };
     match cli.command {
         Command::Mount(args) => {
             let cfg = match resolve_mount(args) {

@@ -17,6 +17,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
@@ -203,19 +204,26 @@ impl MemoryTier {
     }
 
     /// Credit `n` bytes of chunk `index` served straight from a fetch (not read back from the
-    /// file): counts for `fetched_from` unless the chunk's fresh bytes were already served.
-    pub fn credit(&self, obj: &ObjectVersion, index: u64, n: u64, fetched_from: Tier) -> Credit {
-        let Some(f) = self.existing(obj) else { return Credit { source: fetched_from, source_bytes: n } };
+    /// file). Before the chunk is stored they count for `fetched_from` and are added to
+    /// `served_early`, which [`MemoryTier::insert`] subtracts from the chunk's fresh bytes; after,
+    /// they draw on the fresh bytes like any read. Both sides decide under the chunk's lock, so
+    /// no byte is credited twice.
+    pub fn credit(&self, obj: &ObjectVersion, index: u64, n: u64, fetched_from: Tier, served_early: &AtomicU64) -> Credit {
+        let early = Credit { source: fetched_from, source_bytes: n };
+        let Ok(f) = self.open_file(obj) else { return early };
         let mut slots = f.slots();
         match slots.get_mut(index as usize) {
             Some(s) if s.present => take_fresh(s, n),
-            _ => Credit { source: fetched_from, source_bytes: n },
+            _ => {
+                served_early.fetch_add(n, Ordering::SeqCst);
+                early
+            }
         }
     }
 
     /// Store the whole chunk `index` of `obj`. `Ok(false)` if it was not stored (already present,
     /// being written by someone else, or larger than the budget).
-    pub fn insert(&self, obj: &ObjectVersion, index: u64, data: &[u8], source: Tier) -> io::Result<bool> {
+    pub fn insert(&self, obj: &ObjectVersion, index: u64, data: &[u8], source: Tier, served_early: &AtomicU64) -> io::Result<bool> {
         let chunk = chunk_range(index, obj.size, self.chunk_size);
         let len = chunk.end - chunk.start;
         if data.len() as u64 != len {
@@ -243,7 +251,7 @@ impl MemoryTier {
                     s.present = true;
                     s.crc = crc;
                     s.epoch += 1;
-                    s.fresh = len;
+                    s.fresh = len.saturating_sub(served_early.load(Ordering::SeqCst));
                     s.source = Some(source);
                 }
             }
@@ -329,7 +337,7 @@ mod tests {
         let data: Vec<u8> = (0..o.size).map(|i| (i % 251) as u8).collect();
         for i in 0..6u64 {
             let r = chunk_range(i, o.size, 4096);
-            assert!(tier.insert(&o, i, &data[r.start as usize..r.end as usize], Tier::origin).unwrap());
+            assert!(tier.insert(&o, i, &data[r.start as usize..r.end as usize], Tier::origin, &AtomicU64::new(0)).unwrap());
             assert!(tier.used() <= tier.capacity());
         }
         // The first chunks were evicted; the last three are present.
@@ -348,7 +356,7 @@ mod tests {
         let blocks = std::fs::metadata(tier.file_path(&o)).map(|md| std::os::unix::fs::MetadataExt::blocks(&md)).unwrap();
         assert!(blocks * 512 <= 3 * 4096 + 4096, "blocks {blocks}");
         assert_eq!(tier.crc(&o, 4), Some(crc32c::crc32c(&data[4 * 4096..5 * 4096])));
-        assert!(tier.insert(&o, 0, &data[..10], Tier::origin).is_err(), "wrong length is refused");
+        assert!(tier.insert(&o, 0, &data[..10], Tier::origin, &AtomicU64::new(0)).is_err(), "wrong length is refused");
     }
 
     #[test]
@@ -356,7 +364,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tier = MemoryTier::new(dir.path(), 4096, 1000, Arc::new(Metrics::new())).unwrap();
         let o = obj(4096);
-        assert!(!tier.insert(&o, 0, &[1u8; 4096], Tier::origin).unwrap());
+        assert!(!tier.insert(&o, 0, &[1u8; 4096], Tier::origin, &AtomicU64::new(0)).unwrap());
         assert_eq!(tier.used(), 0);
     }
 }

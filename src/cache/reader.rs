@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,7 +48,20 @@ pub struct ReaderOptions {
     pub readahead_budget: u64,
 }
 
-type Fetched = Result<(Bytes, Tier), Error>;
+/// A fetched chunk, the tier it came from, and the bytes of it already served to readers
+/// before it was stored (see [`MemoryTier::credit`]).
+#[derive(Clone)]
+struct Fetch {
+    bytes: Bytes,
+    tier: Tier,
+    served_early: Arc<AtomicU64>,
+}
+
+type Fetched = Result<Fetch, Error>;
+
+/// Concurrent writes into the memory tier (measured here: more writers to one tmpfs file spin on
+/// its inode lock and slow everything down on a 2-core machine).
+const MEMORY_WRITERS: usize = 2;
 type Flight = Shared<BoxFuture<'static, Fetched>>;
 
 /// A fetch in flight: joined by readers of the same chunk until it is older than the read
@@ -65,6 +79,8 @@ pub struct Reader {
     flights: Mutex<HashMap<ChunkKey, InFlight>>,
     next_flight: std::sync::atomic::AtomicU64,
     readahead: Arc<Semaphore>,
+    /// Writers into the tmpfs files at once: more only spin on the file's inode lock.
+    writers: Arc<Semaphore>,
     opts: ReaderOptions,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
@@ -83,6 +99,7 @@ impl Reader {
             flights: Mutex::new(HashMap::new()),
             next_flight: std::sync::atomic::AtomicU64::new(0),
             readahead: Arc::new(Semaphore::new(permits)),
+            writers: Arc::new(Semaphore::new(MEMORY_WRITERS)),
             opts,
             metrics,
             tracker: TaskTracker::new(),
@@ -146,10 +163,10 @@ impl Reader {
             if let Some(hit) = self.memory.read(obj, p.index, p.within.clone()) {
                 return Ok::<_, Error>(hit);
             }
-            let (chunk, tier) = self.chunk(obj, p.index).await?;
-            let within = p.within.start as usize..(p.within.end as usize).min(chunk.len());
-            let credit = self.memory.credit(obj, p.index, within.len() as u64, tier);
-            Ok((chunk.slice(within), credit))
+            let f = self.chunk(obj, p.index).await?;
+            let within = p.within.start as usize..(p.within.end as usize).min(f.bytes.len());
+            let credit = self.memory.credit(obj, p.index, within.len() as u64, f.tier, &f.served_early);
+            Ok((f.bytes.slice(within), credit))
         }))
         .await?;
         for (b, credit) in &parts {
@@ -168,7 +185,7 @@ impl Reader {
     }
 
     /// The whole chunk `index` of `obj`: joins a fetch in flight or starts one.
-    pub fn chunk(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64) -> Flight {
+    fn chunk(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64) -> Flight {
         let key = ChunkKey { object: obj.id.clone(), index };
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = flights.get(&key) {
@@ -182,40 +199,53 @@ impl Reader {
         let obj = obj.clone();
         let span = tracing::debug_span!("fill", key = %obj.key, index);
         let task_key = key.clone();
-        let handle = self.tracker.spawn_on(
+        // Waiters get the bytes as soon as they are fetched; the tmpfs write comes after.
+        let (tx, rx) = tokio::sync::oneshot::channel::<Fetched>();
+        self.tracker.spawn_on(
             async move {
                 let result = tokio::select! {
-                    r = this.fill(&obj, index) => r,
+                    r = this.fetch(&obj, index) => r,
                     _ = this.cancel.cancelled() => Err(Error::unavailable("agent is shutting down")),
                 };
+                let store = result.as_ref().ok().cloned();
+                let _ = tx.send(result);
+                if let Some(f) = store {
+                    this.store(&obj, index, f).await;
+                }
                 let mut flights = this.flights.lock().unwrap_or_else(|p| p.into_inner());
                 if flights.get(&task_key).is_some_and(|f| f.id == id) {
                     flights.remove(&task_key);
                 }
-                drop(flights);
-                result
             }
             .instrument(span),
             &self.rt,
         );
-        let flight = async move { handle.await.unwrap_or_else(|e| Err(Error::unavailable(format!("fetch task failed: {e}")))) }
-            .boxed()
-            .shared();
+        let flight = async move { rx.await.unwrap_or_else(|_| Err(Error::unavailable("fetch task ended"))) }.boxed().shared();
         flights.insert(key, InFlight { id, started: std::time::Instant::now(), flight: flight.clone() });
         flight
     }
 
-    async fn fill(&self, obj: &Arc<ObjectVersion>, index: u64) -> Fetched {
+    /// Write a fetched chunk into the memory tier, off the async workers, a few at a time.
+    async fn store(&self, obj: &Arc<ObjectVersion>, index: u64, f: Fetch) {
+        let Ok(_permit) = self.writers.acquire().await else { return };
+        let (memory, o) = (self.memory.clone(), obj.clone());
+        match tokio::task::spawn_blocking(move || memory.insert(&o, index, &f.bytes, f.tier, &f.served_early)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(key = %obj.key, index, error = %e, "could not store chunk in the memory tier"),
+            Err(e) => warn!(key = %obj.key, index, error = %e, "memory tier write task failed"),
+        }
+    }
+
+    async fn fetch(&self, obj: &Arc<ObjectVersion>, index: u64) -> Fetched {
         let range = chunk_range(index, obj.size, self.opts.chunk_size);
         let want = range.end - range.start;
         let mut last: Option<Error> = None;
         for source in &self.sources {
+            let t = std::time::Instant::now();
             match source.fetch(obj, index, range.clone()).await {
                 Ok(Some(bytes)) if bytes.len() as u64 == want => {
-                    if let Err(e) = self.memory.insert(obj, index, &bytes, source.tier()) {
-                        warn!(key = %obj.key, index, error = %e, "could not store chunk in the memory tier");
-                    }
-                    return Ok((bytes, source.tier()));
+                    debug!(key = %obj.key, index, tier = ?source.tier(), elapsed = ?t.elapsed(), "chunk fetched");
+                    return Ok(Fetch { bytes, tier: source.tier(), served_early: Arc::new(AtomicU64::new(0)) });
                 }
                 Ok(Some(bytes)) => {
                     warn!(key = %obj.key, index, tier = ?source.tier(), got = bytes.len(), want, "source returned a chunk of the wrong size");

@@ -273,3 +273,4 @@ impl Drop for Agent {
     }
 }
 pub mod fake_s3;
+pub mod weed;

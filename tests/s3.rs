@@ -1,0 +1,65 @@
+//! A real mount through a real S3 server (SeaweedFS on 127.0.0.1), objects uploaded by the test.
+
+mod common;
+
+use common::weed::{s3_options, Weed};
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_through_seaweedfs_s3() {
+    if !fuse_available("mount_through_seaweedfs_s3") {
+        return;
+    }
+    let Some(weed) = Weed::start("models") else { return };
+    let big = random_bytes((40 << 20) + 4321, 51);
+    let small = random_bytes((1 << 20) + 3, 52);
+    let tmp = tempfile::tempdir().unwrap();
+    write_safetensors(&tmp.path().join("m.safetensors"), 53);
+    let st = std::fs::read(tmp.path().join("m.safetensors")).unwrap();
+    weed.put("llama/big.bin", big.clone()).await;
+    weed.put("llama/sub/small.bin", small.clone()).await;
+    weed.put("llama/model.safetensors", st.clone()).await;
+    weed.put("other/outside.bin", b"not under the prefix".to_vec()).await;
+
+    let mut args: Vec<String> = vec!["--chunk-size".into(), "2MiB".into()];
+    for (k, v) in s3_options(weed.s3_port) {
+        args.push("--source-option".into());
+        args.push(format!("{k}={v}"));
+    }
+    let a = tokio::task::spawn_blocking(move || {
+        let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        Agent::start("s3://models/llama", &argv)
+    })
+    .await
+    .unwrap();
+
+    let check = |rel: &str, want: &[u8]| {
+        let got = std::fs::read(a.path(rel)).unwrap_or_else(|e| panic!("{rel}: {e}; log:\n{}", a.log_text()));
+        assert_eq!(got.len(), want.len(), "{rel}");
+        assert!(got == want, "{rel}: bytes differ");
+    };
+    check("big.bin", &big);
+    check("sub/small.bin", &small);
+    check("model.safetensors", &st);
+    let mut names: Vec<String> = std::fs::read_dir(&a.mountpoint).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, vec!["big.bin", "model.safetensors", "sub"]);
+    let origin = a.metric("cachefs_origin_bytes_total");
+    assert!(origin >= big.len() as f64);
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    check("big.bin", &big);
+    assert_eq!(a.metric("cachefs_origin_bytes_total"), origin, "second read must come from memory");
+
+    // A bucket that does not exist: one clear line, non-zero exit.
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(["mount", "--source", "s3://no-such-bucket/x", "--mountpoint"]).arg(tmp.path().join("m2"));
+    cmd.args(["--cache-dir"]).arg(tmp.path().join("c2")).args(["--cache-size", "16MiB", "--admin", "127.0.0.1:0"]);
+    for (k, v) in s3_options(weed.s3_port) {
+        cmd.arg("--source-option").arg(format!("{k}={v}"));
+    }
+    let out = cmd.env("RUST_LOG", "off").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(err.starts_with("cachefs: error: cannot list the source s3://no-such-bucket/x"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
