@@ -19,6 +19,8 @@ use crate::fs::FsCore;
 use crate::fuse::CachefsFuse;
 use crate::metrics::{Metrics, Tier};
 use crate::origin::Origin;
+use crate::peer::client::PeerTimeouts;
+use crate::peer::{Membership, PeerServer, PeerSource};
 use crate::size::format_size;
 
 /// Kernel readahead for the mount (KiB), set through its BDI after mounting.
@@ -38,6 +40,10 @@ pub enum AgentError {
     Mountpoint(String, String),
     #[error("cannot mount at {0}: {1}")]
     Mount(String, String),
+    #[error("peers: {0}")]
+    Peers(String),
+    #[error("cannot listen for peers on {0}: {1}")]
+    Listen(String, std::io::Error),
 }
 
 /// List the origin and turn the listing into pinned versions.
@@ -118,7 +124,27 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     }
     info!(cache_dir = %cfg.cache_dir.display(), cache_size = %format_size(cfg.cache_size), chunk_size = %format_size(cfg.chunk_size), "memory tier ready");
 
-    let sources: Vec<Arc<dyn ChunkSource>> = vec![origin.clone()];
+    // Peers: membership, the peer tier ahead of the origin, and the server.
+    let node_id = uuid::Uuid::new_v4().to_string();
+    let draining = Arc::new(AtomicBool::new(false));
+    let peers_on = cfg.listen.is_some() || !cfg.peers.is_empty() || cfg.peer_dns.is_some();
+    let membership = if peers_on {
+        let m = Arc::new(
+            Membership::new(node_id.clone(), cfg.peers.clone(), cfg.peer_dns.clone(), cfg.peer_token.clone(), metrics.clone())
+                .map_err(AgentError::Peers)?,
+        );
+        if cfg.peer_token.is_none() {
+            warn!("peers are unauthenticated: any host that reaches the peer port can read cached chunks (set --peer-token-file)");
+        }
+        Some(m)
+    } else {
+        None
+    };
+    let mut sources: Vec<Arc<dyn ChunkSource>> = Vec::new();
+    if let Some(m) = &membership {
+        sources.push(Arc::new(PeerSource::new(m.clone(), cfg.chunk_size, draining.clone(), PeerTimeouts::default(), metrics.clone())));
+    }
+    sources.push(origin.clone());
     let reader = Reader::new(
         memory.clone(),
         sources,
@@ -126,12 +152,43 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
         metrics.clone(),
     );
     let core = Arc::new(FsCore::new(catalog.clone(), reader.clone()));
+    let peer_streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    if let (Some(m), Some(listen)) = (&membership, cfg.listen) {
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| AgentError::Listen(listen.to_string(), e))?;
+        let server = PeerServer {
+            catalog: catalog.clone(),
+            reader: reader.clone(),
+            metrics: metrics.clone(),
+            membership: m.clone(),
+            node_id: node_id.clone(),
+            source: cfg.source.clone(),
+            draining: draining.clone(),
+            active: peer_streams.clone(),
+        };
+        info!(listen = %listen, node = %node_id, "serving chunks to peers");
+        let (token, stop) = (cfg.peer_token.clone(), stop.clone());
+        tasks.spawn(
+            async move {
+                if let Err(e) = crate::peer::server::serve(server, listener, token, stop).await {
+                    warn!(error = %e, "peer server stopped");
+                }
+            }
+            .instrument(tracing::info_span!("peer_server")),
+        );
+    }
+    if let Some(m) = &membership {
+        m.resolve().await;
+        m.probe_all().await;
+        info!(peers = m.all().len(), live = m.live().len(), "peer membership ready");
+        tasks.spawn(m.clone().run(stop.clone()).instrument(tracing::info_span!("membership")));
+    }
 
     // Admin endpoint.
     let ready = Arc::new(AtomicBool::new(false));
     let listener = tokio::net::TcpListener::bind(cfg.admin).await.map_err(|e| AgentError::Admin(cfg.admin.to_string(), e))?;
     let status = {
         let (metrics, memory, catalog, core, ready) = (metrics.clone(), memory.clone(), catalog.clone(), core.clone(), ready.clone());
+        let (membership, node_id, listen) = (membership.clone(), node_id.clone(), cfg.listen);
         let (source, mountpoint) = (cfg.source.clone(), cfg.mountpoint.display().to_string());
         Arc::new(move || {
             serde_json::json!({
@@ -140,6 +197,9 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
                 "mountpoint": mountpoint,
                 "ready": ready.load(Ordering::SeqCst),
                 "drain_state": "serving",
+                "node_id": node_id,
+                "listen": listen.map(|l| l.to_string()),
+                "peers": membership.as_ref().map(|m| m.status()).unwrap_or(serde_json::Value::Array(vec![])),
                 "files": catalog.files().len(),
                 "open_handles": core.open_handles(),
                 "cache": { "used_bytes": memory.used(), "capacity_bytes": memory.capacity(), "chunk_size": memory.chunk_size() },

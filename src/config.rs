@@ -84,6 +84,18 @@ pub struct MountArgs {
     /// Log format: plain or json [default: plain]
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Serve chunks to peers on this address (gRPC), e.g. 0.0.0.0:7070 [default: off]
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Peer agents, HOST:PORT,... (this agent's own address is recognised and skipped)
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// A DNS name whose A/AAAA records are the peers, NAME:PORT (re-resolved every 10 s)
+    #[arg(long)]
+    pub peer_dns: Option<String>,
+    /// File holding a shared token peers must present (sent as gRPC metadata)
+    #[arg(long)]
+    pub peer_token_file: Option<PathBuf>,
 }
 
 /// The `--config` file: same names as the flags.
@@ -104,6 +116,10 @@ struct FileConfig {
     readahead_budget: Option<String>,
     fuse_threads: Option<usize>,
     log_format: Option<String>,
+    listen: Option<String>,
+    peers: Option<Vec<String>>,
+    peer_dns: Option<String>,
+    peer_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +145,12 @@ pub struct MountConfig {
     pub readahead_budget: u64,
     pub fuse_threads: usize,
     pub log_format: LogFormat,
+    /// gRPC address peers reach this agent on; None: peers disabled for serving.
+    pub listen: Option<SocketAddr>,
+    pub peers: Vec<String>,
+    pub peer_dns: Option<String>,
+    /// The shared peer token (read from `--peer-token-file`).
+    pub peer_token: Option<String>,
 }
 
 impl MountConfig {
@@ -149,6 +171,10 @@ impl MountConfig {
             readahead_budget: DEFAULT_READAHEAD_BUDGET,
             fuse_threads: DEFAULT_FUSE_THREADS,
             log_format: LogFormat::Plain,
+            listen: None,
+            peers: Vec::new(),
+            peer_dns: None,
+            peer_token: None,
         }
     }
 }
@@ -164,6 +190,13 @@ fn read_file_config(path: &std::path::Path) -> Result<FileConfig, String> {
     normalized
         .try_into()
         .map_err(|e: toml::de::Error| format!("invalid config {}: {}", path.display(), one_line(&e.to_string())))
+}
+
+fn check_host_port(flag: &str, v: &str) -> Result<(), String> {
+    match v.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
+        _ => Err(format!("{flag} {v:?} must be HOST:PORT")),
+    }
 }
 
 fn one_line(s: &str) -> String {
@@ -230,6 +263,30 @@ pub fn resolve_mount(args: MountArgs) -> Result<MountConfig, String> {
         Some("json") => LogFormat::Json,
         Some(other) => return Err(format!("--log-format {other:?}: use plain or json")),
     };
+    let listen = match args.listen.or(file.listen) {
+        Some(l) => Some(l.parse::<SocketAddr>().map_err(|_| format!("--listen {l:?} is not an address like 0.0.0.0:7070"))?),
+        None => None,
+    };
+    let peers: Vec<String> = if args.peers.is_empty() { file.peers.unwrap_or_default() } else { args.peers };
+    let peers: Vec<String> = peers.into_iter().map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect();
+    for p in &peers {
+        check_host_port("--peers", p)?;
+    }
+    let peer_dns = args.peer_dns.or(file.peer_dns);
+    if let Some(d) = &peer_dns {
+        check_host_port("--peer-dns", d)?;
+    }
+    let peer_token = match args.peer_token_file.or(file.peer_token_file) {
+        Some(p) => {
+            let t = std::fs::read_to_string(&p).map_err(|e| format!("cannot read --peer-token-file {}: {e}", p.display()))?;
+            let t = t.trim().to_string();
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!("--peer-token-file {}: the token must be one line of printable ASCII", p.display()));
+            }
+            Some(t)
+        }
+        None => None,
+    };
     let positive = |name: &str, v: u64| if v == 0 { Err(format!("--{name} must be at least 1")) } else { Ok(v) };
     let cfg = MountConfig {
         source,
@@ -246,6 +303,10 @@ pub fn resolve_mount(args: MountArgs) -> Result<MountConfig, String> {
         readahead_budget,
         fuse_threads: positive("fuse-threads", args.fuse_threads.or(file.fuse_threads).unwrap_or(DEFAULT_FUSE_THREADS) as u64)? as usize,
         log_format,
+        listen,
+        peers,
+        peer_dns,
+        peer_token,
     };
     if cfg.mountpoint.is_file() {
         return Err(format!("--mountpoint {} is a file, not a directory", cfg.mountpoint.display()));

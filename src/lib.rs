@@ -15,6 +15,7 @@ pub mod fs;
 pub mod fuse;
 pub mod metrics;
 pub mod origin;
+pub mod peer;
 pub mod size;
 
 pub use error::Error;

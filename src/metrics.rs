@@ -21,6 +21,11 @@ pub struct TierLabel {
     pub tier: Tier,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub peer: String,
+}
+
 /// Contract names as exported (prometheus-client appends `_total` to counters).
 pub mod names {
     pub const READ_BYTES: &str = "cachefs_read_bytes_total";
@@ -35,6 +40,8 @@ pub mod names {
     pub const DRAIN_STATE: &str = "cachefs_drain_state";
     pub const FUSE_READ_REQUESTS: &str = "cachefs_fuse_read_requests_total";
     pub const READ_ERRORS: &str = "cachefs_read_errors_total";
+    pub const PEER_ERRORS: &str = "cachefs_peer_errors_total";
+    pub const PEER_CHECKSUM_ERRORS: &str = "cachefs_peer_checksum_errors_total";
 }
 
 /// The agent's metrics. Clone-free: share it behind an `Arc`.
@@ -52,6 +59,8 @@ pub struct Metrics {
     pub drain_state: Gauge,
     pub fuse_read_requests: Counter,
     pub read_errors: Counter,
+    pub peer_errors: Family<PeerLabel, Counter>,
+    pub peer_checksum_errors: Counter,
 }
 
 fn base(name: &str) -> &str {
@@ -80,6 +89,8 @@ impl Metrics {
             drain_state: Gauge::default(),
             fuse_read_requests: Counter::default(),
             read_errors: Counter::default(),
+            peer_errors: Family::default(),
+            peer_checksum_errors: Counter::default(),
             registry: Registry::default(),
         };
         use names::*;
@@ -95,6 +106,8 @@ impl Metrics {
         registry.register(base(DRAIN_STATE), "0 serving, 1 draining, 2 drained", m.drain_state.clone());
         registry.register(base(FUSE_READ_REQUESTS), "FUSE read requests answered by the agent", m.fuse_read_requests.clone());
         registry.register(base(READ_ERRORS), "FUSE reads answered with an error", m.read_errors.clone());
+        registry.register(base(PEER_ERRORS), "Failed requests to a peer, by peer address", m.peer_errors.clone());
+        registry.register(base(PEER_CHECKSUM_ERRORS), "Chunks from peers rejected by their checksum", m.peer_checksum_errors.clone());
         for tier in [Tier::memory, Tier::peer, Tier::origin] {
             let _ = m.read_bytes.get_or_create(&TierLabel { tier });
         }

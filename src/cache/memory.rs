@@ -66,6 +66,20 @@ fn take_fresh(s: &mut Slot, n: u64) -> Credit {
 struct ObjFile {
     file: File,
     slots: Mutex<Vec<Slot>>,
+    /// A shared read-only mapping of the whole file, made on first use (peer serving).
+    map: std::sync::OnceLock<Option<Arc<memmap2::Mmap>>>,
+}
+
+/// A range of a mapping, owned: lets `Bytes` point into the tmpfs file without a copy.
+struct MapSlice {
+    map: Arc<memmap2::Mmap>,
+    range: Range<usize>,
+}
+
+impl AsRef<[u8]> for MapSlice {
+    fn as_ref(&self) -> &[u8] {
+        self.map.get(self.range.clone()).unwrap_or(&[])
+    }
 }
 
 impl ObjFile {
@@ -151,7 +165,7 @@ impl MemoryTier {
             file.set_len(obj.size)?;
         }
         let n = chunk_count(obj.size, self.chunk_size) as usize;
-        let f = Arc::new(ObjFile { file, slots: Mutex::new(vec![Slot::default(); n]) });
+        let f = Arc::new(ObjFile { file, slots: Mutex::new(vec![Slot::default(); n]), map: std::sync::OnceLock::new() });
         files.insert(obj.id.clone(), f.clone());
         Ok(f)
     }
@@ -293,6 +307,36 @@ impl MemoryTier {
             punch(&f.file, start, self.chunk_size);
             self.metrics.evictions.inc();
         }
+    }
+
+    /// A present chunk as `Bytes` pointing into the file's mapping (no copy), with its crc32c.
+    /// If the chunk is evicted while the bytes are still in use they may read as zeros: whoever
+    /// receives them must check the crc32c (peers do).
+    pub fn map_chunk(&self, obj: &ObjectVersion, index: u64) -> Option<(Bytes, u32)> {
+        let f = self.existing(obj)?;
+        let crc = {
+            let slots = f.slots();
+            let s = slots.get(index as usize)?;
+            if !s.present {
+                return None;
+            }
+            s.crc
+        };
+        let map = f
+            .map
+            .get_or_init(|| {
+                // SAFETY: the file is only written through this tier, in chunks not marked present;
+                // readers of a present chunk check its crc32c (see the doc above).
+                unsafe { memmap2::Mmap::map(&f.file) }.ok().map(Arc::new)
+            })
+            .clone()?;
+        let r = chunk_range(index, obj.size, self.chunk_size);
+        if r.end as usize > map.len() {
+            return None;
+        }
+        let key = ChunkKey { object: obj.id.clone(), index };
+        lock(&self.index).lru.promote(&key);
+        Some((Bytes::from_owner(MapSlice { map, range: r.start as usize..r.end as usize }), crc))
     }
 
     /// crc32c of a present chunk.

@@ -186,6 +186,11 @@ impl Reader {
 
     /// The whole chunk `index` of `obj`: joins a fetch in flight or starts one.
     fn chunk(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64) -> Flight {
+        self.chunk_for(obj, index, false)
+    }
+
+    /// `for_peer`: the fill serves another agent; once stored, local reads of it count as memory.
+    fn chunk_for(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64, for_peer: bool) -> Flight {
         let key = ChunkKey { object: obj.id.clone(), index };
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = flights.get(&key) {
@@ -210,6 +215,9 @@ impl Reader {
                 let store = result.as_ref().ok().cloned();
                 let _ = tx.send(result);
                 if let Some(f) = store {
+                    if for_peer {
+                        f.served_early.fetch_add(f.bytes.len() as u64, std::sync::atomic::Ordering::SeqCst);
+                    }
                     this.store(&obj, index, f).await;
                 }
                 let mut flights = this.flights.lock().unwrap_or_else(|p| p.into_inner());
@@ -259,6 +267,18 @@ impl Reader {
             }
         }
         Err(last.unwrap_or_else(|| Error::unavailable("no source has this chunk")))
+    }
+
+    /// The whole chunk `index` of `obj` through the same single-flight path as a local miss
+    /// (used to fill chunks for peers), within the read deadline.
+    pub async fn fetch_chunk(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64) -> Result<Bytes, Error> {
+        if let Some((b, _)) = self.memory.map_chunk(obj, index) {
+            return Ok(b);
+        }
+        match tokio::time::timeout(self.opts.read_timeout, self.chunk_for(obj, index, true)).await {
+            Ok(r) => r.map(|f| f.bytes),
+            Err(_) => Err(Error::TimedOut(self.opts.read_timeout)),
+        }
     }
 
     /// Start fetching chunk `index` in the background if it is missing and the readahead

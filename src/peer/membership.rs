@@ -1,0 +1,278 @@
+//! Who the peers are: a static list and/or a DNS name re-resolved periodically (a Kubernetes
+//! headless Service gives one A record per pod). Each peer is probed with `Hello`: it gives its
+//! node id (this agent's own address is recognised by its id and excluded), protocol and drain
+//! state. A peer that fails is backed off exponentially and probed again later.
+//!
+//! # Contract
+//! - [`Membership::live`] lists peers that answered, are not this agent and are not backed off.
+//! - [`Membership::owner_candidates`] is `live` minus draining peers: only those own chunks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{info, warn};
+
+use super::proto::peer_client::PeerClient;
+use super::proto::{DrainNotice, HelloRequest};
+use super::{MAX_GRPC_MESSAGE, PROTOCOL, TOKEN_HEADER};
+
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+pub const DNS_INTERVAL: Duration = Duration::from_secs(10);
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Adds the shared token to every request.
+#[derive(Clone)]
+pub struct Auth(Option<AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert(TOKEN_HEADER, t.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type Client = PeerClient<InterceptedService<Channel, Auth>>;
+
+#[derive(Debug, Default, Clone)]
+pub struct PeerState {
+    pub node_id: Option<String>,
+    pub draining: bool,
+    pub is_self: bool,
+    pub failures: u32,
+    pub retry_at: Option<Instant>,
+    pub last_error: Option<String>,
+}
+
+/// One peer address and its client.
+pub struct PeerHandle {
+    pub addr: String,
+    client: Client,
+    state: Mutex<PeerState>,
+}
+
+impl PeerHandle {
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub fn state(&self) -> PeerState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn node_id(&self) -> Option<String> {
+        self.state().node_id
+    }
+
+    fn update(&self, f: impl FnOnce(&mut PeerState)) {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn usable(&self) -> bool {
+        let s = self.state();
+        s.node_id.is_some() && !s.is_self && s.retry_at.is_none_or(|t| Instant::now() >= t)
+    }
+}
+
+pub struct Membership {
+    self_id: String,
+    static_peers: Vec<String>,
+    dns: Option<String>,
+    token: Option<AsciiMetadataValue>,
+    peers: RwLock<Vec<Arc<PeerHandle>>>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Membership {
+    pub fn new(self_id: String, static_peers: Vec<String>, dns: Option<String>, token: Option<String>, metrics: Arc<crate::metrics::Metrics>) -> Result<Self, String> {
+        let token = match token {
+            Some(t) => Some(AsciiMetadataValue::try_from(t.trim()).map_err(|_| "the peer token must be printable ASCII".to_string())?),
+            None => None,
+        };
+        let m = Membership { self_id, static_peers, dns, token, peers: RwLock::new(Vec::new()), metrics };
+        let addrs = m.static_peers.clone();
+        m.set_addresses(addrs)?;
+        Ok(m)
+    }
+
+    pub fn self_id(&self) -> &str {
+        &self.self_id
+    }
+
+    fn handle(&self, addr: &str) -> Result<PeerHandle, String> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("invalid peer address {addr:?}: {e}"))?
+            .connect_timeout(PROBE_TIMEOUT)
+            .tcp_nodelay(true)
+            .initial_stream_window_size(super::STREAM_WINDOW)
+            .initial_connection_window_size(super::CONNECTION_WINDOW);
+        let channel = endpoint.connect_lazy();
+        let client = PeerClient::with_interceptor(channel, Auth(self.token.clone()))
+            .max_decoding_message_size(MAX_GRPC_MESSAGE)
+            .max_encoding_message_size(MAX_GRPC_MESSAGE);
+        Ok(PeerHandle { addr: addr.to_string(), client, state: Mutex::new(PeerState::default()) })
+    }
+
+    /// Keep handles for addresses still present, add new ones, drop vanished ones.
+    fn set_addresses(&self, mut addrs: Vec<String>) -> Result<(), String> {
+        addrs.sort();
+        addrs.dedup();
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        let mut old: HashMap<String, Arc<PeerHandle>> = peers.drain(..).map(|p| (p.addr.clone(), p)).collect();
+        for a in addrs {
+            match old.remove(&a) {
+                Some(h) => peers.push(h),
+                None => peers.push(Arc::new(self.handle(&a)?)),
+            }
+        }
+        for gone in old.keys() {
+            info!(peer = %gone, "peer left the DNS answer");
+        }
+        Ok(())
+    }
+
+    /// Re-resolve the DNS name (if any) and merge with the static list.
+    pub async fn resolve(&self) {
+        let Some(name) = &self.dns else { return };
+        match tokio::time::timeout(PROBE_TIMEOUT * 2, tokio::net::lookup_host(name.as_str())).await {
+            Ok(Ok(found)) => {
+                let mut addrs: Vec<String> = found.map(|a| a.to_string()).collect();
+                addrs.extend(self.static_peers.iter().cloned());
+                if let Err(e) = self.set_addresses(addrs) {
+                    warn!(error = %e, "bad peer address");
+                }
+            }
+            Ok(Err(e)) => warn!(name = %name, error = %e, "peer DNS lookup failed; keeping the previous peers"),
+            Err(_) => warn!(name = %name, "peer DNS lookup timed out; keeping the previous peers"),
+        }
+    }
+
+    pub fn all(&self) -> Vec<Arc<PeerHandle>> {
+        self.peers.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn live(&self) -> Vec<Arc<PeerHandle>> {
+        self.all().into_iter().filter(|p| p.usable()).collect()
+    }
+
+    pub fn owner_candidates(&self) -> Vec<Arc<PeerHandle>> {
+        self.live().into_iter().filter(|p| !p.state().draining).collect()
+    }
+
+    pub fn report_failure(&self, peer: &PeerHandle, error: &str) {
+        self.metrics.peer_errors.get_or_create(&crate::metrics::PeerLabel { peer: peer.addr.clone() }).inc();
+        peer.update(|s| {
+            s.failures += 1;
+            let backoff = (Duration::from_millis(250) * 2u32.saturating_pow(s.failures.min(8))).min(MAX_BACKOFF);
+            s.retry_at = Some(Instant::now() + backoff);
+            s.last_error = Some(error.to_string());
+        });
+    }
+
+    /// Probe one peer with Hello.
+    async fn probe(&self, p: &Arc<PeerHandle>) {
+        let mut req = tonic::Request::new(HelloRequest { node_id: self.self_id.clone(), protocol: PROTOCOL });
+        req.set_timeout(PROBE_TIMEOUT);
+        match tokio::time::timeout(PROBE_TIMEOUT * 2, p.client().hello(req)).await {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                let is_self = r.node_id == self.self_id;
+                let was = p.state();
+                if was.node_id.as_deref() != Some(r.node_id.as_str()) && !is_self {
+                    info!(peer = %p.addr, node = %r.node_id, draining = r.draining, "peer is up");
+                }
+                p.update(|s| {
+                    s.node_id = Some(r.node_id);
+                    s.is_self = is_self;
+                    s.draining = r.draining;
+                    s.failures = 0;
+                    s.retry_at = None;
+                    s.last_error = None;
+                });
+            }
+            Ok(Err(status)) => {
+                let msg = format!("{}: {}", status.code(), status.message());
+                if p.state().failures == 0 {
+                    warn!(peer = %p.addr, error = %msg, "peer refused the probe");
+                }
+                self.report_failure(p, &msg);
+            }
+            Err(_) => self.report_failure(p, "probe timed out"),
+        }
+    }
+
+    /// Probe every peer whose backoff has passed.
+    pub async fn probe_all(&self) {
+        let due: Vec<_> = self.all().into_iter().filter(|p| p.state().retry_at.is_none_or(|t| Instant::now() >= t)).collect();
+        futures::future::join_all(due.iter().map(|p| self.probe(p))).await;
+    }
+
+    /// Resolve and probe until `stop`.
+    pub async fn run(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut last_dns = Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            }
+            if last_dns.elapsed() >= DNS_INTERVAL {
+                self.resolve().await;
+                last_dns = Instant::now();
+            }
+            self.probe_all().await;
+        }
+    }
+
+    /// A peer said it is (or is no longer) draining.
+    pub fn mark_draining(&self, node_id: &str, draining: bool) {
+        for p in self.all() {
+            if p.node_id().as_deref() == Some(node_id) {
+                p.update(|s| s.draining = draining);
+                info!(peer = %p.addr, draining, "peer drain state changed");
+            }
+        }
+    }
+
+    /// Tell every live peer this agent's drain state (bounded by the probe timeout).
+    pub async fn announce_drain(&self, draining: bool) {
+        let peers = self.live();
+        futures::future::join_all(peers.iter().map(|p| async move {
+            let mut req = tonic::Request::new(DrainNotice { node_id: self.self_id.clone(), draining });
+            req.set_timeout(PROBE_TIMEOUT);
+            if let Err(e) = p.client().drain(req).await {
+                warn!(peer = %p.addr, error = %e.message(), "could not tell peer about draining");
+            }
+        }))
+        .await;
+    }
+
+    /// For `/status`.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::Value::Array(
+            self.all()
+                .iter()
+                .map(|p| {
+                    let s = p.state();
+                    let state = if s.is_self {
+                        "self"
+                    } else if s.node_id.is_none() {
+                        "unknown"
+                    } else if !p.usable() {
+                        "backoff"
+                    } else if s.draining {
+                        "draining"
+                    } else {
+                        "live"
+                    };
+                    serde_json::json!({ "addr": p.addr, "node_id": s.node_id, "state": state, "failures": s.failures, "last_error": s.last_error })
+                })
+                .collect(),
+        )
+    }
+}

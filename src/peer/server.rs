@@ -1,0 +1,214 @@
+//! What this agent serves to its peers.
+//!
+//! # Contract
+//! - Only objects of this agent's catalog (under its source prefix) at exactly the named version
+//!   are served; a key that is not a clean relative path, a chunk size other than ours or an index
+//!   past the end is `INVALID_ARGUMENT`; an unknown object, another version, or a chunk not held
+//!   (without `allow_fill`) is `NOT_FOUND`.
+//! - Chunks held in memory are streamed from the tmpfs file's mapping, without a copy into a
+//!   buffer first; with `allow_fill`, a missing chunk is fetched through this agent's own
+//!   single-flight read path first. Messages carry at most `MESSAGE_BYTES` of data; the first
+//!   carries the chunk's length and crc32c.
+//! - With a token configured, requests without it are `UNAUTHENTICATED` (constant-time compare).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use subtle::ConstantTimeEq;
+use tonic::{Request, Response, Status};
+use tracing::debug;
+
+use super::membership::Membership;
+use super::proto::peer_server::Peer;
+use super::proto::{ChunkData, DrainAck, DrainNotice, HelloRequest, HelloResponse, InventoryRequest, InventoryResponse, ObjectInventory, ReadChunkRequest};
+use super::{bitmap, same_version, MESSAGE_BYTES, PROTOCOL, TOKEN_HEADER};
+use crate::cache::chunk::{chunk_count, chunk_range};
+use crate::cache::Reader;
+use crate::catalog::{Catalog, ObjectVersion};
+use crate::metrics::Metrics;
+
+pub struct PeerServer {
+    pub catalog: Arc<Catalog>,
+    pub reader: Arc<Reader>,
+    pub metrics: Arc<Metrics>,
+    pub membership: Arc<Membership>,
+    pub node_id: String,
+    pub source: String,
+    pub draining: Arc<AtomicBool>,
+    /// Chunk streams in progress (drain waits for them).
+    pub active: Arc<AtomicUsize>,
+}
+
+/// Counts a stream as active until dropped.
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn clean_key(key: &str) -> bool {
+    !key.is_empty() && !key.starts_with('/') && key.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
+}
+
+/// Server-side token check, in constant time.
+pub fn check_token(expected: Option<Arc<Vec<u8>>>) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let Some(want) = &expected else { return Ok(req) };
+        let got = req.metadata().get(TOKEN_HEADER).map(|v| v.as_bytes()).unwrap_or(b"");
+        if got.len() == want.len() && bool::from(got.ct_eq(want.as_slice())) {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("missing or wrong peer token"))
+        }
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChunkData, Status>> + Send>>;
+
+impl PeerServer {
+    fn lookup(&self, r: Option<&super::proto::ObjectRef>) -> Result<Arc<ObjectVersion>, Status> {
+        let r = r.ok_or_else(|| Status::invalid_argument("object missing"))?;
+        if !clean_key(&r.key) {
+            return Err(Status::invalid_argument("object key must be a relative path under the source"));
+        }
+        let obj = self.catalog.object_at(&r.key).map_err(|_| Status::not_found("no such object under this agent's source"))?;
+        if !same_version(&obj, r) {
+            return Err(Status::not_found("this agent has another version of the object"));
+        }
+        Ok(obj)
+    }
+
+    fn stream(&self, chunk: Bytes, crc: u32, guard: ActiveGuard) -> ChunkStream {
+        let metrics = self.metrics.clone();
+        let len = chunk.len();
+        let pieces = (0..len.div_ceil(MESSAGE_BYTES).max(1)).map(move |i| {
+            let start = i * MESSAGE_BYTES;
+            let end = (start + MESSAGE_BYTES).min(len);
+            let data = chunk.slice(start..end);
+            metrics.peer_sent_bytes.inc_by(data.len() as u64);
+            let first = i == 0;
+            Ok(ChunkData { offset: start as u64, data, chunk_len: if first { len as u64 } else { 0 }, crc32c: if first { crc } else { 0 } })
+        });
+        let s = futures::stream::iter(pieces);
+        // The guard lives as long as the stream.
+        Box::pin(futures::StreamExt::map(s, move |m| {
+            let _ = &guard;
+            m
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerServer {
+    type ReadChunkStream = ChunkStream;
+
+    async fn read_chunk(&self, req: Request<ReadChunkRequest>) -> Result<Response<ChunkStream>, Status> {
+        let r = req.into_inner();
+        let chunk_size = self.reader.chunk_size();
+        if r.chunk_size != chunk_size {
+            return Err(Status::invalid_argument(format!("chunk size {} differs from this agent's {chunk_size}", r.chunk_size)));
+        }
+        let obj = self.lookup(r.object.as_ref())?;
+        if r.index >= chunk_count(obj.size, chunk_size) {
+            return Err(Status::invalid_argument("chunk index past the end of the object"));
+        }
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let guard = ActiveGuard(self.active.clone());
+        let memory = self.reader.memory();
+        if let Some((bytes, crc)) = memory.map_chunk(&obj, r.index) {
+            debug!(key = %obj.key, index = r.index, "serving chunk from memory");
+            return Ok(Response::new(self.stream(bytes, crc, guard)));
+        }
+        if !r.allow_fill {
+            return Err(Status::not_found("chunk not held"));
+        }
+        match self.reader.fetch_chunk(&obj, r.index).await {
+            Ok(bytes) => {
+                let range = chunk_range(r.index, obj.size, chunk_size);
+                if bytes.len() as u64 != range.end - range.start {
+                    return Err(Status::internal("filled chunk has the wrong length"));
+                }
+                let crc = crc32c::crc32c(&bytes);
+                Ok(Response::new(self.stream(bytes, crc, guard)))
+            }
+            Err(crate::Error::Stale(_)) => Err(Status::not_found("object changed at the origin")),
+            Err(e) => Err(Status::unavailable(format!("could not fill the chunk: {e}"))),
+        }
+    }
+
+    async fn inventory(&self, req: Request<InventoryRequest>) -> Result<Response<InventoryResponse>, Status> {
+        let r = req.into_inner();
+        let chunk_size = self.reader.chunk_size();
+        if r.chunk_size != chunk_size {
+            return Err(Status::invalid_argument(format!("chunk size {} differs from this agent's {chunk_size}", r.chunk_size)));
+        }
+        if r.objects.len() > 1024 {
+            return Err(Status::invalid_argument("at most 1024 objects per inventory request"));
+        }
+        let memory = self.reader.memory();
+        let objects = r
+            .objects
+            .iter()
+            .filter_map(|o| {
+                let obj = self.lookup(Some(o)).ok()?;
+                let n = chunk_count(obj.size, chunk_size);
+                Some(ObjectInventory { key: obj.key.clone(), etag: o.etag.clone(), present: bitmap(n, |i| memory.contains(&obj, i)).into(), chunks: n })
+            })
+            .collect();
+        Ok(Response::new(InventoryResponse { objects, draining: self.draining.load(Ordering::SeqCst) }))
+    }
+
+    async fn hello(&self, _req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
+        Ok(Response::new(HelloResponse {
+            node_id: self.node_id.clone(),
+            protocol: PROTOCOL,
+            draining: self.draining.load(Ordering::SeqCst),
+            chunk_size: self.reader.chunk_size(),
+            source: self.source.clone(),
+        }))
+    }
+
+    async fn drain(&self, req: Request<DrainNotice>) -> Result<Response<DrainAck>, Status> {
+        let n = req.into_inner();
+        self.membership.mark_draining(&n.node_id, n.draining);
+        Ok(Response::new(DrainAck {}))
+    }
+}
+
+/// Serve on `listener` until `stop`, with per-connection stream limits and a request deadline.
+pub async fn serve(
+    server: PeerServer,
+    listener: tokio::net::TcpListener,
+    token: Option<String>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let token = token.map(|t| Arc::new(t.trim().as_bytes().to_vec()));
+    let svc = super::proto::peer_server::PeerServer::new(server)
+        .max_decoding_message_size(super::MAX_GRPC_MESSAGE)
+        .max_encoding_message_size(super::MAX_GRPC_MESSAGE);
+    let svc = tonic_intercept(svc, check_token(token));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .concurrency_limit_per_connection(64)
+        .timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(super::STREAM_WINDOW)
+        .initial_connection_window_size(super::CONNECTION_WINDOW)
+        .max_frame_size(super::FRAME_SIZE)
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
+        .await
+}
+
+fn tonic_intercept<S, F>(svc: S, f: F) -> tonic::service::interceptor::InterceptedService<S, F>
+where
+    F: tonic::service::Interceptor,
+{
+    tonic::service::interceptor::InterceptedService::new(svc, f)
+}
