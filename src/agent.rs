@@ -130,7 +130,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     let peers_on = cfg.listen.is_some() || !cfg.peers.is_empty() || cfg.peer_dns.is_some();
     let membership = if peers_on {
         let m = Arc::new(
-            Membership::new(node_id.clone(), cfg.peers.clone(), cfg.peer_dns.clone(), cfg.peer_token.clone(), metrics.clone())
+            Membership::new(node_id.clone(), cfg.listen.map(|l| l.port()).unwrap_or(0), cfg.peers.clone(), cfg.peer_dns.clone(), cfg.peer_token.clone(), metrics.clone())
                 .map_err(AgentError::Peers)?,
         );
         if cfg.peer_token.is_none() {

@@ -23,7 +23,9 @@ use super::{MAX_GRPC_MESSAGE, PROTOCOL, TOKEN_HEADER};
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 pub const DNS_INTERVAL: Duration = Duration::from_secs(10);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Most peers learned from their own Hello.
+const MAX_LEARNED: usize = 1024;
 
 /// Adds the shared token to every request.
 #[derive(Clone)]
@@ -82,7 +84,13 @@ impl PeerHandle {
 
 pub struct Membership {
     self_id: String,
+    /// Our peer port, told to peers in Hello so they add us.
+    listen_port: u16,
     static_peers: Vec<String>,
+    /// Peers that introduced themselves with a Hello.
+    learned: Mutex<std::collections::BTreeSet<String>>,
+    /// Last DNS answer.
+    resolved: Mutex<Vec<String>>,
     dns: Option<String>,
     token: Option<AsciiMetadataValue>,
     peers: RwLock<Vec<Arc<PeerHandle>>>,
@@ -90,14 +98,23 @@ pub struct Membership {
 }
 
 impl Membership {
-    pub fn new(self_id: String, static_peers: Vec<String>, dns: Option<String>, token: Option<String>, metrics: Arc<crate::metrics::Metrics>) -> Result<Self, String> {
+    pub fn new(self_id: String, listen_port: u16, static_peers: Vec<String>, dns: Option<String>, token: Option<String>, metrics: Arc<crate::metrics::Metrics>) -> Result<Self, String> {
         let token = match token {
             Some(t) => Some(AsciiMetadataValue::try_from(t.trim()).map_err(|_| "the peer token must be printable ASCII".to_string())?),
             None => None,
         };
-        let m = Membership { self_id, static_peers, dns, token, peers: RwLock::new(Vec::new()), metrics };
-        let addrs = m.static_peers.clone();
-        m.set_addresses(addrs)?;
+        let m = Membership {
+            self_id,
+            listen_port,
+            static_peers,
+            learned: Mutex::new(Default::default()),
+            resolved: Mutex::new(Vec::new()),
+            dns,
+            token,
+            peers: RwLock::new(Vec::new()),
+            metrics,
+        };
+        m.refresh_addresses()?;
         Ok(m)
     }
 
@@ -119,6 +136,33 @@ impl Membership {
         Ok(PeerHandle { addr: addr.to_string(), client, state: Mutex::new(PeerState::default()) })
     }
 
+    /// The peer set: static list ∪ last DNS answer ∪ peers that introduced themselves.
+    fn refresh_addresses(&self) -> Result<(), String> {
+        let mut addrs = self.static_peers.clone();
+        addrs.extend(self.resolved.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
+        addrs.extend(self.learned.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
+        self.set_addresses(addrs)
+    }
+
+    /// A peer introduced itself (its Hello passed the token check): add it if new.
+    pub fn learn(&self, addr: std::net::SocketAddr) {
+        let a = addr.to_string();
+        if self.all().iter().any(|p| p.addr == a) {
+            return;
+        }
+        {
+            let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+            if learned.len() >= MAX_LEARNED {
+                return;
+            }
+            learned.insert(a.clone());
+        }
+        info!(peer = %a, "learned a peer from its hello");
+        if let Err(e) = self.refresh_addresses() {
+            warn!(error = %e, "bad learned peer address");
+        }
+    }
+
     /// Keep handles for addresses still present, add new ones, drop vanished ones.
     fn set_addresses(&self, mut addrs: Vec<String>) -> Result<(), String> {
         addrs.sort();
@@ -132,7 +176,7 @@ impl Membership {
             }
         }
         for gone in old.keys() {
-            info!(peer = %gone, "peer left the DNS answer");
+            info!(peer = %gone, "peer is no longer listed");
         }
         Ok(())
     }
@@ -142,9 +186,8 @@ impl Membership {
         let Some(name) = &self.dns else { return };
         match tokio::time::timeout(PROBE_TIMEOUT * 2, tokio::net::lookup_host(name.as_str())).await {
             Ok(Ok(found)) => {
-                let mut addrs: Vec<String> = found.map(|a| a.to_string()).collect();
-                addrs.extend(self.static_peers.iter().cloned());
-                if let Err(e) = self.set_addresses(addrs) {
+                *self.resolved.lock().unwrap_or_else(|p| p.into_inner()) = found.map(|a| a.to_string()).collect();
+                if let Err(e) = self.refresh_addresses() {
                     warn!(error = %e, "bad peer address");
                 }
             }
@@ -177,7 +220,7 @@ impl Membership {
 
     /// Probe one peer with Hello.
     async fn probe(&self, p: &Arc<PeerHandle>) {
-        let mut req = tonic::Request::new(HelloRequest { node_id: self.self_id.clone(), protocol: PROTOCOL });
+        let mut req = tonic::Request::new(HelloRequest { node_id: self.self_id.clone(), protocol: PROTOCOL, listen_port: self.listen_port as u32 });
         req.set_timeout(PROBE_TIMEOUT);
         match tokio::time::timeout(PROBE_TIMEOUT * 2, p.client().hello(req)).await {
             Ok(Ok(r)) => {

@@ -164,7 +164,14 @@ impl Peer for PeerServer {
         Ok(Response::new(InventoryResponse { objects, draining: self.draining.load(Ordering::SeqCst) }))
     }
 
-    async fn hello(&self, _req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
+    async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
+        let from = req.remote_addr();
+        let h = req.into_inner();
+        if let (Some(from), Ok(port)) = (from, u16::try_from(h.listen_port)) {
+            if port != 0 && h.node_id != self.node_id {
+                self.membership.learn(std::net::SocketAddr::new(from.ip(), port));
+            }
+        }
         Ok(Response::new(HelloResponse {
             node_id: self.node_id.clone(),
             protocol: PROTOCOL,

@@ -1,0 +1,255 @@
+//! Several real agent processes on 127.0.0.1 (own cache dirs, mountpoints, admin and peer
+//! ports), one shared `file://` origin, talking gRPC.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+
+use common::*;
+use tonic::{Request, Response, Status};
+
+use cachefs::peer::proto;
+use cachefs::peer::proto::peer_client::PeerClient;
+
+fn peer_port() -> (u16, String) {
+    let p = free_port();
+    (p, format!("127.0.0.1:{p}"))
+}
+
+fn origin_bytes(a: &Agent) -> f64 {
+    a.metric("cachefs_origin_bytes_total")
+}
+
+fn tier(a: &Agent, t: &str) -> f64 {
+    a.metric(&format!("cachefs_read_bytes_total{{tier=\"{t}\"}}"))
+}
+
+fn read_all(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+#[test]
+fn remote_hit_then_three_agents_cold_at_once() {
+    if !fuse_available("remote_hit_then_three_agents_cold_at_once") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    write_random(&src.path().join("model.bin"), 256 << 20, 61);
+    write_random(&src.path().join("cold.bin"), 96 << 20, 62);
+    let want = sha256_file(&src.path().join("model.bin"));
+    let s = src.path().display().to_string();
+    let (_, a_addr) = peer_port();
+    let a = Agent::start(&s, &["--listen", &a_addr]);
+    assert_eq!(sha256_file(&a.path("model.bin")), want);
+    let a_origin = origin_bytes(&a);
+    assert!(a_origin >= (256 << 20) as f64);
+
+    // B starts empty and reads what A holds: every byte from A's memory, none from the origin.
+    let (_, b_addr) = peer_port();
+    let b = Agent::start(&s, &["--listen", &b_addr, "--peers", &a_addr]);
+    assert_eq!(sha256_file(&b.path("model.bin")), want);
+    assert_eq!(origin_bytes(&b), 0.0, "B fetched from origin; log:\n{}", b.log_text());
+    assert_eq!(tier(&b, "peer"), (256 << 20) as f64);
+    assert_eq!(a.metric("cachefs_peer_sent_bytes_total"), (256 << 20) as f64);
+    assert_eq!(b.metric("cachefs_peer_received_bytes_total"), (256 << 20) as f64);
+    let (_, status) = http_get(b.admin, "/status").unwrap();
+    let st: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(st["peers"][0]["state"], "live", "{st}");
+
+    // C joins; A, B and C read a cold file at the same moment: the origin serves it about once.
+    let (_, c_addr) = peer_port();
+    let c = Agent::start(&s, &["--listen", &c_addr, "--peers", &format!("{a_addr},{b_addr}")]);
+    // A and B learn C from its hello (membership is symmetric); wait until all see two live peers.
+    for x in [&a, &b, &c] {
+        let ok = poll_until(std::time::Duration::from_secs(15), || {
+            let st: serde_json::Value = serde_json::from_str(&http_get(x.admin, "/status").unwrap().1).unwrap();
+            st["peers"].as_array().unwrap().iter().filter(|p| p["state"] == "live").count() == 2
+        });
+        assert!(ok, "peers did not converge: {}", http_get(x.admin, "/status").unwrap().1);
+    }
+    let before: f64 = [&a, &b, &c].iter().map(|x| origin_bytes(x)).sum();
+    let want_cold = sha256_file(&src.path().join("cold.bin"));
+    let paths: Vec<_> = [&a, &b, &c].iter().map(|x| x.path("cold.bin")).collect();
+    let readers: Vec<_> = paths.into_iter().map(|p| std::thread::spawn(move || sha256_file(&p))).collect();
+    for r in readers {
+        assert_eq!(r.join().unwrap(), want_cold);
+    }
+    let after: f64 = [&a, &b, &c].iter().map(|x| origin_bytes(x)).sum();
+    let ratio = (after - before) / (96u64 << 20) as f64;
+    eprintln!("three-agent cold load: origin bytes / file size = {ratio:.3}");
+    assert!(ratio <= 1.1, "origin served {ratio:.3} x the file");
+}
+
+#[test]
+fn sigkill_of_a_peer_mid_read_still_gives_correct_bytes() {
+    if !fuse_available("sigkill_of_a_peer_mid_read_still_gives_correct_bytes") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    let data = random_bytes(128 << 20, 71);
+    std::fs::write(src.path().join("m.bin"), &data).unwrap();
+    let s = src.path().display().to_string();
+    let (_, a_addr) = peer_port();
+    let (_, b_addr) = peer_port();
+    let mut a = Agent::start(&s, &["--listen", &a_addr]);
+    assert_eq!(read_all(&a.path("m.bin")).len(), data.len());
+    let b = Agent::start(&s, &["--listen", &b_addr, "--peers", &a_addr]);
+    assert_eq!(read_all(&b.path("m.bin")), data);
+    let (_, c_addr) = peer_port();
+    let c = Agent::start(&s, &["--listen", &c_addr, "--peers", &format!("{a_addr},{b_addr}"), "--chunk-size", "8MiB"]);
+    let mut f = std::fs::File::open(c.path("m.bin")).unwrap();
+    let mut got = Vec::with_capacity(data.len());
+    let mut buf = vec![0u8; 1 << 20];
+    let mut killed = false;
+    loop {
+        let n = f.read(&mut buf).unwrap_or_else(|e| panic!("read after kill: {e}; log:\n{}", c.log_text()));
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if !killed && got.len() >= 40 << 20 {
+            a.kill9();
+            killed = true;
+        }
+    }
+    assert!(killed);
+    assert!(got == data, "C's bytes differ after A was killed");
+    assert!(tier(&c, "peer") > 0.0);
+}
+
+/// A peer that claims to hold every chunk and serves each with one byte flipped (and the true crc).
+struct CorruptPeer {
+    data: Arc<Vec<u8>>,
+    key: String,
+    chunk: u64,
+}
+
+#[tonic::async_trait]
+impl proto::peer_server::Peer for CorruptPeer {
+    type ReadChunkStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::ChunkData, Status>> + Send>>;
+
+    async fn read_chunk(&self, req: Request<proto::ReadChunkRequest>) -> Result<Response<Self::ReadChunkStream>, Status> {
+        let r = req.into_inner();
+        let start = (r.index * self.chunk) as usize;
+        let end = (start + self.chunk as usize).min(self.data.len());
+        let good = &self.data[start..end];
+        let crc = crc32c::crc32c(good);
+        let mut bad = good.to_vec();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0xff;
+        let msg = proto::ChunkData { offset: 0, data: bad.into(), chunk_len: (end - start) as u64, crc32c: crc };
+        Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(msg)]))))
+    }
+
+    async fn inventory(&self, req: Request<proto::InventoryRequest>) -> Result<Response<proto::InventoryResponse>, Status> {
+        let n = (self.data.len() as u64).div_ceil(self.chunk);
+        let objects = req
+            .into_inner()
+            .objects
+            .into_iter()
+            .filter(|o| o.key == self.key)
+            .map(|o| proto::ObjectInventory { key: o.key, etag: o.etag, present: vec![0xffu8; n.div_ceil(8) as usize].into(), chunks: n })
+            .collect();
+        Ok(Response::new(proto::InventoryResponse { objects, draining: false }))
+    }
+
+    async fn hello(&self, _r: Request<proto::HelloRequest>) -> Result<Response<proto::HelloResponse>, Status> {
+        Ok(Response::new(proto::HelloResponse { node_id: "corrupt-peer".into(), protocol: 1, draining: false, chunk_size: self.chunk, source: String::new() }))
+    }
+
+    async fn drain(&self, _r: Request<proto::DrainNotice>) -> Result<Response<proto::DrainAck>, Status> {
+        Ok(Response::new(proto::DrainAck {}))
+    }
+}
+
+#[test]
+fn corrupted_chunk_from_a_peer_is_caught_and_fetched_elsewhere() {
+    if !fuse_available("corrupted_chunk_from_a_peer_is_caught_and_fetched_elsewhere") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    let data = Arc::new(random_bytes((24 << 20) + 5, 81));
+    std::fs::write(src.path().join("c.bin"), &data[..]).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let fake_addr = listener.local_addr().unwrap().to_string();
+    let svc = proto::peer_server::PeerServer::new(CorruptPeer { data: data.clone(), key: "c.bin".into(), chunk: 8 << 20 });
+    rt.spawn(tonic::transport::Server::builder().add_service(svc).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+    let c = Agent::start(&src.path().display().to_string(), &["--peers", &fake_addr]);
+    let got = read_all(&c.path("c.bin"));
+    assert!(got == *data, "corrupted bytes reached the reader");
+    assert!(c.metric("cachefs_peer_checksum_errors_total") >= 1.0, "log:\n{}", c.log_text());
+    assert_eq!(tier(&c, "peer"), 0.0);
+    assert_eq!(tier(&c, "origin"), data.len() as f64);
+}
+
+#[test]
+fn token_etag_and_prefix_are_enforced_and_dns_discovery_works() {
+    if !fuse_available("token_etag_and_prefix_are_enforced_and_dns_discovery_works") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    write_random(&src.path().join("t.bin"), 20 << 20, 91);
+    let tok = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tok.path(), "s3cret-token\n").unwrap();
+    let tok_path = tok.path().display().to_string();
+    let s = src.path().display().to_string();
+    let (a_port, a_addr) = peer_port();
+    let a = Agent::start(&s, &["--listen", &a_addr, "--peer-token-file", &tok_path]);
+    let want = sha256_file(&a.path("t.bin"));
+    let meta = std::fs::metadata(src.path().join("t.bin")).unwrap();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut no_token = PeerClient::connect(format!("http://{a_addr}")).await.unwrap();
+        let e = no_token.hello(proto::HelloRequest { node_id: "x".into(), protocol: 1, listen_port: 0 }).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{a_addr}")).unwrap().connect().await.unwrap();
+        let mut client = PeerClient::with_interceptor(channel, |mut r: Request<()>| {
+            r.metadata_mut().insert(cachefs::peer::TOKEN_HEADER, "s3cret-token".parse().unwrap());
+            Ok(r)
+        });
+        let hello = client.hello(proto::HelloRequest { node_id: "x".into(), protocol: 1, listen_port: 0 }).await.unwrap().into_inner();
+        assert_eq!(hello.chunk_size, 8 << 20);
+        let (_, status) = http_get(a.admin, "/status").unwrap();
+        let st: serde_json::Value = serde_json::from_str(&status).unwrap();
+        assert_eq!(st["node_id"], hello.node_id.as_str());
+
+        // The agent's own listing gives the etag it serves; ask with it and with others.
+        let req = |key: &str, etag: &str| proto::ReadChunkRequest {
+            object: Some(proto::ObjectRef { key: key.into(), etag: etag.into(), version: String::new(), size: meta.len() }),
+            index: 0,
+            chunk_size: 8 << 20,
+            allow_fill: false,
+            protocol: 1,
+        };
+        let e = client.read_chunk(req("../etc/passwd", "x")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let e = client.read_chunk(req("/t.bin", "x")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let e = client.read_chunk(req("t.bin", "wrong-etag")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        let e = client.read_chunk(req("nope.bin", "x")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        let mut bad_size = req("t.bin", "x");
+        bad_size.chunk_size = 1 << 20;
+        assert_eq!(client.read_chunk(bad_size).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    });
+
+    // B finds A through DNS (`localhost` resolves to 127.0.0.1) and presents the token: remote hit.
+    let (_, b_addr) = peer_port();
+    let dns = format!("localhost:{a_port}");
+    let b = Agent::start(&s, &["--listen", &b_addr, "--peer-dns", &dns, "--peer-token-file", &tok_path]);
+    assert_eq!(sha256_file(&b.path("t.bin")), want);
+    assert_eq!(origin_bytes(&b), 0.0, "log:\n{}", b.log_text());
+    assert_eq!(tier(&b, "peer"), (20 << 20) as f64);
+
+    // Without the token, C's requests are refused and it falls back to the origin, correctly.
+    let c = Agent::start(&s, &["--peers", &a_addr]);
+    assert_eq!(sha256_file(&c.path("t.bin")), want);
+    assert_eq!(tier(&c, "peer"), 0.0);
+    assert!(c.log_text().contains("peers are unauthenticated"));
+}
