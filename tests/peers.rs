@@ -253,3 +253,60 @@ fn token_etag_and_prefix_are_enforced_and_dns_discovery_works() {
     assert_eq!(tier(&c, "peer"), 0.0);
     assert!(c.log_text().contains("peers are unauthenticated"));
 }
+
+/// A CA and two leaf certificates for 127.0.0.1, made with the openssl CLI.
+fn make_certs(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=cachefs-test-ca"]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n").unwrap();
+    for n in ["a", "b"] {
+        run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", &format!("{n}.key"), "-out", &format!("{n}.csr"), "-subj", &format!("/CN=agent-{n}")]);
+        run(&["x509", "-req", "-in", &format!("{n}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", &format!("{n}.crt"), "-days", "2", "-extfile", "ext.cnf"]);
+    }
+}
+
+#[test]
+fn mutual_tls_between_peers() {
+    if !fuse_available("mutual_tls_between_peers") {
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let src = tempfile::tempdir().unwrap();
+    write_random(&src.path().join("x.bin"), 24 << 20, 101);
+    let want = sha256_file(&src.path().join("x.bin"));
+    let s = src.path().display().to_string();
+    let (_, a_addr) = peer_port();
+    let (ac, ak, ca) = (p("a.crt"), p("a.key"), p("ca.crt"));
+    let a = Agent::start(&s, &["--listen", &a_addr, "--peer-tls-cert", &ac, "--peer-tls-key", &ak, "--peer-tls-ca", &ca]);
+    assert_eq!(sha256_file(&a.path("x.bin")), want);
+    assert!(a.log_text().contains("mutual TLS"));
+
+    let (_, b_addr) = peer_port();
+    let (bc, bk) = (p("b.crt"), p("b.key"));
+    let b = Agent::start(&s, &["--listen", &b_addr, "--peers", &a_addr, "--peer-tls-cert", &bc, "--peer-tls-key", &bk, "--peer-tls-ca", &ca]);
+    assert_eq!(sha256_file(&b.path("x.bin")), want);
+    assert_eq!(origin_bytes(&b), 0.0, "log:\n{}", b.log_text());
+    assert_eq!(tier(&b, "peer"), (24 << 20) as f64);
+
+    // A plaintext agent cannot talk to A: it reads from the origin instead, correctly.
+    let c = Agent::start(&s, &["--peers", &a_addr]);
+    assert_eq!(sha256_file(&c.path("x.bin")), want);
+    assert_eq!(tier(&c, "peer"), 0.0);
+
+    // Half a TLS configuration, or a file that is not PEM, is a one-line start-up error.
+    let out = std::process::Command::new(bin())
+        .args(["mount", "--source", &s, "--mountpoint", "/tmp/cachefs-never", "--cache-size", "16MiB", "--peer-tls-cert", &ac])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs all of --peer-tls-cert"));
+    let out = std::process::Command::new(bin())
+        .args(["mount", "--source", &s, "--mountpoint", "/tmp/cachefs-never", "--cache-size", "16MiB", "--peer-tls-cert", &ac, "--peer-tls-key", &ak, "--peer-tls-ca", &s])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+}

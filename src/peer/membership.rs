@@ -93,12 +93,25 @@ pub struct Membership {
     resolved: Mutex<Vec<String>>,
     dns: Option<String>,
     token: Option<AsciiMetadataValue>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
     peers: RwLock<Vec<Arc<PeerHandle>>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Membership {
-    pub fn new(self_id: String, listen_port: u16, static_peers: Vec<String>, dns: Option<String>, token: Option<String>, metrics: Arc<crate::metrics::Metrics>) -> Result<Self, String> {
+    pub fn new(
+        self_id: String,
+        listen_port: u16,
+        static_peers: Vec<String>,
+        dns: Option<String>,
+        token: Option<String>,
+        tls: Option<&crate::config::PeerTls>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Self, String> {
+        let tls = tls.map(|t| {
+            use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&t.ca)).identity(Identity::from_pem(&t.cert, &t.key))
+        });
         let token = match token {
             Some(t) => Some(AsciiMetadataValue::try_from(t.trim()).map_err(|_| "the peer token must be printable ASCII".to_string())?),
             None => None,
@@ -111,6 +124,7 @@ impl Membership {
             resolved: Mutex::new(Vec::new()),
             dns,
             token,
+            tls,
             peers: RwLock::new(Vec::new()),
             metrics,
         };
@@ -123,8 +137,12 @@ impl Membership {
     }
 
     fn handle(&self, addr: &str) -> Result<PeerHandle, String> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| format!("invalid peer address {addr:?}: {e}"))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| format!("invalid peer address {addr:?}: {e}"))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| format!("peer TLS: {e}"))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(PROBE_TIMEOUT)
             .tcp_nodelay(true)
             .initial_stream_window_size(super::STREAM_WINDOW)

@@ -188,11 +188,21 @@ impl Peer for PeerServer {
     }
 }
 
+/// Check the server side of mutual TLS at start-up, so bad PEM is a clear error, not a late one.
+pub fn check_tls(t: &crate::config::PeerTls) -> Result<(), String> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    tonic::transport::Server::builder()
+        .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(&t.cert, &t.key)).client_ca_root(Certificate::from_pem(&t.ca)))
+        .map(|_| ())
+        .map_err(|e| format!("invalid peer TLS certificate or key: {e}"))
+}
+
 /// Serve on `listener` until `stop`, with per-connection stream limits and a request deadline.
 pub async fn serve(
     server: PeerServer,
     listener: tokio::net::TcpListener,
     token: Option<String>,
+    tls: Option<crate::config::PeerTls>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let token = token.map(|t| Arc::new(t.trim().as_bytes().to_vec()));
@@ -201,7 +211,13 @@ pub async fn serve(
         .max_encoding_message_size(super::MAX_GRPC_MESSAGE);
     let svc = tonic_intercept(svc, check_token(token));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = tls {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        // Mutual TLS: peers must present a certificate that chains to the CA.
+        builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(&t.cert, &t.key)).client_ca_root(Certificate::from_pem(&t.ca)))?;
+    }
+    builder
         .concurrency_limit_per_connection(64)
         .timeout(Duration::from_secs(60))
         .tcp_nodelay(true)
