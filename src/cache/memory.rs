@@ -255,6 +255,23 @@ impl MemoryTier {
             }
             s.writing = true;
         }
+        // Make room first, so the tmpfs files never hold more than the budget, even briefly.
+        let victims = {
+            let mut idx = lock(&self.index);
+            idx.used += len;
+            let mut victims = Vec::new();
+            while idx.used > self.capacity {
+                match idx.lru.pop_lru() {
+                    Some((k, l)) => {
+                        idx.used -= l;
+                        victims.push(k);
+                    }
+                    None => break,
+                }
+            }
+            victims
+        };
+        self.evict(victims);
         let crc = crc32c::crc32c(data);
         let written = f.file.write_all_at(data, chunk.start);
         {
@@ -270,29 +287,21 @@ impl MemoryTier {
                 }
             }
         }
-        if let Err(e) = written {
-            punch(&f.file, chunk.start, len);
-            return Err(e);
-        }
-        let victims = {
-            let mut idx = lock(&self.index);
-            idx.lru.put(ChunkKey { object: obj.id.clone(), index }, len);
-            idx.used += len;
-            let mut victims = Vec::new();
-            while idx.used > self.capacity {
-                match idx.lru.pop_lru() {
-                    Some((k, l)) => {
-                        idx.used -= l;
-                        victims.push(k);
-                    }
-                    None => break,
-                }
+        let mut idx = lock(&self.index);
+        match written {
+            Ok(()) => {
+                idx.lru.put(ChunkKey { object: obj.id.clone(), index }, len);
+                self.metrics.cache_bytes.set(idx.used as i64);
+                Ok(true)
             }
-            self.metrics.cache_bytes.set(idx.used as i64);
-            victims
-        };
-        self.evict(victims);
-        Ok(true)
+            Err(e) => {
+                idx.used -= len;
+                self.metrics.cache_bytes.set(idx.used as i64);
+                drop(idx);
+                punch(&f.file, chunk.start, len);
+                Err(e)
+            }
+        }
     }
 
     fn evict(&self, victims: Vec<ChunkKey>) {
