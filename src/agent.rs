@@ -222,7 +222,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     // Mount.
     prepare_mountpoint(&cfg.mountpoint)?;
     let fuse_tasks = TaskTracker::new();
-    let fs = CachefsFuse::new(core.clone(), metrics.clone(), tokio::runtime::Handle::current(), fuse_tasks.clone());
+    let fs = CachefsFuse::new(core.clone(), metrics.clone(), tokio::runtime::Handle::current(), fuse_tasks.clone(), cfg.passthrough);
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options = vec![
         fuser::MountOption::RO,

@@ -96,6 +96,9 @@ pub struct MountArgs {
     /// File holding a shared token peers must present (sent as gRPC metadata)
     #[arg(long)]
     pub peer_token_file: Option<PathBuf>,
+    /// Never open files with FUSE passthrough (serve local hits through normal FUSE replies)
+    #[arg(long)]
+    pub no_passthrough: bool,
     /// PEM certificate this agent presents to peers (mutual TLS; with --peer-tls-key and --peer-tls-ca)
     #[arg(long)]
     pub peer_tls_cert: Option<PathBuf>,
@@ -132,6 +135,7 @@ struct FileConfig {
     peer_tls_cert: Option<PathBuf>,
     peer_tls_key: Option<PathBuf>,
     peer_tls_ca: Option<PathBuf>,
+    passthrough: Option<bool>,
 }
 
 /// PEM material for mutual TLS between peers.
@@ -172,6 +176,8 @@ pub struct MountConfig {
     /// The shared peer token (read from `--peer-token-file`).
     pub peer_token: Option<String>,
     pub peer_tls: Option<PeerTls>,
+    /// Open files whose chunks are all in memory with FUSE passthrough to their tmpfs file.
+    pub passthrough: bool,
 }
 
 impl MountConfig {
@@ -197,6 +203,7 @@ impl MountConfig {
             peer_dns: None,
             peer_token: None,
             peer_tls: None,
+            passthrough: true,
         }
     }
 }
@@ -344,6 +351,7 @@ pub fn resolve_mount(args: MountArgs) -> Result<MountConfig, String> {
         peer_dns,
         peer_token,
         peer_tls,
+        passthrough: !args.no_passthrough && file.passthrough.unwrap_or(true),
     };
     if cfg.mountpoint.is_file() {
         return Err(format!("--mountpoint {} is a file, not a directory", cfg.mountpoint.display()));

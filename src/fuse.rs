@@ -3,8 +3,10 @@
 //! answered on the FUSE thread; all others are answered from a tokio task, so no FUSE thread
 //! ever waits on the network.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -37,6 +39,13 @@ pub fn errno(e: &Error) -> Errno {
     }
 }
 
+/// One backing file registered with the kernel for an inode, shared by its passthrough handles.
+struct Backing {
+    id: fuser::BackingId,
+    version: Arc<str>,
+    handles: usize,
+}
+
 pub struct CachefsFuse {
     core: Arc<FsCore>,
     metrics: Arc<Metrics>,
@@ -44,13 +53,95 @@ pub struct CachefsFuse {
     tasks: TaskTracker,
     uid: u32,
     gid: u32,
+    /// Asked for by the configuration; `passthrough` is whether the kernel agreed.
+    passthrough_wanted: bool,
+    passthrough: AtomicBool,
+    backings: Mutex<HashMap<u64, Backing>>,
+    /// Passthrough handle → inode.
+    pt_handles: Mutex<HashMap<u64, u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl CachefsFuse {
-    pub fn new(core: Arc<FsCore>, metrics: Arc<Metrics>, rt: tokio::runtime::Handle, tasks: TaskTracker) -> Self {
+    pub fn new(core: Arc<FsCore>, metrics: Arc<Metrics>, rt: tokio::runtime::Handle, tasks: TaskTracker, passthrough: bool) -> Self {
         // SAFETY: getuid/getgid have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        CachefsFuse { core, metrics, rt, tasks, uid, gid }
+        CachefsFuse {
+            core,
+            metrics,
+            rt,
+            tasks,
+            uid,
+            gid,
+            passthrough_wanted: passthrough,
+            passthrough: AtomicBool::new(false),
+            backings: Mutex::new(HashMap::new()),
+            pt_handles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Answer `open` with passthrough to the object's tmpfs file if all of it is in memory.
+    /// Returns the reply back when it must be answered the normal way.
+    fn open_passthrough(&self, ino: u64, fh: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return Some(reply);
+        }
+        let Ok(h) = self.core.handle(fh) else { return Some(reply) };
+        let memory = self.core.reader().memory();
+        if !memory.pin_if_complete(&h.obj) {
+            return Some(reply);
+        }
+        let mut backings = lock(&self.backings);
+        let usable = match backings.get_mut(&ino) {
+            Some(b) if b.version == h.obj.id => {
+                b.handles += 1;
+                true
+            }
+            // Handles of another version of this inode hold its one backing id.
+            Some(_) => false,
+            None => match std::fs::File::open(memory.file_path(&h.obj)).and_then(|f| reply.open_backing(&f)) {
+                Ok(id) => {
+                    backings.insert(ino, Backing { id, version: h.obj.id.clone(), handles: 1 });
+                    true
+                }
+                Err(e) => {
+                    warn!(key = %h.obj.key, error = %e, "FUSE passthrough open failed; using normal replies");
+                    false
+                }
+            },
+        };
+        match backings.get(&ino) {
+            Some(b) if usable => {
+                lock(&self.pt_handles).insert(fh, ino);
+                self.metrics.passthrough_opens.inc();
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.id);
+                None
+            }
+            _ => {
+                memory.unpin(&h.obj);
+                Some(reply)
+            }
+        }
+    }
+
+    /// The last passthrough handle of an inode releases its backing id and the pin.
+    fn release_passthrough(&self, fh: u64) {
+        let Some(ino) = lock(&self.pt_handles).remove(&fh) else { return };
+        {
+            let mut backings = lock(&self.backings);
+            if let Some(b) = backings.get_mut(&ino) {
+                b.handles -= 1;
+                if b.handles == 0 {
+                    backings.remove(&ino);
+                }
+            }
+        }
+        if let Ok(h) = self.core.handle(fh) {
+            self.core.reader().memory().unpin(&h.obj);
+        }
     }
 
     fn attr(&self, e: &Entry) -> FileAttr {
@@ -88,6 +179,15 @@ fn kind_of(k: Kind) -> FileType {
 impl Filesystem for CachefsFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_background(64);
+        if self.passthrough_wanted {
+            match config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH) {
+                Ok(()) if config.set_max_stack_depth(1).is_ok() => {
+                    self.passthrough.store(true, Ordering::Relaxed);
+                    tracing::info!("FUSE passthrough enabled: files wholly in memory are read straight from tmpfs");
+                }
+                _ => warn!("this kernel does not offer FUSE passthrough (needs Linux 6.9+ and root); local hits use normal FUSE replies"),
+            }
+        }
         if let Err(max) = config.set_max_readahead(u32::MAX) {
             let _ = config.set_max_readahead(max);
         }
@@ -118,6 +218,7 @@ impl Filesystem for CachefsFuse {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & (libc::O_TRUNC | libc::O_CREAT) != 0;
         match self.core.open(ino.0, write) {
             Ok(o) => {
+                let Some(reply) = self.open_passthrough(ino.0, o.fh, reply) else { return };
                 let f = if o.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
                 reply.opened(FileHandle(o.fh), f)
             }
@@ -185,6 +286,7 @@ impl Filesystem for CachefsFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.release_passthrough(fh.0);
         self.core.release(fh.0);
         reply.ok();
     }

@@ -40,6 +40,7 @@ pub mod names {
     pub const DRAIN_STATE: &str = "cachefs_drain_state";
     pub const FUSE_READ_REQUESTS: &str = "cachefs_fuse_read_requests_total";
     pub const READ_ERRORS: &str = "cachefs_read_errors_total";
+    pub const PASSTHROUGH_OPENS: &str = "cachefs_passthrough_opens_total";
     pub const PEER_ERRORS: &str = "cachefs_peer_errors_total";
     pub const PEER_CHECKSUM_ERRORS: &str = "cachefs_peer_checksum_errors_total";
 }
@@ -61,6 +62,7 @@ pub struct Metrics {
     pub read_errors: Counter,
     pub peer_errors: Family<PeerLabel, Counter>,
     pub peer_checksum_errors: Counter,
+    pub passthrough_opens: Counter,
 }
 
 fn base(name: &str) -> &str {
@@ -91,6 +93,7 @@ impl Metrics {
             read_errors: Counter::default(),
             peer_errors: Family::default(),
             peer_checksum_errors: Counter::default(),
+            passthrough_opens: Counter::default(),
             registry: Registry::default(),
         };
         use names::*;
@@ -106,6 +109,7 @@ impl Metrics {
         registry.register(base(DRAIN_STATE), "0 serving, 1 draining, 2 drained", m.drain_state.clone());
         registry.register(base(FUSE_READ_REQUESTS), "FUSE read requests answered by the agent", m.fuse_read_requests.clone());
         registry.register(base(READ_ERRORS), "FUSE reads answered with an error", m.read_errors.clone());
+        registry.register(base(PASSTHROUGH_OPENS), "Opens answered with FUSE passthrough to the tmpfs file", m.passthrough_opens.clone());
         registry.register(base(PEER_ERRORS), "Failed requests to a peer, by peer address", m.peer_errors.clone());
         registry.register(base(PEER_CHECKSUM_ERRORS), "Chunks from peers rejected by their checksum", m.peer_checksum_errors.clone());
         for tier in [Tier::memory, Tier::peer, Tier::origin] {

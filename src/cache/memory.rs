@@ -99,6 +99,9 @@ pub struct MemoryTier {
     capacity: u64,
     index: Mutex<Index>,
     files: Mutex<HashMap<Arc<str>, Arc<ObjFile>>>,
+    /// Object versions whose chunks must not be evicted (open passthrough handles read the
+    /// tmpfs file directly: a hole would read as zeros), with a count per version.
+    pins: Mutex<HashMap<Arc<str>, usize>>,
     metrics: Arc<Metrics>,
 }
 
@@ -129,6 +132,7 @@ impl MemoryTier {
             capacity,
             index: Mutex::new(Index { lru: LruCache::unbounded(), used: 0 }),
             files: Mutex::new(HashMap::new()),
+            pins: Mutex::new(HashMap::new()),
             metrics,
         })
     }
@@ -173,6 +177,26 @@ impl MemoryTier {
     /// Whether chunk `index` of `obj` is present.
     pub fn contains(&self, obj: &ObjectVersion, index: u64) -> bool {
         self.existing(obj).is_some_and(|f| f.slots().get(index as usize).is_some_and(|s| s.present))
+    }
+
+    /// Pin `obj` if every chunk of it is present: until [`MemoryTier::unpin`], none is evicted.
+    pub fn pin_if_complete(&self, obj: &ObjectVersion) -> bool {
+        let mut pins = lock(&self.pins);
+        if obj.size == 0 || !self.is_complete(obj) {
+            return false;
+        }
+        *pins.entry(obj.id.clone()).or_default() += 1;
+        true
+    }
+
+    pub fn unpin(&self, obj: &ObjectVersion) {
+        let mut pins = lock(&self.pins);
+        if let Some(n) = pins.get_mut(&obj.id) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&obj.id);
+            }
+        }
     }
 
     /// Whether every chunk of `obj` is present.
@@ -256,18 +280,26 @@ impl MemoryTier {
             s.writing = true;
         }
         // Make room first, so the tmpfs files never hold more than the budget, even briefly.
+        // Pinned chunks are passed over (the budget may be exceeded by what is pinned).
         let victims = {
             let mut idx = lock(&self.index);
             idx.used += len;
+            let pins = lock(&self.pins);
             let mut victims = Vec::new();
+            let mut skipped = Vec::new();
             while idx.used > self.capacity {
                 match idx.lru.pop_lru() {
+                    Some((k, l)) if pins.contains_key(&k.object) => skipped.push((k, l)),
                     Some((k, l)) => {
                         idx.used -= l;
-                        victims.push(k);
+                        victims.push((k, l));
                     }
                     None => break,
                 }
+            }
+            // In use through an open file: most recently used.
+            for (k, l) in skipped {
+                idx.lru.put(k, l);
             }
             victims
         };
@@ -304,9 +336,19 @@ impl MemoryTier {
         }
     }
 
-    fn evict(&self, victims: Vec<ChunkKey>) {
-        for key in victims {
+    fn evict(&self, victims: Vec<(ChunkKey, u64)>) {
+        for (key, len) in victims {
             let Some(f) = lock(&self.files).get(&key.object).cloned() else { continue };
+            // Pinned since it was chosen: put it back instead. The pins lock is held until the
+            // hole is punched, so `pin_if_complete` never sees a chunk that is about to go.
+            let pins = lock(&self.pins);
+            if pins.contains_key(&key.object) {
+                drop(pins);
+                let mut idx = lock(&self.index);
+                idx.used += len;
+                idx.lru.put(key, len);
+                continue;
+            }
             let mut slots = f.slots();
             let Some(s) = slots.get_mut(key.index as usize) else { continue };
             s.present = false;
