@@ -58,21 +58,45 @@ pub async fn list_versions(origin: &Origin) -> Result<Vec<ObjectVersion>, crate:
         .collect())
 }
 
+/// Whether `path` is a mount point now (from the mount table: `stat` may be answered from the
+/// kernel's attribute cache even when the FUSE daemon behind it is gone).
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else { return false };
+    let p = path.display().to_string();
+    // The mount table escapes spaces and the like as octal.
+    let escaped = p.replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011").replace('\n', "\\012");
+    mounts.lines().any(|l| l.split(' ').nth(1) == Some(escaped.as_str()))
+}
+
+/// `statfs` of a FUSE mount always asks its daemon: ENOTCONN means the daemon is gone.
+fn statfs_errno(path: &Path) -> Option<i32> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut s) } == 0 {
+        None
+    } else {
+        std::io::Error::last_os_error().raw_os_error()
+    }
+}
+
 /// Detach a stale FUSE mount (ENOTCONN) left by a killed agent; create a missing directory.
 fn prepare_mountpoint(path: &Path) -> Result<(), AgentError> {
     let err = |m: String| AgentError::Mountpoint(path.display().to_string(), m);
+    let stale = statfs_errno(path) == Some(libc::ENOTCONN) || (is_mount_point(path) && std::fs::metadata(path).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN));
+    if stale {
+        warn!(mountpoint = %path.display(), "detaching a stale mount (transport endpoint is not connected)");
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| err(e.to_string()))?;
+        // SAFETY: c is a valid NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            return Err(err(format!("stale mount could not be detached: {}", std::io::Error::last_os_error())));
+        }
+    } else if is_mount_point(path) {
+        return Err(err("something is already mounted there (another agent?)".into()));
+    }
     match std::fs::metadata(path) {
         Ok(md) if md.is_dir() => Ok(()),
         Ok(_) => Err(err("it is a file, not a directory".into())),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            warn!(mountpoint = %path.display(), "detaching a stale mount (transport endpoint is not connected)");
-            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| err(e.to_string()))?;
-            // SAFETY: c is a valid NUL-terminated path.
-            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
-                return Err(err(format!("stale mount could not be detached: {}", std::io::Error::last_os_error())));
-            }
-            Ok(())
-        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(path).map_err(|e| err(e.to_string()))?;
             info!(mountpoint = %path.display(), "created mountpoint");
@@ -119,6 +143,18 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
         MemoryTier::new(&cfg.cache_dir, cfg.chunk_size, cfg.cache_size, metrics.clone())
             .map_err(|e| AgentError::CacheDir(cfg.cache_dir.display().to_string(), e))?,
     );
+    // A restarted agent reuses the chunks an earlier run left in tmpfs (each re-verified).
+    let rec = memory.recover(&catalog.files()).map_err(|e| AgentError::CacheDir(cfg.cache_dir.display().to_string(), e))?;
+    if rec != Default::default() {
+        info!(
+            objects = rec.objects,
+            chunks = rec.chunks,
+            bytes = %format_size(rec.bytes),
+            dropped = rec.dropped,
+            removed_files = rec.removed_files,
+            "reused the warm cache of an earlier run"
+        );
+    }
     if !is_tmpfs(&cfg.cache_dir) {
         warn!(cache_dir = %cfg.cache_dir.display(), "cache directory is not on tmpfs: cached chunks will use disk and page cache");
     }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
 use lru::LruCache;
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::chunk::{chunk_count, chunk_range, ChunkKey};
 use crate::catalog::ObjectVersion;
@@ -30,6 +30,29 @@ use crate::metrics::{Metrics, Tier};
 
 /// Suffix of the memory tier's data files in the cache directory.
 pub const DATA_SUFFIX: &str = ".chunks";
+/// Suffix of each data file's journal: a JSON header line, then `+INDEX CRC` once a chunk is
+/// fully written and `-INDEX` once it is evicted. Replayed (and every chunk re-verified) at start.
+pub const JOURNAL_SUFFIX: &str = ".journal";
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct JournalHeader {
+    v: u32,
+    key: String,
+    size: u64,
+    chunk_size: u64,
+}
+
+/// What [`MemoryTier::recover`] found in the cache directory.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recovered {
+    pub objects: usize,
+    pub chunks: usize,
+    pub bytes: u64,
+    /// Chunks whose data did not match their checksum (or was missing): dropped, never served.
+    pub dropped: usize,
+    /// Files of versions no longer in the catalog, or unreadable: removed.
+    pub removed_files: usize,
+}
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Slot {
@@ -65,6 +88,8 @@ fn take_fresh(s: &mut Slot, n: u64) -> Credit {
 
 struct ObjFile {
     file: File,
+    /// Append-only journal of present chunks (None if it could not be opened: no warm restart).
+    journal: Mutex<Option<File>>,
     slots: Mutex<Vec<Slot>>,
     /// A shared read-only mapping of the whole file, made on first use (peer serving).
     map: std::sync::OnceLock<Option<Arc<memmap2::Mmap>>>,
@@ -86,6 +111,27 @@ impl ObjFile {
     fn slots(&self) -> MutexGuard<'_, Vec<Slot>> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Append one journal line; a failure only costs the warm restart of this chunk.
+    fn journal(&self, line: &str) {
+        use std::io::Write;
+        if let Some(j) = lock(&self.journal).as_mut() {
+            if let Err(e) = j.write_all(line.as_bytes()) {
+                warn!(error = %e, "cache journal write failed");
+            }
+        }
+    }
+}
+
+fn open_journal(path: &Path, header: Option<&JournalHeader>) -> io::Result<File> {
+    use std::io::Write;
+    let mut f = OpenOptions::new().create(true).append(true).open(path)?;
+    if let Some(h) = header {
+        let mut line = serde_json::to_string(h).map_err(io::Error::other)?;
+        line.push('\n');
+        f.write_all(line.as_bytes())?;
+    }
+    Ok(f)
 }
 
 struct Index {
@@ -110,20 +156,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl MemoryTier {
-    /// Open the tier in `dir` (created if missing). Data files left by an earlier run are removed.
+    /// Open the tier in `dir` (created if missing). Files of an earlier run stay until
+    /// [`MemoryTier::recover`] reuses or removes them.
     pub fn new(dir: &Path, chunk_size: u64, capacity: u64, metrics: Arc<Metrics>) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let mut removed = 0;
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            if entry.file_name().to_string_lossy().ends_with(DATA_SUFFIX) {
-                std::fs::remove_file(entry.path())?;
-                removed += 1;
-            }
-        }
-        if removed > 0 {
-            info!(removed, dir = %dir.display(), "removed cache files of an earlier run");
-        }
         metrics.cache_capacity_bytes.set(capacity as i64);
         metrics.cache_bytes.set(0);
         Ok(MemoryTier {
@@ -155,6 +191,135 @@ impl MemoryTier {
         self.dir.join(format!("{}{DATA_SUFFIX}", obj.id))
     }
 
+    fn journal_path(&self, obj: &ObjectVersion) -> PathBuf {
+        self.dir.join(format!("{}{JOURNAL_SUFFIX}", obj.id))
+    }
+
+    fn header(&self, obj: &ObjectVersion) -> JournalHeader {
+        JournalHeader { v: 1, key: obj.key.clone(), size: obj.size, chunk_size: self.chunk_size }
+    }
+
+    /// Reuse what an earlier run left in the cache directory for the versions in `versions`:
+    /// replay each journal, re-verify every chunk's crc32c against the data, keep what matches
+    /// (within the budget), and remove everything else.
+    pub fn recover(&self, versions: &[Arc<ObjectVersion>]) -> io::Result<Recovered> {
+        let mut r = Recovered::default();
+        let by_id: HashMap<&str, &Arc<ObjectVersion>> = versions.iter().map(|v| (v.id.as_ref(), v)).collect();
+        let mut keep: std::collections::HashSet<String> = Default::default();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let name = entry?.file_name().to_string_lossy().to_string();
+            let Some(id) = name.strip_suffix(JOURNAL_SUFFIX) else { continue };
+            let Some(obj) = by_id.get(id) else { continue };
+            match self.recover_one(obj, &mut r) {
+                Ok(true) => {
+                    keep.insert(format!("{id}{DATA_SUFFIX}"));
+                    keep.insert(name.clone());
+                    r.objects += 1;
+                }
+                Ok(false) => {}
+                Err(e) => warn!(key = %obj.key, error = %e, "cannot reuse cached chunks; dropping them"),
+            }
+        }
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if (name.ends_with(DATA_SUFFIX) || name.ends_with(JOURNAL_SUFFIX)) && !keep.contains(&name) {
+                std::fs::remove_file(entry.path())?;
+                r.removed_files += 1;
+            }
+        }
+        // The budget holds after a restart too (the budget may have shrunk).
+        let victims = {
+            let mut idx = lock(&self.index);
+            let mut victims = Vec::new();
+            while idx.used > self.capacity {
+                match idx.lru.pop_lru() {
+                    Some((k, l)) => {
+                        idx.used -= l;
+                        victims.push((k, l));
+                    }
+                    None => break,
+                }
+            }
+            self.metrics.cache_bytes.set(idx.used as i64);
+            victims
+        };
+        self.evict(victims);
+        Ok(r)
+    }
+
+    /// Returns Ok(false) if the files do not belong to this version and chunk size.
+    fn recover_one(&self, obj: &Arc<ObjectVersion>, r: &mut Recovered) -> io::Result<bool> {
+        let text = std::fs::read_to_string(self.journal_path(obj))?;
+        let mut lines = text.lines();
+        let header: Option<JournalHeader> = lines.next().and_then(|l| serde_json::from_str(l).ok());
+        let Some(h) = header else { return Ok(false) };
+        if h.v != 1 || h.size != obj.size || h.chunk_size != self.chunk_size || h.key != obj.key {
+            return Ok(false);
+        }
+        let n = chunk_count(obj.size, self.chunk_size);
+        let mut present: std::collections::BTreeMap<u64, u32> = Default::default();
+        for line in lines {
+            // A torn last line (crash mid-append) does not parse and is ignored.
+            if let Some(rest) = line.strip_prefix('+') {
+                let mut it = rest.split(' ');
+                if let (Some(Ok(i)), Some(Ok(c))) = (it.next().map(str::parse::<u64>), it.next().map(str::parse::<u32>)) {
+                    if i < n {
+                        present.insert(i, c);
+                    }
+                }
+            } else if let Some(Ok(i)) = line.strip_prefix('-').map(str::parse::<u64>) {
+                present.remove(&i);
+            }
+        }
+        let file = OpenOptions::new().read(true).write(true).open(self.file_path(obj))?;
+        if file.metadata()?.len() != obj.size {
+            return Ok(false);
+        }
+        // SAFETY: nothing else writes the file during recovery (the agent has not started serving).
+        let map = unsafe { memmap2::Mmap::map(&file) }?;
+        let mut slots = vec![Slot::default(); n as usize];
+        let mut good = Vec::new();
+        for (i, crc) in present {
+            let cr = chunk_range(i, obj.size, self.chunk_size);
+            let ok = map.get(cr.start as usize..cr.end as usize).is_some_and(|b| crc32c::crc32c(b) == crc);
+            if ok {
+                if let Some(s) = slots.get_mut(i as usize) {
+                    *s = Slot { present: true, epoch: 1, crc, ..Slot::default() };
+                }
+                good.push((i, crc, cr.end - cr.start));
+            } else {
+                punch(&file, cr.start, cr.end - cr.start);
+                r.dropped += 1;
+                warn!(key = %obj.key, index = i, "cached chunk does not match its checksum; dropped");
+            }
+        }
+        drop(map);
+        // Rewrite the journal with what is really there.
+        let tmp = self.dir.join(format!("{}{JOURNAL_SUFFIX}.tmp", obj.id));
+        {
+            use std::io::Write;
+            let mut j = open_journal(&tmp, Some(&self.header(obj)))?;
+            let mut body = String::new();
+            for (i, crc, _) in &good {
+                body.push_str(&format!("+{i} {crc}\n"));
+            }
+            j.write_all(body.as_bytes())?;
+        }
+        std::fs::rename(&tmp, self.journal_path(obj))?;
+        let journal = open_journal(&self.journal_path(obj), None).ok();
+        let f = Arc::new(ObjFile { file, journal: Mutex::new(journal), slots: Mutex::new(slots), map: std::sync::OnceLock::new() });
+        lock(&self.files).insert(obj.id.clone(), f);
+        let mut idx = lock(&self.index);
+        for (i, _, len) in good {
+            idx.lru.put(ChunkKey { object: obj.id.clone(), index: i }, len);
+            idx.used += len;
+            r.chunks += 1;
+            r.bytes += len;
+        }
+        Ok(true)
+    }
+
     fn existing(&self, obj: &ObjectVersion) -> Option<Arc<ObjFile>> {
         lock(&self.files).get(&obj.id).cloned()
     }
@@ -164,12 +329,18 @@ impl MemoryTier {
         if let Some(f) = files.get(&obj.id) {
             return Ok(f.clone());
         }
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(self.file_path(obj))?;
-        if file.metadata()?.len() != obj.size {
-            file.set_len(obj.size)?;
+        // A new version starts empty: whatever an earlier run left under this name is not trusted.
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(self.file_path(obj))?;
+        file.set_len(obj.size)?;
+        let journal = match std::fs::remove_file(self.journal_path(obj)).or_else(|e| if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) }) {
+            Ok(()) => open_journal(&self.journal_path(obj), Some(&self.header(obj))).ok(),
+            Err(_) => None,
+        };
+        if journal.is_none() {
+            warn!(key = %obj.key, "cannot write the cache journal: this object's chunks will not survive a restart");
         }
         let n = chunk_count(obj.size, self.chunk_size) as usize;
-        let f = Arc::new(ObjFile { file, slots: Mutex::new(vec![Slot::default(); n]), map: std::sync::OnceLock::new() });
+        let f = Arc::new(ObjFile { file, journal: Mutex::new(journal), slots: Mutex::new(vec![Slot::default(); n]), map: std::sync::OnceLock::new() });
         files.insert(obj.id.clone(), f.clone());
         Ok(f)
     }
@@ -319,6 +490,9 @@ impl MemoryTier {
                 }
             }
         }
+        if written.is_ok() {
+            f.journal(&format!("+{index} {crc}\n"));
+        }
         let mut idx = lock(&self.index);
         match written {
             Ok(()) => {
@@ -356,6 +530,8 @@ impl MemoryTier {
             // The hole is punched under the slot lock so a refill cannot start before it.
             let start = key.index * self.chunk_size;
             punch(&f.file, start, self.chunk_size);
+            drop(slots);
+            f.journal(&format!("-{}\n", key.index));
             self.metrics.evictions.inc();
         }
     }
