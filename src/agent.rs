@@ -251,7 +251,8 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
             })
         })
     };
-    let admin_state = AdminState { metrics: metrics.clone(), ready: ready.clone(), status };
+    let admin_state =
+        AdminState { metrics: metrics.clone(), ready: ready.clone(), status, catalog: catalog.clone(), reader: reader.clone(), tasks: tasks.clone() };
     info!(admin = %cfg.admin, "admin endpoint listening");
     tasks.spawn(admin::serve(listener, admin_state, stop.clone()).instrument(tracing::info_span!("admin")));
 

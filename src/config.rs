@@ -33,6 +33,29 @@ pub struct Cli {
 pub enum Command {
     /// Mount the source read-only at the mountpoint and serve until SIGINT/SIGTERM.
     Mount(MountArgs),
+    /// Show what a running agent is doing: mount, source, cache, bytes per tier, peers.
+    Status {
+        /// Admin address of the agent
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: String,
+        /// Print the agent's JSON as is
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load files (or whole directories) into the agent's memory, with a progress bar.
+    Warm {
+        /// Admin address of the agent
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: String,
+        /// Paths inside the mount (absolute under the mountpoint, or relative to its root)
+        #[arg(required = true)]
+        paths: Vec<String>,
+    },
+}
+
+/// Parse an admin address given to `status` or `warm`.
+pub fn admin_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| format!("--admin {s:?} is not an address like 127.0.0.1:7071"))
 }
 
 /// Flags of `cachefs mount`. Every one may also be set in the `--config` TOML file under the

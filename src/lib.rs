@@ -9,6 +9,7 @@ pub mod admin;
 pub mod agent;
 pub mod cache;
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fs;

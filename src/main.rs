@@ -42,6 +42,8 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Status { admin, json } => cachefs::cli::status(&admin, json),
+        Command::Warm { admin, paths } => cachefs::cli::warm(&admin, &paths),
         Command::Mount(args) => {
             let cfg = match resolve_mount(args) {
                 Ok(c) => c,

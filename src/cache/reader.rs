@@ -87,6 +87,9 @@ pub struct Reader {
     cancel: CancellationToken,
     /// Fetches are spawned here: `read_cached`/`prefetch` run on FUSE threads, outside the runtime.
     rt: tokio::runtime::Handle,
+    /// Fetched chunks not yet written to memory, and a wake-up each time one is.
+    pending_stores: std::sync::atomic::AtomicUsize,
+    stored: tokio::sync::Notify,
 }
 
 impl Reader {
@@ -105,6 +108,8 @@ impl Reader {
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
             rt: tokio::runtime::Handle::current(),
+            pending_stores: std::sync::atomic::AtomicUsize::new(0),
+            stored: tokio::sync::Notify::new(),
         })
     }
 
@@ -189,8 +194,9 @@ impl Reader {
         self.chunk_for(obj, index, false)
     }
 
-    /// `for_peer`: the fill serves another agent; once stored, local reads of it count as memory.
-    fn chunk_for(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64, for_peer: bool) -> Flight {
+    /// `background`: the fill serves no local reader (a peer, or `warm`); once stored, local
+    /// reads of it count as memory hits.
+    fn chunk_for(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64, background: bool) -> Flight {
         let key = ChunkKey { object: obj.id.clone(), index };
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = flights.get(&key) {
@@ -213,12 +219,17 @@ impl Reader {
                     _ = this.cancel.cancelled() => Err(Error::unavailable("agent is shutting down")),
                 };
                 let store = result.as_ref().ok().cloned();
+                if store.is_some() {
+                    this.pending_stores.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
                 let _ = tx.send(result);
                 if let Some(f) = store {
-                    if for_peer {
+                    if background {
                         f.served_early.fetch_add(f.bytes.len() as u64, std::sync::atomic::Ordering::SeqCst);
                     }
                     this.store(&obj, index, f).await;
+                    this.pending_stores.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    this.stored.notify_waiters();
                 }
                 let mut flights = this.flights.lock().unwrap_or_else(|p| p.into_inner());
                 if flights.get(&task_key).is_some_and(|f| f.id == id) {
@@ -303,7 +314,7 @@ impl Reader {
         true
     }
 
-    /// Load every chunk of `obj` into memory; returns the bytes that had to be fetched.
+    /// Load every chunk of `obj` into memory, calling `progress` with each chunk's length.
     pub async fn load_all(self: &Arc<Self>, obj: &Arc<ObjectVersion>, mut progress: impl FnMut(u64)) -> Result<(), Error> {
         let n = chunk_count(obj.size, self.opts.chunk_size);
         let parallel = self.max_window().max(2) as usize;
@@ -315,7 +326,7 @@ impl Reader {
                     if this.memory.contains(&obj, i) {
                         return Ok(chunk_range(i, obj.size, this.opts.chunk_size));
                     }
-                    this.chunk(&obj, i).await.map(|_| chunk_range(i, obj.size, this.opts.chunk_size))
+                    this.chunk_for(&obj, i, true).await.map(|_| chunk_range(i, obj.size, this.opts.chunk_size))
                 }
             })
             .buffer_unordered(parallel);
@@ -323,6 +334,17 @@ impl Reader {
         while let Some(r) = stream.next().await {
             let r = r?;
             progress(r.end - r.start);
+        }
+        // Done means in memory: wait for the last writes (bounded by the read deadline).
+        let deadline = tokio::time::Instant::now() + self.opts.read_timeout;
+        loop {
+            let woken = self.stored.notified();
+            if self.memory.is_complete(obj) || self.pending_stores.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                break;
+            }
         }
         Ok(())
     }
