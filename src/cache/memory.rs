@@ -451,8 +451,9 @@ impl MemoryTier {
             s.writing = true;
         }
         // Make room first, so the tmpfs files never hold more than the budget, even briefly.
-        // Pinned chunks are passed over (the budget may be exceeded by what is pinned).
-        let victims = {
+        // Pinned chunks are passed over; if no room can be made (the rest is pinned or being
+        // written), the chunk is not stored: the budget is a hard limit.
+        let (victims, fits) = {
             let mut idx = lock(&self.index);
             idx.used += len;
             let pins = lock(&self.pins);
@@ -472,9 +473,20 @@ impl MemoryTier {
             for (k, l) in skipped {
                 idx.lru.put(k, l);
             }
-            victims
+            let fits = idx.used <= self.capacity;
+            if !fits {
+                idx.used -= len;
+            }
+            self.metrics.cache_bytes.set(idx.used as i64);
+            (victims, fits)
         };
         self.evict(victims);
+        if !fits {
+            if let Some(s) = f.slots().get_mut(index as usize) {
+                s.writing = false;
+            }
+            return Ok(false);
+        }
         let crc = crc32c::crc32c(data);
         let written = f.file.write_all_at(data, chunk.start);
         {
