@@ -4,9 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# openssl makes the certificates of the mutual-TLS peer test.
-if ! command -v openssl >/dev/null 2>&1; then
-    apt-get update -qq && apt-get install -y -qq openssl
+# openssl makes the certificates of the mutual-TLS peer test; systemd-analyze verifies the unit.
+missing=""
+command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
+command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+if [ -n "$missing" ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
 fi
 
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \

@@ -28,6 +28,7 @@ pub struct AdminState {
     pub reader: Arc<Reader>,
     /// Warm jobs run here, so shutdown stops them.
     pub tasks: tokio_util::task::TaskTracker,
+    pub drain: Arc<crate::preempt::Drain>,
 }
 
 #[derive(serde::Deserialize)]
@@ -43,6 +44,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .route("/warm", axum::routing::post(warm))
+        .route("/drain", axum::routing::post(drain))
         .with_state(state)
 }
 
@@ -107,6 +109,12 @@ async fn warm(State(s): State<AdminState>, Json(req): Json<WarmRequest>) -> axum
     });
     let stream = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), line);
     ([(header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(stream)).into_response()
+}
+
+/// Start draining (once) and answer when drained.
+async fn drain(State(s): State<AdminState>) -> impl IntoResponse {
+    s.drain.run("manual drain (cachefs drain)", std::time::Duration::from_secs(120)).await;
+    Json(serde_json::json!({ "state": crate::preempt::state_name(s.drain.state()) }))
 }
 
 /// Serve until `stop` is cancelled.

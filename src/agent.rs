@@ -224,10 +224,18 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
 
     // Admin endpoint.
     let ready = Arc::new(AtomicBool::new(false));
+    let drain = Arc::new(crate::preempt::Drain {
+        state: Default::default(),
+        ready: ready.clone(),
+        draining: draining.clone(),
+        peer_streams: peer_streams.clone(),
+        membership: membership.clone(),
+        metrics: metrics.clone(),
+    });
     let listener = tokio::net::TcpListener::bind(cfg.admin).await.map_err(|e| AgentError::Admin(cfg.admin.to_string(), e))?;
     let status = {
         let (metrics, memory, catalog, core, ready) = (metrics.clone(), memory.clone(), catalog.clone(), core.clone(), ready.clone());
-        let (membership, node_id, listen) = (membership.clone(), node_id.clone(), cfg.listen);
+        let (membership, node_id, listen, drain) = (membership.clone(), node_id.clone(), cfg.listen, drain.clone());
         let (source, mountpoint) = (cfg.source.clone(), cfg.mountpoint.display().to_string());
         Arc::new(move || {
             serde_json::json!({
@@ -235,7 +243,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
                 "source": source,
                 "mountpoint": mountpoint,
                 "ready": ready.load(Ordering::SeqCst),
-                "drain_state": "serving",
+                "drain_state": crate::preempt::state_name(drain.state()),
                 "node_id": node_id,
                 "listen": listen.map(|l| l.to_string()),
                 "peers": membership.as_ref().map(|m| m.status()).unwrap_or(serde_json::Value::Array(vec![])),
@@ -252,7 +260,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
         })
     };
     let admin_state =
-        AdminState { metrics: metrics.clone(), ready: ready.clone(), status, catalog: catalog.clone(), reader: reader.clone(), tasks: tasks.clone() };
+        AdminState { metrics: metrics.clone(), ready: ready.clone(), status, catalog: catalog.clone(), reader: reader.clone(), tasks: tasks.clone(), drain: drain.clone() };
     info!(admin = %cfg.admin, "admin endpoint listening");
     tasks.spawn(admin::serve(listener, admin_state, stop.clone()).instrument(tracing::info_span!("admin")));
 
@@ -290,8 +298,17 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
         })
         .map_err(|e| AgentError::Mount(cfg.mountpoint.display().to_string(), e.to_string()))?;
     set_read_ahead(&cfg.mountpoint);
+    // Ready only once the mount answers (a statfs always reaches the agent).
+    if !crate::systemd::mount_answers(&cfg.mountpoint, Duration::from_secs(10)).await {
+        warn!("the new mount did not answer a statfs within 10 s");
+    }
     ready.store(true, Ordering::SeqCst);
+    crate::systemd::ready(&format!("serving {} at {}", cfg.source, cfg.mountpoint.display()));
     info!(mountpoint = %cfg.mountpoint.display(), "mounted; serving");
+    if let Some(interval) = crate::systemd::watchdog_interval() {
+        info!(?interval, "systemd watchdog enabled");
+        tasks.spawn(crate::systemd::watchdog(cfg.mountpoint.clone(), interval, stop.clone()).instrument(tracing::info_span!("watchdog")));
+    }
 
     // Catalog refresh.
     {
@@ -332,6 +349,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     }
 
     // Ordered shutdown.
+    crate::systemd::stopping();
     ready.store(false, Ordering::SeqCst);
     if let Err(e) = unmounter.unmount() {
         warn!(error = %e, "unmount failed; detaching lazily");

@@ -120,3 +120,23 @@ pub fn warm(admin: &str, paths: &[String]) -> ExitCode {
     }
     if failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
+
+pub fn drain(admin: &str) -> ExitCode {
+    let addr = match admin_addr(admin) {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    let mut state = String::new();
+    match client::post_lines(addr, "/drain", "{}", |_, line| {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            state = v["state"].as_str().unwrap_or("").to_string();
+        }
+    }) {
+        Ok(200) if state == "drained" => {
+            println!("drained");
+            ExitCode::SUCCESS
+        }
+        Ok(code) => fail(format!("drain did not complete (HTTP {code}, state {state:?})")),
+        Err(e) => fail(e),
+    }
+}

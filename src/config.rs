@@ -51,6 +51,13 @@ pub enum Command {
         #[arg(required = true)]
         paths: Vec<String>,
     },
+    /// Drain the agent (planned maintenance, scale-in): readiness off, peers told, in-flight
+    /// peer transfers finished; the mount keeps serving local readers. Returns when drained.
+    Drain {
+        /// Admin address of the agent
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: String,
+    },
 }
 
 /// Parse an admin address given to `status` or `warm`.
@@ -440,5 +447,20 @@ mod example_config {
         assert_eq!(c.chunk_size, 8 << 20);
         assert!(c.allow_other);
         assert_eq!(c.readahead_budget, 256 << 20);
+        assert!(c.passthrough);
+        // The commented-out settings are real settings too.
+        let uncommented: String = include_str!("../systemd/cachefs.toml")
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')) => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("/mnt/models", &dir.path().join("mnt").display().to_string());
+        let table: toml::Table = toml::from_str(&uncommented).unwrap();
+        // deny_unknown_fields: every key, commented out or not, is a real setting.
+        let parsed: Result<FileConfig, _> = table.try_into();
+        assert!(parsed.is_ok(), "{parsed:?}");
     }
 }

@@ -17,6 +17,8 @@ pub mod fuse;
 pub mod metrics;
 pub mod origin;
 pub mod peer;
+pub mod preempt;
 pub mod size;
+pub mod systemd;
 
 pub use error::Error;

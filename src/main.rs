@@ -44,6 +44,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Status { admin, json } => cachefs::cli::status(&admin, json),
         Command::Warm { admin, paths } => cachefs::cli::warm(&admin, &paths),
+        Command::Drain { admin } => cachefs::cli::drain(&admin),
         Command::Mount(args) => {
             let cfg = match resolve_mount(args) {
                 Ok(c) => c,
