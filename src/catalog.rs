@@ -84,7 +84,6 @@ enum NodeData {
 #[derive(Debug)]
 struct Node {
     parent: u64,
-    path: String,
     data: NodeData,
 }
 
@@ -118,7 +117,7 @@ impl Default for Catalog {
 impl Catalog {
     pub fn new() -> Self {
         let mut tree = Tree { next_ino: ROOT_INO + 1, ..Default::default() };
-        tree.nodes.insert(ROOT_INO, Node { parent: ROOT_INO, path: String::new(), data: NodeData::Dir { children: BTreeMap::new() } });
+        tree.nodes.insert(ROOT_INO, Node { parent: ROOT_INO, data: NodeData::Dir { children: BTreeMap::new() } });
         tree.by_path.insert(String::new(), ROOT_INO);
         Catalog { tree: RwLock::new(tree), started: SystemTime::now() }
     }
@@ -170,7 +169,7 @@ impl Catalog {
                     let ino = tree.next_ino;
                     tree.next_ino += 1;
                     let parent = tree.by_path.get(&parent_path).copied().unwrap_or(ROOT_INO);
-                    tree.nodes.insert(ino, Node { parent, path: o.key.clone(), data: NodeData::File(Arc::new(o.clone())) });
+                    tree.nodes.insert(ino, Node { parent, data: NodeData::File(Arc::new(o.clone())) });
                     tree.by_path.insert(o.key.clone(), ino);
                     if let Some(Node { data: NodeData::Dir { children }, .. }) = tree.nodes.get_mut(&parent) {
                         children.insert(name, ino);
@@ -265,9 +264,6 @@ impl Catalog {
         self.read().nodes.values().filter_map(|n| match &n.data { NodeData::File(o) => Some(o.clone()), _ => None }).collect()
     }
 
-    pub fn path_of(&self, ino: u64) -> Option<String> {
-        self.read().nodes.get(&ino).map(|n| n.path.clone())
-    }
 }
 
 fn ensure_dir(tree: &mut Tree, path: &str) {
@@ -285,16 +281,11 @@ fn ensure_dir(tree: &mut Tree, path: &str) {
     let parent = tree.by_path.get(parent_path).copied().unwrap_or(ROOT_INO);
     let ino = tree.next_ino;
     tree.next_ino += 1;
-    tree.nodes.insert(ino, Node { parent, path: path.to_string(), data: NodeData::Dir { children: BTreeMap::new() } });
+    tree.nodes.insert(ino, Node { parent, data: NodeData::Dir { children: BTreeMap::new() } });
     tree.by_path.insert(path.to_string(), ino);
     if let Some(Node { data: NodeData::Dir { children }, .. }) = tree.nodes.get_mut(&parent) {
         children.insert(name.to_string(), ino);
     }
-}
-
-/// Shorthand for tests and the origin adapter.
-pub fn version_of(key: &str, location: Path, etag: Option<String>, version: Option<String>, size: u64, mtime: SystemTime) -> ObjectVersion {
-    ObjectVersion::new(key.to_string(), location, etag, version, size, mtime)
 }
 
 #[cfg(test)]

@@ -90,10 +90,7 @@ impl Origin {
     /// Build from a source URL (`file://`, a bare path, `s3://`, `gs://`, `az://`, `http(s)://`)
     /// and `--source-option` pairs; `AWS_*`, `GOOGLE_*`, `AZURE_*` variables are read too.
     pub fn from_url(source: &str, options: &[(String, String)], concurrency: usize, metrics: Arc<Metrics>) -> Result<Self, OriginError> {
-        let (store, prefix) = build_store(source, options, REQUEST_TIMEOUT)?;
-        let mut o = Origin::new(store, prefix, concurrency, metrics);
-        o.description = source.to_string();
-        Ok(o)
+        Self::with_request_timeout(source, options, concurrency, metrics, REQUEST_TIMEOUT)
     }
 
     /// Per-attempt timeout no longer than `limit` (the read deadline), at most [`REQUEST_TIMEOUT`].
