@@ -8,31 +8,53 @@ use std::os::unix::fs::FileExt;
 
 use common::*;
 
-fn restart_keeps_the_cache(kill: bool) {
+/// An origin with one file, read fully by a first agent whose chunks all reached memory, and
+/// that agent stopped (SIGTERM, or SIGKILL when `kill`), its cache dir and mountpoint kept.
+struct Stopped {
+    _src: tempfile::TempDir,
+    _work: tempfile::TempDir,
+    source: String,
+    mountpoint: std::path::PathBuf,
+    cache: std::path::PathBuf,
+    data: Vec<u8>,
+}
+
+const ARGS: [&str; 2] = ["--chunk-size", "4MiB"];
+
+fn read_then_stop(name: &str, size: usize, seed: u64, kill: bool) -> Stopped {
     let src = tempfile::tempdir().unwrap();
-    let data = random_bytes((48 << 20) + 1234, 141 + kill as u64);
-    fs::write(src.path().join("r.bin"), &data).unwrap();
-    let s = src.path().display().to_string();
+    let data = random_bytes(size, seed);
+    fs::write(src.path().join(name), &data).unwrap();
     let work = tempfile::tempdir().unwrap();
-    let mp = work.path().join("mnt");
-    let cache = std::path::PathBuf::from(format!("/dev/shm/cachefs-restart-{}-{kill}", std::process::id()));
+    let cache = std::path::PathBuf::from(format!("/dev/shm/cachefs-restart-{}-{seed}", std::process::id()));
     let _ = fs::remove_dir_all(&cache);
-    let args = ["--chunk-size", "4MiB"];
-    let mut a = Agent::start_with(&s, &args, mp.clone(), cache.clone(), tempfile::tempdir().unwrap());
-    assert!(fs::read(a.path("r.bin")).unwrap() == data);
+    let st = Stopped { source: src.path().display().to_string(), mountpoint: work.path().join("mnt"), cache, data, _src: src, _work: work };
+    let mut a = st.start();
+    assert!(fs::read(a.path(name)).unwrap() == st.data);
     // Chunks are stored just after the read: wait until all of them are.
-    assert!(poll_until(std::time::Duration::from_secs(10), || a.metric("cachefs_cache_bytes") >= data.len() as f64));
+    assert!(poll_until(std::time::Duration::from_secs(10), || a.metric("cachefs_cache_bytes") >= st.data.len() as f64));
     if kill {
         a.kill9();
     } else {
         assert_eq!(a.stop(), Some(0));
     }
     std::mem::forget(a); // keep the cache dir for the next agent (Drop would remove it)
+    st
+}
 
-    let b = Agent::start_with(&s, &args, mp.clone(), cache.clone(), tempfile::tempdir().unwrap());
+impl Stopped {
+    /// An agent on the same mountpoint and cache dir.
+    fn start(&self) -> Agent {
+        Agent::start_with(&self.source, &ARGS, self.mountpoint.clone(), self.cache.clone(), tempfile::tempdir().unwrap())
+    }
+}
+
+fn restart_keeps_the_cache(kill: bool) {
+    let st = read_then_stop("r.bin", (48 << 20) + 1234, 141 + kill as u64, kill);
+    let b = st.start();
     assert!(b.log_text().contains("reused the warm cache"), "log:\n{}", b.log_text());
-    assert_eq!(b.metric("cachefs_cache_bytes"), data.len() as f64);
-    assert!(fs::read(b.path("r.bin")).unwrap() == data);
+    assert_eq!(b.metric("cachefs_cache_bytes"), st.data.len() as f64);
+    assert!(fs::read(b.path("r.bin")).unwrap() == st.data);
     assert_eq!(b.metric("cachefs_origin_bytes_total"), 0.0, "a restarted agent fetched again; log:\n{}", b.log_text());
 }
 
@@ -57,31 +79,18 @@ fn chunk_corrupted_while_down_is_dropped_and_refetched() {
     if !fuse_available("chunk_corrupted_while_down_is_dropped_and_refetched") {
         return;
     }
-    let src = tempfile::tempdir().unwrap();
-    let data = random_bytes(20 << 20, 151);
-    fs::write(src.path().join("c.bin"), &data).unwrap();
-    let s = src.path().display().to_string();
-    let work = tempfile::tempdir().unwrap();
-    let mp = work.path().join("mnt");
-    let cache = std::path::PathBuf::from(format!("/dev/shm/cachefs-corrupt-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&cache);
-    let args = ["--chunk-size", "4MiB"];
-    let mut a = Agent::start_with(&s, &args, mp.clone(), cache.clone(), tempfile::tempdir().unwrap());
-    assert!(fs::read(a.path("c.bin")).unwrap() == data);
-    assert!(poll_until(std::time::Duration::from_secs(10), || a.metric("cachefs_cache_bytes") >= data.len() as f64));
-    assert_eq!(a.stop(), Some(0));
-    std::mem::forget(a);
+    let st = read_then_stop("c.bin", 20 << 20, 151, false);
 
     // Flip a byte of chunk 2 in the tmpfs data file while no agent runs.
-    let file = fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().ends_with(".chunks")).unwrap();
+    let file = fs::read_dir(&st.cache).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().ends_with(".chunks")).unwrap();
     let f = fs::OpenOptions::new().read(true).write(true).open(&file).unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, (8 << 20) + 100).unwrap();
     f.write_all_at(&[b[0] ^ 0x5a], (8 << 20) + 100).unwrap();
     drop(f);
 
-    let b = Agent::start_with(&s, &args, mp, cache, tempfile::tempdir().unwrap());
+    let b = st.start();
     assert!(b.log_text().contains("does not match its checksum"), "log:\n{}", b.log_text());
-    assert!(fs::read(b.path("c.bin")).unwrap() == data, "a corrupted cached chunk was served");
+    assert!(fs::read(b.path("c.bin")).unwrap() == st.data, "a corrupted cached chunk was served");
     assert_eq!(b.metric("cachefs_origin_bytes_total"), (4 << 20) as f64, "exactly the bad chunk is fetched again");
 }

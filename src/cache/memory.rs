@@ -231,16 +231,7 @@ impl MemoryTier {
         // The budget holds after a restart too (the budget may have shrunk).
         let victims = {
             let mut idx = lock(&self.index);
-            let mut victims = Vec::new();
-            while idx.used > self.capacity {
-                match idx.lru.pop_lru() {
-                    Some((k, l)) => {
-                        idx.used -= l;
-                        victims.push((k, l));
-                    }
-                    None => break,
-                }
-            }
+            let victims = self.choose_victims(&mut idx);
             self.metrics.cache_bytes.set(idx.used as i64);
             victims
         };
@@ -347,7 +338,7 @@ impl MemoryTier {
 
     /// Whether chunk `index` of `obj` is present.
     pub fn contains(&self, obj: &ObjectVersion, index: u64) -> bool {
-        self.existing(obj).is_some_and(|f| f.slots().get(index as usize).is_some_and(|s| s.present))
+        self.present(obj, index).is_some()
     }
 
     /// Pin `obj` if every chunk of it is present: until [`MemoryTier::unpin`], none is evicted.
@@ -384,15 +375,8 @@ impl MemoryTier {
         if within.end > chunk.end - chunk.start || within.is_empty() {
             return None;
         }
-        let f = self.existing(obj)?;
-        let epoch = {
-            let slots = f.slots();
-            let s = slots.get(index as usize)?;
-            if !s.present {
-                return None;
-            }
-            s.epoch
-        };
+        let (f, slot) = self.present(obj, index)?;
+        let epoch = slot.epoch;
         let mut buf = BytesMut::zeroed((within.end - within.start) as usize);
         if let Err(e) = f.file.read_exact_at(&mut buf, chunk.start + within.start) {
             warn!(key = %obj.key, index, error = %e, "memory tier read failed; treating as a miss");
@@ -456,23 +440,7 @@ impl MemoryTier {
         let (victims, fits) = {
             let mut idx = lock(&self.index);
             idx.used += len;
-            let pins = lock(&self.pins);
-            let mut victims = Vec::new();
-            let mut skipped = Vec::new();
-            while idx.used > self.capacity {
-                match idx.lru.pop_lru() {
-                    Some((k, l)) if pins.contains_key(&k.object) => skipped.push((k, l)),
-                    Some((k, l)) => {
-                        idx.used -= l;
-                        victims.push((k, l));
-                    }
-                    None => break,
-                }
-            }
-            // In use through an open file: most recently used.
-            for (k, l) in skipped {
-                idx.lru.put(k, l);
-            }
+            let victims = self.choose_victims(&mut idx);
             let fits = idx.used <= self.capacity;
             if !fits {
                 idx.used -= len;
@@ -522,6 +490,29 @@ impl MemoryTier {
         }
     }
 
+    /// Take least recently used chunks out of the index until the budget holds, passing over
+    /// pinned ones (they go back as most recently used: they are in use through an open file).
+    /// The caller punches their holes with [`MemoryTier::evict`], outside the index lock.
+    fn choose_victims(&self, idx: &mut Index) -> Vec<(ChunkKey, u64)> {
+        let pins = lock(&self.pins);
+        let mut victims = Vec::new();
+        let mut skipped = Vec::new();
+        while idx.used > self.capacity {
+            match idx.lru.pop_lru() {
+                Some((k, l)) if pins.contains_key(&k.object) => skipped.push((k, l)),
+                Some((k, l)) => {
+                    idx.used -= l;
+                    victims.push((k, l));
+                }
+                None => break,
+            }
+        }
+        for (k, l) in skipped {
+            idx.lru.put(k, l);
+        }
+        victims
+    }
+
     fn evict(&self, victims: Vec<(ChunkKey, u64)>) {
         for (key, len) in victims {
             let Some(f) = lock(&self.files).get(&key.object).cloned() else { continue };
@@ -552,15 +543,8 @@ impl MemoryTier {
     /// If the chunk is evicted while the bytes are still in use they may read as zeros: whoever
     /// receives them must check the crc32c (peers do).
     pub fn map_chunk(&self, obj: &ObjectVersion, index: u64) -> Option<(Bytes, u32)> {
-        let f = self.existing(obj)?;
-        let crc = {
-            let slots = f.slots();
-            let s = slots.get(index as usize)?;
-            if !s.present {
-                return None;
-            }
-            s.crc
-        };
+        let (f, slot) = self.present(obj, index)?;
+        let crc = slot.crc;
         let map = f
             .map
             .get_or_init(|| {
@@ -580,9 +564,14 @@ impl MemoryTier {
 
     /// crc32c of a present chunk.
     pub fn crc(&self, obj: &ObjectVersion, index: u64) -> Option<u32> {
+        self.present(obj, index).map(|(_, s)| s.crc)
+    }
+
+    /// The file and a snapshot of the slot of chunk `index`, if that chunk is present.
+    fn present(&self, obj: &ObjectVersion, index: u64) -> Option<(Arc<ObjFile>, Slot)> {
         let f = self.existing(obj)?;
-        let slots = f.slots();
-        slots.get(index as usize).filter(|s| s.present).map(|s| s.crc)
+        let slot = f.slots().get(index as usize).copied().filter(|s| s.present)?;
+        Some((f, slot))
     }
 }
 
