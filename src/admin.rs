@@ -29,6 +29,8 @@ pub struct AdminState {
     /// Warm jobs run here, so shutdown stops them.
     pub tasks: tokio_util::task::TaskTracker,
     pub drain: Arc<crate::preempt::Drain>,
+    /// Deadline of a manual drain.
+    pub drain_timeout: std::time::Duration,
 }
 
 #[derive(serde::Deserialize)]
@@ -113,7 +115,8 @@ async fn warm(State(s): State<AdminState>, Json(req): Json<WarmRequest>) -> axum
 
 /// Start draining (once) and answer when drained.
 async fn drain(State(s): State<AdminState>) -> impl IntoResponse {
-    s.drain.run("manual drain (cachefs drain)", std::time::Duration::from_secs(120)).await;
+    s.drain.begin("manual drain (cachefs drain)", s.drain_timeout);
+    s.drain.wait(s.drain_timeout + std::time::Duration::from_secs(5)).await;
     Json(serde_json::json!({ "state": crate::preempt::state_name(s.drain.state()) }))
 }
 

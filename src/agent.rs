@@ -125,6 +125,20 @@ fn is_tmpfs(path: &Path) -> bool {
     unsafe { libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type == libc::TMPFS_MAGIC }
 }
 
+/// Resolves on the next SIGTERM or SIGINT (never, if signals cannot be watched).
+async fn second_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
 /// Run the agent until `shutdown` resolves (or the mount goes away), then unmount and stop.
 pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::new());
@@ -224,14 +238,22 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
 
     // Admin endpoint.
     let ready = Arc::new(AtomicBool::new(false));
-    let drain = Arc::new(crate::preempt::Drain {
-        state: Default::default(),
-        ready: ready.clone(),
-        draining: draining.clone(),
-        peer_streams: peer_streams.clone(),
-        membership: membership.clone(),
-        metrics: metrics.clone(),
-    });
+    let reporter = crate::preempt::report::Reporter::start(&cfg.preempt.webhooks, cfg.preempt.drain_hook.as_deref(), metrics.clone(), &tasks, stop.clone())
+        .map_err(AgentError::Peers)?;
+    let drain = crate::preempt::Drain::new(
+        crate::preempt::DrainParts {
+            ready: ready.clone(),
+            draining: draining.clone(),
+            peer_streams: peer_streams.clone(),
+            membership: membership.clone(),
+            metrics: metrics.clone(),
+            node_id: node_id.clone(),
+            peer_addr: cfg.listen.map(|l| l.to_string()),
+            cached_bytes: { let m = memory.clone(); Arc::new(move || m.used()) },
+        },
+        reporter,
+        tasks.clone(),
+    );
     let listener = tokio::net::TcpListener::bind(cfg.admin).await.map_err(|e| AgentError::Admin(cfg.admin.to_string(), e))?;
     let status = {
         let (metrics, memory, catalog, core, ready) = (metrics.clone(), memory.clone(), catalog.clone(), core.clone(), ready.clone());
@@ -244,6 +266,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
                 "mountpoint": mountpoint,
                 "ready": ready.load(Ordering::SeqCst),
                 "drain_state": crate::preempt::state_name(drain.state()),
+                "drain": drain.status(),
                 "node_id": node_id,
                 "listen": listen.map(|l| l.to_string()),
                 "peers": membership.as_ref().map(|m| m.status()).unwrap_or(serde_json::Value::Array(vec![])),
@@ -260,7 +283,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
         })
     };
     let admin_state =
-        AdminState { metrics: metrics.clone(), ready: ready.clone(), status, catalog: catalog.clone(), reader: reader.clone(), tasks: tasks.clone(), drain: drain.clone() };
+        AdminState { metrics: metrics.clone(), ready: ready.clone(), status, catalog: catalog.clone(), reader: reader.clone(), tasks: tasks.clone(), drain: drain.clone(), drain_timeout: cfg.preempt.drain_timeout };
     info!(admin = %cfg.admin, "admin endpoint listening");
     tasks.spawn(admin::serve(listener, admin_state, stop.clone()).instrument(tracing::info_span!("admin")));
 
@@ -310,6 +333,11 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
         tasks.spawn(crate::systemd::watchdog(cfg.mountpoint.clone(), interval, stop.clone()).instrument(tracing::info_span!("watchdog")));
     }
 
+    // Preemption watch (off unless configured).
+    if let Err(e) = crate::preempt::start_watch(&cfg.preempt, drain.clone(), &tasks, stop.clone()).await {
+        warn!(error = %e, "preemption watch could not start");
+    }
+
     // Catalog refresh.
     {
         let (origin, catalog, stop) = (origin.clone(), catalog.clone(), stop.clone());
@@ -341,7 +369,21 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     let mut done_rx = done_rx;
     let mut ended_outside = false;
     tokio::select! {
-        _ = shutdown => info!("shutting down"),
+        _ = shutdown => {
+            // Drain first: readiness off, peers told, their transfers finished; the mount keeps
+            // serving until then. A second signal stops at once.
+            info!(timeout = ?cfg.preempt.drain_timeout, "shutting down: draining first");
+            drain.begin("shutdown signal (SIGTERM/SIGINT)", cfg.preempt.drain_timeout);
+            tokio::select! {
+                _ = drain.wait(cfg.preempt.drain_timeout + Duration::from_secs(1)) => {}
+                _ = second_signal() => warn!("second signal: stopping without waiting for the drain"),
+                r = &mut done_rx => {
+                    warn!(result = ?r, "FUSE session ended (unmounted from outside?)");
+                    ended_outside = true;
+                }
+            }
+            drain.flush_reports(Duration::from_secs(5)).await;
+        }
         r = &mut done_rx => {
             warn!(result = ?r, "FUSE session ended (unmounted from outside?)");
             ended_outside = true;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::preempt::{PreemptConfig, Provider};
 use crate::size::{format_size, parse_size};
 
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:7071";
@@ -138,6 +139,31 @@ pub struct MountArgs {
     /// PEM CA that peers' certificates must chain to (both directions)
     #[arg(long)]
     pub peer_tls_ca: Option<PathBuf>,
+    /// Cloud whose metadata service is watched for preemption notices: auto, aliyun, aws, gcp,
+    /// azure or none [default: none]
+    #[arg(long)]
+    pub preemption_provider: Option<String>,
+    /// Base URL (scheme and host) of the metadata service, replacing the provider's own
+    #[arg(long, value_name = "URL")]
+    pub metadata_endpoint: Option<String>,
+    /// Seconds between metadata polls, may be fractional [default: aws 2, aliyun 2, azure 1; gcp long-polls]
+    #[arg(long, value_name = "SECS")]
+    pub metadata_poll_interval: Option<f64>,
+    /// URL that receives drain events as JSON POSTs; repeatable
+    #[arg(long = "scheduler-webhook", value_name = "URL")]
+    pub scheduler_webhook: Vec<String>,
+    /// Command run with `sh -c` on each drain event, the event in CACHEFS_* environment variables
+    #[arg(long, value_name = "CMD")]
+    pub drain_hook: Option<String>,
+    /// Seconds a drain started by `cachefs drain` or SIGTERM may wait for peer transfers [default: 30]
+    #[arg(long, value_name = "SECS")]
+    pub drain_timeout: Option<u64>,
+    /// Drain on an AWS rebalance recommendation too (by default it is only reported)
+    #[arg(long)]
+    pub drain_on_rebalance: bool,
+    /// Acknowledge Azure scheduled events (StartRequests) once drained, so Azure proceeds early
+    #[arg(long)]
+    pub azure_acknowledge: bool,
 }
 
 /// The `--config` file: same names as the flags.
@@ -166,6 +192,14 @@ struct FileConfig {
     peer_tls_key: Option<PathBuf>,
     peer_tls_ca: Option<PathBuf>,
     passthrough: Option<bool>,
+    preemption_provider: Option<String>,
+    metadata_endpoint: Option<String>,
+    metadata_poll_interval: Option<f64>,
+    scheduler_webhook: Option<Vec<String>>,
+    drain_hook: Option<String>,
+    drain_timeout: Option<u64>,
+    drain_on_rebalance: Option<bool>,
+    azure_acknowledge: Option<bool>,
 }
 
 /// PEM material for mutual TLS between peers.
@@ -208,6 +242,8 @@ pub struct MountConfig {
     pub peer_tls: Option<PeerTls>,
     /// Open files whose chunks are all in memory with FUSE passthrough to their tmpfs file.
     pub passthrough: bool,
+    /// Preemption watch, drain deadline and reporters.
+    pub preempt: PreemptConfig,
 }
 
 impl MountConfig {
@@ -234,6 +270,7 @@ impl MountConfig {
             peer_token: None,
             peer_tls: None,
             passthrough: true,
+            preempt: PreemptConfig::default(),
         }
     }
 }
@@ -255,6 +292,14 @@ fn check_host_port(flag: &str, v: &str) -> Result<(), String> {
     match v.rsplit_once(':') {
         Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
         _ => Err(format!("{flag} {v:?} must be HOST:PORT")),
+    }
+}
+
+/// An http(s) URL with a host.
+fn check_url(flag: &str, v: &str) -> Result<String, String> {
+    match url::Url::parse(v) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(v.to_string()),
+        _ => Err(format!("{flag} {v:?} must be an http:// or https:// URL")),
     }
 }
 
@@ -360,6 +405,33 @@ pub fn resolve_mount(args: MountArgs) -> Result<MountConfig, String> {
         }
         _ => return Err("peer TLS needs all of --peer-tls-cert, --peer-tls-key and --peer-tls-ca".into()),
     };
+    let provider = Provider::parse(args.preemption_provider.or(file.preemption_provider).as_deref().unwrap_or("none"))?;
+    let metadata_endpoint = match args.metadata_endpoint.or(file.metadata_endpoint) {
+        Some(e) => Some(check_url("--metadata-endpoint", &e)?),
+        None => None,
+    };
+    let poll_interval = match args.metadata_poll_interval.or(file.metadata_poll_interval) {
+        Some(s) if s.is_finite() && s > 0.0 && s <= 3600.0 => Some(Duration::from_secs_f64(s)),
+        Some(s) => return Err(format!("--metadata-poll-interval {s}: give seconds between 0 and 3600")),
+        None => None,
+    };
+    let webhooks = if args.scheduler_webhook.is_empty() { file.scheduler_webhook.unwrap_or_default() } else { args.scheduler_webhook };
+    let webhooks = webhooks.iter().map(|w| check_url("--scheduler-webhook", w)).collect::<Result<Vec<_>, _>>()?;
+    let drain_hook = args.drain_hook.or(file.drain_hook).filter(|h| !h.trim().is_empty());
+    let drain_timeout = args.drain_timeout.or(file.drain_timeout).unwrap_or(30);
+    if drain_timeout == 0 || drain_timeout > 3600 {
+        return Err(format!("--drain-timeout {drain_timeout}: give seconds between 1 and 3600"));
+    }
+    let preempt = PreemptConfig {
+        provider,
+        metadata_endpoint,
+        poll_interval,
+        drain_on_rebalance: args.drain_on_rebalance || file.drain_on_rebalance.unwrap_or(false),
+        azure_acknowledge: args.azure_acknowledge || file.azure_acknowledge.unwrap_or(false),
+        webhooks,
+        drain_hook,
+        drain_timeout: Duration::from_secs(drain_timeout),
+    };
     let positive = |name: &str, v: u64| if v == 0 { Err(format!("--{name} must be at least 1")) } else { Ok(v) };
     let cfg = MountConfig {
         source,
@@ -382,6 +454,7 @@ pub fn resolve_mount(args: MountArgs) -> Result<MountConfig, String> {
         peer_token,
         peer_tls,
         passthrough: !args.no_passthrough && file.passthrough.unwrap_or(true),
+        preempt,
     };
     if cfg.mountpoint.is_file() {
         return Err(format!("--mountpoint {} is a file, not a directory", cfg.mountpoint.display()));
@@ -395,6 +468,32 @@ mod tests {
 
     fn args(src: &str) -> MountArgs {
         MountArgs { source: Some(src.into()), mountpoint: Some("/tmp/x-cachefs-test".into()), cache_size: Some("64MiB".into()), ..Default::default() }
+    }
+
+    #[test]
+    fn preemption_settings() {
+        let c = resolve_mount(args("/tmp")).unwrap();
+        assert_eq!(c.preempt.provider, Provider::None, "the default must never probe metadata addresses");
+        let mut a = args("/tmp");
+        a.preemption_provider = Some("aws".into());
+        a.metadata_endpoint = Some("http://127.0.0.1:9".into());
+        a.metadata_poll_interval = Some(0.5);
+        a.scheduler_webhook = vec!["http://127.0.0.1:8/a".into(), "https://x.example/b".into()];
+        let c = resolve_mount(a).unwrap();
+        assert_eq!(c.preempt.provider, Provider::Aws);
+        assert_eq!(c.preempt.poll_interval, Some(Duration::from_millis(500)));
+        assert_eq!(c.preempt.webhooks.len(), 2);
+        for (f, v) in [("provider", "ibm"), ("endpoint", "169.254.169.254"), ("webhook", "ftp://x/y"), ("interval", "0")] {
+            let mut a = args("/tmp");
+            match f {
+                "provider" => a.preemption_provider = Some(v.into()),
+                "endpoint" => a.metadata_endpoint = Some(v.into()),
+                "webhook" => a.scheduler_webhook = vec![v.into()],
+                _ => a.metadata_poll_interval = Some(0.0),
+            }
+            let e = resolve_mount(a).unwrap_err();
+            assert!(!e.contains('\n') && e.starts_with("--"), "{e}");
+        }
     }
 
     #[test]
@@ -448,6 +547,7 @@ mod example_config {
         assert!(c.allow_other);
         assert_eq!(c.readahead_budget, 256 << 20);
         assert!(c.passthrough);
+        assert_eq!(c.preempt.provider, Provider::Auto);
         // The commented-out settings are real settings too.
         let uncommented: String = include_str!("../systemd/cachefs.toml")
             .lines()

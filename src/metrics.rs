@@ -43,6 +43,10 @@ pub mod names {
     pub const PASSTHROUGH_OPENS: &str = "cachefs_passthrough_opens_total";
     pub const PEER_ERRORS: &str = "cachefs_peer_errors_total";
     pub const PEER_CHECKSUM_ERRORS: &str = "cachefs_peer_checksum_errors_total";
+    pub const PREEMPTION_NOTICES: &str = "cachefs_preemption_notices_total";
+    pub const METADATA_ERRORS: &str = "cachefs_metadata_errors_total";
+    pub const WEBHOOK_DELIVERIES: &str = "cachefs_webhook_deliveries_total";
+    pub const WEBHOOK_FAILURES: &str = "cachefs_webhook_failures_total";
 }
 
 /// The agent's metrics. Clone-free: share it behind an `Arc`.
@@ -63,6 +67,10 @@ pub struct Metrics {
     pub peer_errors: Family<PeerLabel, Counter>,
     pub peer_checksum_errors: Counter,
     pub passthrough_opens: Counter,
+    pub preemption_notices: Counter,
+    pub metadata_errors: Counter,
+    pub webhook_deliveries: Counter,
+    pub webhook_failures: Counter,
 }
 
 fn base(name: &str) -> &str {
@@ -94,6 +102,10 @@ impl Metrics {
             peer_errors: Family::default(),
             peer_checksum_errors: Counter::default(),
             passthrough_opens: Counter::default(),
+            preemption_notices: Counter::default(),
+            metadata_errors: Counter::default(),
+            webhook_deliveries: Counter::default(),
+            webhook_failures: Counter::default(),
             registry: Registry::default(),
         };
         use names::*;
@@ -112,6 +124,10 @@ impl Metrics {
         registry.register(base(PASSTHROUGH_OPENS), "Opens answered with FUSE passthrough to the tmpfs file", m.passthrough_opens.clone());
         registry.register(base(PEER_ERRORS), "Failed requests to a peer, by peer address", m.peer_errors.clone());
         registry.register(base(PEER_CHECKSUM_ERRORS), "Chunks from peers rejected by their checksum", m.peer_checksum_errors.clone());
+        registry.register(base(PREEMPTION_NOTICES), "Termination notices seen from the instance metadata service", m.preemption_notices.clone());
+        registry.register(base(METADATA_ERRORS), "Metadata requests that failed or answered a malformed body", m.metadata_errors.clone());
+        registry.register(base(WEBHOOK_DELIVERIES), "Scheduler webhook events delivered (2xx)", m.webhook_deliveries.clone());
+        registry.register(base(WEBHOOK_FAILURES), "Scheduler webhook events given up on at their deadline", m.webhook_failures.clone());
         for tier in [Tier::memory, Tier::peer, Tier::origin] {
             let _ = m.read_bytes.get_or_create(&TierLabel { tier });
         }

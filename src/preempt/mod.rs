@@ -1,20 +1,41 @@
-//! Drain: `serving → draining → drained`. Cloud preemption watchers (planned) start it on a
-//! notice; today `cachefs drain` (admin `POST /drain`) does.
+//! Preemption: one watcher per cloud behind [`Watcher`], the drain state machine [`Drain`]
+//! (`serving → draining → drained`) and its reporters (webhooks, hook command, systemd status).
 //!
 //! # Contract
-//! While draining: `/readyz` answers 503, `cachefs_drain_state` is 1, peers are told and stop
-//! choosing this agent as owner or source for new chunks, streams already being served continue,
-//! and the FUSE mount keeps serving local readers. `drained` (2) when no peer transfer is in
-//! flight, or at the deadline, whichever comes first.
+//! - A watcher turns metadata answers into [`Signal`]s. It never reports a termination for a body
+//!   it did not fully parse: malformed answers are errors, logged and retried, never a drain.
+//! - Draining starts on a termination notice, on `cachefs drain`, or on SIGTERM. While draining:
+//!   `/readyz` answers 503, `cachefs_drain_state` is 1, peers are told and stop choosing this
+//!   agent for new chunks, streams already being served continue, and the FUSE mount keeps
+//!   serving local readers. `drained` (2) when no peer transfer is in flight, or at the deadline
+//!   minus a safety margin, whichever comes first.
+//! - The deadline is the notice's termination time, or now + the provider's warning time.
+//! - Every transition is reported once: `preemption_notice`, `rebalance_recommendation`,
+//!   `drain_ready`, `drain_cancelled` (a notice the provider withdrew).
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+pub mod aliyun;
+pub mod aws;
+pub mod azure;
+pub mod detect;
+pub mod gcp;
+pub mod http;
+pub mod report;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tracing::info;
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
 
 use crate::metrics::Metrics;
 use crate::peer::Membership;
+use report::Reporter;
 
 pub const SERVING: u8 = 0;
 pub const DRAINING: u8 = 1;
@@ -28,8 +49,246 @@ pub fn state_name(s: u8) -> &'static str {
     }
 }
 
-pub struct Drain {
-    pub state: AtomicU8,
+/// Where preemption notices come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    None,
+    Auto,
+    Aliyun,
+    Aws,
+    Gcp,
+    Azure,
+}
+
+impl Provider {
+    pub fn parse(s: &str) -> Result<Provider, String> {
+        Ok(match s {
+            "none" => Provider::None,
+            "auto" => Provider::Auto,
+            "aliyun" => Provider::Aliyun,
+            "aws" => Provider::Aws,
+            "gcp" => Provider::Gcp,
+            "azure" => Provider::Azure,
+            other => return Err(format!("--preemption-provider {other:?}: use auto, aliyun, aws, gcp, azure or none")),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::None => "none",
+            Provider::Auto => "auto",
+            Provider::Aliyun => "aliyun",
+            Provider::Aws => "aws",
+            Provider::Gcp => "gcp",
+            Provider::Azure => "azure",
+        }
+    }
+
+    /// The metadata service's scheme and host.
+    pub fn default_endpoint(self) -> &'static str {
+        match self {
+            Provider::Aliyun => "http://100.100.100.200",
+            Provider::Gcp => "http://metadata.google.internal",
+            _ => "http://169.254.169.254",
+        }
+    }
+
+    /// How long before reclamation a notice comes, when the notice has no time of its own.
+    pub fn warning(self) -> Duration {
+        match self {
+            Provider::Aliyun => Duration::from_secs(300),
+            Provider::Aws => Duration::from_secs(120),
+            _ => Duration::from_secs(30),
+        }
+    }
+
+    /// Pause between polls (GCP long-polls and paces itself).
+    pub fn default_poll(self) -> Duration {
+        match self {
+            Provider::Azure => Duration::from_secs(1),
+            Provider::Gcp => Duration::ZERO,
+            _ => Duration::from_secs(2),
+        }
+    }
+}
+
+/// Settings of the watch and of the reporters.
+#[derive(Debug, Clone)]
+pub struct PreemptConfig {
+    pub provider: Provider,
+    /// Overrides every provider's base URL (scheme and host), e.g. a fake on 127.0.0.1.
+    pub metadata_endpoint: Option<String>,
+    pub poll_interval: Option<Duration>,
+    /// Treat an AWS rebalance recommendation as a termination notice.
+    pub drain_on_rebalance: bool,
+    /// Tell Azure to go ahead (`StartRequests`) once drained.
+    pub azure_acknowledge: bool,
+    pub webhooks: Vec<String>,
+    pub drain_hook: Option<String>,
+    /// Deadline of a drain started by `cachefs drain` or SIGTERM.
+    pub drain_timeout: Duration,
+}
+
+impl Default for PreemptConfig {
+    fn default() -> Self {
+        PreemptConfig {
+            provider: Provider::None,
+            metadata_endpoint: None,
+            poll_interval: None,
+            drain_on_rebalance: false,
+            azure_acknowledge: false,
+            webhooks: Vec::new(),
+            drain_hook: None,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What one check of the metadata service found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Signal {
+    /// The instance will be reclaimed, at `time` when the provider says.
+    Termination { time: Option<DateTime<Utc>>, what: String, event_id: Option<String> },
+    /// A hint that reclamation is more likely (AWS rebalance recommendation).
+    Rebalance { time: Option<DateTime<Utc>> },
+    /// The provider says positively that no termination is scheduled (cancels one in effect).
+    Clear,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("metadata service unreachable: {0}")]
+    Unreachable(String),
+    #[error("metadata service answered HTTP {0}")]
+    Status(u16),
+    #[error("malformed metadata answer: {0}")]
+    Malformed(String),
+}
+
+/// One cloud's metadata service.
+pub trait Watcher: Send {
+    fn provider(&self) -> Provider;
+    /// Pause after a successful check (zero when `check` long-polls).
+    fn interval(&self) -> Duration;
+    /// This instance's id for reports; None when it cannot be read now (asked again later).
+    fn instance_id(&mut self) -> impl Future<Output = Option<String>> + Send;
+    /// Ask once. An empty list means no notice; errors are retried with backoff.
+    fn check(&mut self) -> impl Future<Output = Result<Vec<Signal>, WatchError>> + Send;
+    /// Let the platform proceed once drained (Azure `StartRequests`); others do nothing.
+    fn acknowledge(&mut self, _event_id: &str) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+}
+
+/// Parse an RFC 3339 time (`2017-09-18T08:22:00Z`).
+pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s.trim()).ok().map(|t| t.with_timezone(&Utc))
+}
+
+/// Poll `w` until `stop`, driving `drain`. Tracks the notice in effect so each is acted on once.
+pub async fn watch<W: Watcher>(mut w: W, drain: Arc<Drain>, cfg: PreemptConfig, stop: CancellationToken) {
+    let provider = w.provider();
+    drain.set_provider(provider);
+    let mut backoff = http::Backoff::new(Duration::from_secs(5));
+    let mut instance_known = false;
+    let mut notice: Option<Signal> = None;
+    let mut rebalance: Option<Option<DateTime<Utc>>> = None;
+    let mut ack: Option<String> = None;
+    let mut states = drain.subscribe();
+    info!(provider = provider.name(), interval = ?w.interval(), "watching for preemption notices");
+    loop {
+        if !instance_known {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                id = w.instance_id() => if let Some(id) = id {
+                    info!(provider = provider.name(), instance_id = %id, "instance identified");
+                    drain.set_instance_id(id);
+                    instance_known = true;
+                },
+            }
+        }
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = w.check() => r,
+        };
+        let pause = match result {
+            Ok(signals) => {
+                backoff.reset();
+                for s in signals {
+                    match s {
+                        Signal::Termination { time, ref what, ref event_id } => {
+                            if notice.as_ref() == Some(&s) {
+                                continue;
+                            }
+                            info!(provider = provider.name(), what = %what, termination_time = ?time, "preemption notice");
+                            ack = event_id.clone();
+                            drain.notice(provider, time, what);
+                            notice = Some(s);
+                        }
+                        Signal::Rebalance { time } => {
+                            if rebalance == Some(time) {
+                                continue;
+                            }
+                            rebalance = Some(time);
+                            info!(provider = provider.name(), notice_time = ?time, "rebalance recommendation");
+                            drain.rebalance(time);
+                            if cfg.drain_on_rebalance && notice.is_none() {
+                                let what = "rebalance recommendation (drain-on-rebalance)";
+                                drain.notice(provider, None, what);
+                                notice = Some(Signal::Termination { time: None, what: what.into(), event_id: None });
+                            }
+                        }
+                        Signal::Clear => {
+                            if notice.take().is_some() {
+                                info!(provider = provider.name(), "the provider withdrew its notice");
+                                ack = None;
+                                drain.cancel();
+                            }
+                        }
+                    }
+                }
+                w.interval()
+            }
+            Err(e) => {
+                drain.metrics.metadata_errors.inc();
+                let d = backoff.next();
+                warn!(provider = provider.name(), error = %e, retry_in = ?d, "metadata check failed; no action taken");
+                d
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+            _ = states.changed() => {}
+        }
+        if cfg.azure_acknowledge && drain.state() == DRAINED {
+            if let Some(id) = ack.take() {
+                w.acknowledge(&id).await;
+            }
+        }
+    }
+}
+
+/// Why and until when a drain runs; shown by `/status`, sent in reports.
+#[derive(Debug, Clone, Default)]
+struct DrainInfo {
+    provider: Option<Provider>,
+    instance_id: Option<String>,
+    reason: Option<String>,
+    /// A cloud notice (can be withdrawn) rather than `cachefs drain` or SIGTERM.
+    from_notice: bool,
+    notice_time: Option<DateTime<Utc>>,
+    termination_time: Option<DateTime<Utc>>,
+    deadline: Option<DateTime<Utc>>,
+    /// When `drained` is declared at the latest (deadline minus the safety margin).
+    drained_by: Option<Instant>,
+    drained_time: Option<DateTime<Utc>>,
+    /// Bumped by each start and cancel: a finisher of an older drain stops.
+    generation: u64,
+}
+
+/// What the drain machine acts on.
+pub struct DrainParts {
     /// Shared with `/readyz`.
     pub ready: Arc<AtomicBool>,
     /// Shared with the peer tier and server (not an owner, says so in Hello).
@@ -38,34 +297,361 @@ pub struct Drain {
     pub peer_streams: Arc<AtomicUsize>,
     pub membership: Option<Arc<Membership>>,
     pub metrics: Arc<Metrics>,
+    pub node_id: String,
+    pub peer_addr: Option<String>,
+    pub cached_bytes: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
+pub struct Drain {
+    state: watch::Sender<u8>,
+    info: Mutex<DrainInfo>,
+    parts: DrainParts,
+    pub metrics: Arc<Metrics>,
+    reporter: Reporter,
+    tasks: TaskTracker,
+}
+
+/// Time kept between `drained` and the deadline: a tenth of the window, 1 to 10 s.
+fn safety_margin(window: Duration) -> Duration {
+    (window / 10).clamp(Duration::from_secs(1), Duration::from_secs(10))
 }
 
 impl Drain {
-    pub fn state(&self) -> u8 {
-        self.state.load(Ordering::SeqCst)
+    pub fn new(parts: DrainParts, reporter: Reporter, tasks: TaskTracker) -> Arc<Drain> {
+        Arc::new(Drain { state: watch::Sender::new(SERVING), info: Mutex::default(), metrics: parts.metrics.clone(), parts, reporter, tasks })
     }
 
-    /// Drain (once): returns false if a drain had already started.
-    pub async fn run(&self, reason: &str, deadline: Duration) -> bool {
-        if self.state.compare_exchange(SERVING, DRAINING, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+    pub fn state(&self) -> u8 {
+        *self.state.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u8> {
+        self.state.subscribe()
+    }
+
+    fn info(&self) -> std::sync::MutexGuard<'_, DrainInfo> {
+        self.info.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_provider(&self, p: Provider) {
+        self.info().provider = Some(p);
+    }
+
+    pub fn set_instance_id(&self, id: String) {
+        self.info().instance_id = Some(id);
+    }
+
+    /// The JSON event of DESIGN.md.
+    fn event(&self, kind: &str, info: &DrainInfo) -> serde_json::Value {
+        let t = |t: &Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        serde_json::json!({
+            "event": kind,
+            "provider": info.provider.map(|p| p.name()).unwrap_or("none"),
+            "instance_id": info.instance_id,
+            "node": self.parts.node_id,
+            "notice_time": t(&info.notice_time),
+            "termination_time": t(&info.termination_time),
+            "deadline": t(&info.deadline),
+            "reason": info.reason,
+            "peer_addr": self.parts.peer_addr,
+            "cached_bytes": (self.parts.cached_bytes)(),
+        })
+    }
+
+    fn report(&self, kind: &str, info: &DrainInfo) {
+        let deadline = info.drained_by.map(|d| d + Duration::from_secs(10)).unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
+        self.reporter.send(self.event(kind, info), deadline);
+    }
+
+    /// A termination notice from the cloud: report it and drain (or shorten a running drain).
+    pub fn notice(self: &Arc<Self>, provider: Provider, time: Option<DateTime<Utc>>, what: &str) {
+        self.metrics.preemption_notices.inc();
+        let now = Utc::now();
+        let deadline = time.unwrap_or(now + provider.warning());
+        self.start(format!("{}: {what}", provider.name()), true, Some(now), time, deadline);
+    }
+
+    /// A hint only: reported, no drain.
+    pub fn rebalance(&self, time: Option<DateTime<Utc>>) {
+        let mut info = self.info().clone();
+        info.notice_time = time.or(Some(Utc::now()));
+        self.report("rebalance_recommendation", &info);
+    }
+
+    /// `cachefs drain` or SIGTERM: drain with `timeout` as the deadline. False if one is already
+    /// running (its deadline is shortened when this one is earlier).
+    pub fn begin(self: &Arc<Self>, reason: &str, timeout: Duration) -> bool {
+        let deadline = Utc::now() + timeout;
+        self.start(reason.to_string(), false, None, None, deadline)
+    }
+
+    fn start(self: &Arc<Self>, reason: String, from_notice: bool, notice_time: Option<DateTime<Utc>>, termination_time: Option<DateTime<Utc>>, deadline: DateTime<Utc>) -> bool {
+        let window = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        let drained_by = Instant::now() + window.saturating_sub(safety_margin(window));
+        let mut info = self.info();
+        if from_notice {
+            info.from_notice = true;
+            info.notice_time = notice_time;
+            info.termination_time = termination_time;
+        }
+        if self.state() != SERVING {
+            if info.drained_by.is_none_or(|d| drained_by < d) {
+                info.drained_by = Some(drained_by);
+                info.deadline = Some(deadline);
+            }
+            if from_notice {
+                info.reason = Some(reason);
+                self.report("preemption_notice", &info);
+            }
             return false;
         }
-        info!(reason, "draining: readiness off, peers told; local readers keep being served");
-        self.ready.store(false, Ordering::SeqCst);
-        self.draining.store(true, Ordering::SeqCst);
+        info.reason = Some(reason.clone());
+        info.deadline = Some(deadline);
+        info.drained_by = Some(drained_by);
+        info.drained_time = None;
+        info.generation += 1;
+        let generation = info.generation;
+        info!(reason = %reason, deadline = %deadline.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "draining: readiness off, peers told; local readers keep being served");
+        self.parts.ready.store(false, Ordering::SeqCst);
+        self.parts.draining.store(true, Ordering::SeqCst);
         self.metrics.drain_state.set(DRAINING as i64);
+        self.state.send_replace(DRAINING);
         crate::systemd::status(&format!("draining: {reason}"));
-        if let Some(m) = &self.membership {
+        if from_notice {
+            self.report("preemption_notice", &info);
+        }
+        drop(info);
+        let me = self.clone();
+        self.tasks.spawn(async move { me.finish(generation).await });
+        true
+    }
+
+    /// Tell peers, wait for in-flight peer transfers (at most until `drained_by`), declare drained.
+    async fn finish(self: Arc<Self>, generation: u64) {
+        if let Some(m) = &self.parts.membership {
             m.announce_drain(true).await;
         }
-        let end = tokio::time::Instant::now() + deadline;
-        while self.peer_streams.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < end {
+        loop {
+            let by = {
+                let info = self.info();
+                if info.generation != generation {
+                    return;
+                }
+                info.drained_by
+            };
+            let idle = self.parts.peer_streams.load(Ordering::SeqCst) == 0;
+            if idle || by.is_some_and(|b| Instant::now() >= b) {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.state.store(DRAINED, Ordering::SeqCst);
+        let mut info = self.info();
+        if info.generation != generation || self.state() != DRAINING {
+            return;
+        }
+        let in_flight = self.parts.peer_streams.load(Ordering::SeqCst);
+        info.drained_time = Some(Utc::now());
         self.metrics.drain_state.set(DRAINED as i64);
+        self.state.send_replace(DRAINED);
         crate::systemd::status("drained: ready to be stopped");
-        info!(in_flight = self.peer_streams.load(Ordering::SeqCst), "drain_ready");
-        true
+        if in_flight > 0 {
+            warn!(in_flight, "drain deadline reached with peer transfers still in flight");
+        }
+        info!(in_flight, "drain_ready");
+        self.report("drain_ready", &info);
+    }
+
+    /// The provider withdrew the notice that started this drain: serve again.
+    pub fn cancel(self: &Arc<Self>) {
+        let mut info = self.info();
+        if self.state() == SERVING || !info.from_notice {
+            return;
+        }
+        info.generation += 1;
+        self.parts.draining.store(false, Ordering::SeqCst);
+        self.parts.ready.store(true, Ordering::SeqCst);
+        self.metrics.drain_state.set(SERVING as i64);
+        self.state.send_replace(SERVING);
+        crate::systemd::status("serving (preemption notice withdrawn)");
+        info!("drain cancelled: serving again");
+        self.report("drain_cancelled", &info);
+        *info = DrainInfo { provider: info.provider, instance_id: info.instance_id.clone(), generation: info.generation, ..Default::default() };
+        drop(info);
+        if let Some(m) = self.parts.membership.clone() {
+            self.tasks.spawn(async move { m.announce_drain(false).await });
+        }
+    }
+
+    /// Wait until the drain in progress ends (drained or cancelled), at most `limit`.
+    pub async fn wait(&self, limit: Duration) {
+        let mut rx = self.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|s| *s != DRAINING)).await;
+    }
+
+    /// Wait until queued reports are delivered or given up, at most `limit`.
+    pub async fn flush_reports(&self, limit: Duration) {
+        self.reporter.flush(limit).await;
+    }
+
+    /// For `/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let info = self.info().clone();
+        let t = |t: &Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        serde_json::json!({
+            "state": state_name(self.state()),
+            "provider": info.provider.map(|p| p.name()).unwrap_or("none"),
+            "instance_id": info.instance_id,
+            "reason": info.reason,
+            "notice_time": t(&info.notice_time),
+            "termination_time": t(&info.termination_time),
+            "deadline": t(&info.deadline),
+            "drained_time": t(&info.drained_time),
+            "peer_streams": self.parts.peer_streams.load(Ordering::SeqCst),
+        })
+    }
+}
+
+/// Start the configured watcher (detecting the cloud for `auto`) as a tracked task.
+pub async fn start_watch(cfg: &PreemptConfig, drain: Arc<Drain>, tasks: &TaskTracker, stop: CancellationToken) -> Result<(), String> {
+    let provider = match cfg.provider {
+        Provider::None => {
+            info!("preemption watch off (--preemption-provider none)");
+            return Ok(());
+        }
+        Provider::Auto => match detect::detect(cfg.metadata_endpoint.as_deref()).await {
+            Some(p) => {
+                info!(provider = p.name(), "cloud detected");
+                p
+            }
+            None => {
+                warn!("--preemption-provider auto: no cloud metadata service answered; preemption watch off");
+                return Ok(());
+            }
+        },
+        p => p,
+    };
+    drain.set_provider(provider);
+    let endpoint = cfg.metadata_endpoint.clone().unwrap_or_else(|| provider.default_endpoint().to_string());
+    let interval = cfg.poll_interval.unwrap_or(provider.default_poll());
+    let (c, d, s) = (cfg.clone(), drain, stop);
+    use tracing::Instrument;
+    let span = tracing::info_span!("preempt", provider = provider.name());
+    match provider {
+        Provider::Aliyun => tasks.spawn(watch(aliyun::Aliyun::new(&endpoint, interval)?, d, c, s).instrument(span)),
+        Provider::Aws => tasks.spawn(watch(aws::Aws::new(&endpoint, interval)?, d, c, s).instrument(span)),
+        Provider::Gcp => tasks.spawn(watch(gcp::Gcp::new(&endpoint, interval)?, d, c, s).instrument(span)),
+        Provider::Azure => tasks.spawn(watch(azure::Azure::new(&endpoint, interval)?, d, c, s).instrument(span)),
+        Provider::None | Provider::Auto => return Ok(()),
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> Option<DateTime<Utc>> {
+        parse_time(s)
+    }
+
+    #[test]
+    fn aliyun_answers() {
+        assert_eq!(aliyun::interpret(404, "<html>not found</html>").unwrap(), vec![]);
+        assert_eq!(aliyun::interpret(200, "").unwrap(), vec![]);
+        let s = aliyun::interpret(200, "2015-01-05T18:02:00Z").unwrap();
+        assert!(matches!(&s[..], [Signal::Termination { time, .. }] if *time == t("2015-01-05T18:02:00Z")));
+        for bad in ["<html>", "2015-01-05 18:02", "tomorrow"] {
+            assert!(matches!(aliyun::interpret(200, bad), Err(WatchError::Malformed(_))), "{bad}");
+        }
+        assert!(matches!(aliyun::interpret(500, ""), Err(WatchError::Status(500))));
+    }
+
+    #[test]
+    fn aws_answers() {
+        assert_eq!(aws::interpret_action(404, "{\"action\": \"terminate\", \"time\": \"2017-09-18T08:22:00Z\"}").unwrap(), None, "status, not body");
+        let s = aws::interpret_action(200, r#"{"action": "terminate", "time": "2017-09-18T08:22:00Z"}"#).unwrap();
+        assert!(matches!(s, Some(Signal::Termination { time, .. }) if time == t("2017-09-18T08:22:00Z")));
+        for bad in [r#"{"action": "terminate", "time": "2017-09-18T08:22"#, "<html></html>", "", r#"{"action": "explode", "time": "2017-09-18T08:22:00Z"}"#, r#"{"action": "stop", "time": "18/09/2017"}"#] {
+            assert!(matches!(aws::interpret_action(200, bad), Err(WatchError::Malformed(_))), "{bad}");
+        }
+        let r = aws::interpret_rebalance(200, r#"{"noticeTime": "2020-10-27T08:22:00Z"}"#).unwrap();
+        assert_eq!(r, Some(Signal::Rebalance { time: t("2020-10-27T08:22:00Z") }));
+        assert_eq!(aws::interpret_rebalance(404, "").unwrap(), None);
+    }
+
+    #[test]
+    fn azure_answers() {
+        let none = r#"{"DocumentIncarnation": 1, "Events": []}"#;
+        assert_eq!(azure::interpret(200, none, "vm-a").unwrap(), vec![Signal::Clear]);
+        let ev = |ty: &str, res: &str, nb: &str| {
+            format!(r#"{{"DocumentIncarnation": 2, "Events": [{{"EventId": "E1", "EventType": "{ty}", "ResourceType": "VirtualMachine", "Resources": ["{res}"], "EventStatus": "Scheduled", "NotBefore": "{nb}", "Description": "", "EventSource": "Platform", "DurationInSeconds": -1}}]}}"#)
+        };
+        let s = azure::interpret(200, &ev("Preempt", "vm-a", "Mon, 19 Sep 2016 18:29:47 GMT"), "vm-a").unwrap();
+        assert!(matches!(&s[..], [Signal::Termination { time, event_id: Some(id), .. }] if *time == t("2016-09-19T18:29:47Z") && id == "E1"));
+        assert_eq!(azure::interpret(200, &ev("Preempt", "vm-b", "Mon, 19 Sep 2016 18:29:47 GMT"), "vm-a").unwrap(), vec![Signal::Clear], "another VM's event");
+        assert_eq!(azure::interpret(200, &ev("Reboot", "vm-a", ""), "vm-a").unwrap(), vec![Signal::Clear]);
+        let started = azure::interpret(200, &ev("Terminate", "vm-a", ""), "vm-a").unwrap();
+        assert!(matches!(&started[..], [Signal::Termination { time: None, .. }]));
+        assert!(matches!(azure::interpret(200, &ev("Preempt", "vm-a", "2016-09-19"), "vm-a"), Err(WatchError::Malformed(_))));
+        assert!(matches!(azure::interpret(200, "{\"Events\": [", "vm-a"), Err(WatchError::Malformed(_))));
+        assert!(matches!(azure::interpret(400, "", "vm-a"), Err(WatchError::Status(400))));
+    }
+
+    #[test]
+    fn margin_is_bounded() {
+        assert_eq!(safety_margin(Duration::from_secs(120)), Duration::from_secs(10));
+        assert_eq!(safety_margin(Duration::from_secs(30)), Duration::from_secs(3));
+        assert_eq!(safety_margin(Duration::from_secs(2)), Duration::from_secs(1));
+        assert_eq!(safety_margin(Duration::from_secs(3000)), Duration::from_secs(10));
+    }
+
+    fn drain() -> (Arc<Drain>, Arc<AtomicUsize>, Arc<AtomicBool>) {
+        let streams = Arc::new(AtomicUsize::new(0));
+        let ready = Arc::new(AtomicBool::new(true));
+        let parts = DrainParts {
+            ready: ready.clone(),
+            draining: Arc::new(AtomicBool::new(false)),
+            peer_streams: streams.clone(),
+            membership: None,
+            metrics: Arc::new(Metrics::new()),
+            node_id: "n".into(),
+            peer_addr: None,
+            cached_bytes: Arc::new(|| 7),
+        };
+        (Drain::new(parts, Reporter::none(), TaskTracker::new()), streams, ready)
+    }
+
+    #[tokio::test]
+    async fn drained_after_streams_end_and_cancel_serves_again() {
+        let (d, streams, ready) = drain();
+        streams.store(1, Ordering::SeqCst);
+        d.notice(Provider::Aws, Some(Utc::now() + chrono::Duration::seconds(120)), "test");
+        assert_eq!(d.state(), DRAINING);
+        assert!(!ready.load(Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(d.state(), DRAINING, "a stream is still in flight");
+        streams.store(0, Ordering::SeqCst);
+        d.wait(Duration::from_secs(2)).await;
+        assert_eq!(d.state(), DRAINED);
+        assert_eq!(d.metrics.drain_state.get(), 2);
+        d.cancel();
+        assert_eq!(d.state(), SERVING);
+        assert!(ready.load(Ordering::SeqCst));
+        // A manual drain is not withdrawn by the provider.
+        assert!(d.begin("manual", Duration::from_secs(5)));
+        d.cancel();
+        assert_ne!(d.state(), SERVING);
+    }
+
+    #[tokio::test]
+    async fn deadline_bounds_the_wait() {
+        let (d, streams, _) = drain();
+        streams.store(1, Ordering::SeqCst);
+        // A 2 s window with a 1 s margin: drained after about 1 s although a stream stays open.
+        d.begin("sigterm", Duration::from_secs(2));
+        let t0 = std::time::Instant::now();
+        d.wait(Duration::from_secs(5)).await;
+        assert_eq!(d.state(), DRAINED);
+        assert!(t0.elapsed() < Duration::from_secs(3));
     }
 }
