@@ -1,5 +1,6 @@
 //! A minimal S3 endpoint on 127.0.0.1 for failure injection: ListObjectsV2 of one object, and
-//! GETs that fail (500), hang, or serve the exact range, switchable while it runs.
+//! GETs that fail (500), hang, wait for release, or serve the exact range, switchable while it
+//! runs.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -10,6 +11,8 @@ use std::time::Duration;
 pub const FAIL: u8 = 0;
 pub const HANG: u8 = 1;
 pub const SERVE: u8 = 2;
+/// GETs wait while the mode stays HOLD, then are answered as the new mode says.
+pub const HOLD: u8 = 3;
 
 pub struct FakeS3 {
     pub addr: SocketAddr,
@@ -98,6 +101,9 @@ fn handle(conn: TcpStream, mode: &AtomicU8, gets: &AtomicU64, stop: &AtomicBool,
             let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}", body.len());
         } else if method == "GET" && path == obj_path {
             gets.fetch_add(1, Ordering::SeqCst);
+            while mode.load(Ordering::SeqCst) == HOLD && !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             match mode.load(Ordering::SeqCst) {
                 FAIL => {
                     let body = "<Error><Code>InternalError</Code><Message>injected</Message></Error>";

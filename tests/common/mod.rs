@@ -272,5 +272,6 @@ impl Drop for Agent {
         let _ = std::fs::remove_dir_all(&self.cache_dir);
     }
 }
+pub mod fake_http;
 pub mod fake_s3;
 pub mod weed;
