@@ -34,6 +34,17 @@ pub fn status(admin: &str, json: bool) -> ExitCode {
     println!("mount       {}  ({})", s(&st["mountpoint"]), if st["ready"].as_bool() == Some(true) { "ready" } else { "not ready" });
     println!("source      {}", s(&st["source"]));
     println!("state       {}", s(&st["drain_state"]));
+    let d = &st["drain"];
+    let provider = s(&d["provider"]);
+    println!("preemption  {}{}", if provider == "none" { "not watched".to_string() } else { provider }, d["instance_id"].as_str().map(|i| format!("  (instance {i})")).unwrap_or_default());
+    if let Some(reason) = d["reason"].as_str() {
+        println!(
+            "drain       {reason}; termination {}, deadline {}, drained {}",
+            s(&d["termination_time"]),
+            s(&d["deadline"]),
+            s(&d["drained_time"])
+        );
+    }
     println!("files       {}  (open handles: {})", n(&st["files"]), n(&st["open_handles"]));
     println!(
         "cache       {} of {}  (chunk {})",

@@ -567,6 +567,10 @@ fn drain_command_and_sigterm_drive_the_same_machine() {
     assert!(ev["reason"].as_str().unwrap().contains("cachefs drain"), "{ev}");
     assert_eq!(ev["provider"], "none");
     assert_eq!(hook.kinds(), ["drain_ready"], "no preemption_notice without a notice");
+    let out = std::process::Command::new(bin()).args(["status", "--admin", &a.admin.to_string()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("state       drained") && text.contains("drain       manual drain (cachefs drain)"), "{text}");
+    assert!(text.contains("preemption  not watched"), "{text}");
 
     let hook2 = Hook::start();
     let url2 = hook2.url();
