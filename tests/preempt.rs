@@ -686,3 +686,33 @@ fn draining_agent_finishes_its_transfer_and_gets_no_new_ones() {
     // A's mount still serves its own readers.
     assert_eq!(sha256_file(&a.path("f.bin")), want);
 }
+
+#[test]
+fn webhook_retries_and_unreachable_metadata_is_retried() {
+    if !fuse_available("webhook_retries_and_unreachable_metadata_is_retried") {
+        return;
+    }
+    let (_src, s) = source();
+    // A receiver that refuses the first two attempts.
+    let tries = Arc::new(Mutex::new(0u32));
+    let t = tries.clone();
+    let hook = FakeHttp::start(move |r: &Req| {
+        let mut n = t.lock().unwrap();
+        *n += 1;
+        Some(if *n <= 2 && r.method == "POST" { Resp::new(503, "busy") } else { Resp::new(200, "ok") })
+    });
+    // Nothing listens on the metadata port: every check fails, none drains.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let url = format!("{}/events", hook.url());
+    let a = Agent::start(&s, &watch_args("aws", &dead, &url));
+    assert!(poll_until(Duration::from_secs(10), || a.metric("cachefs_metadata_errors_total") >= 3.0), "{}", a.log_text());
+    assert_eq!(ready(&a), 200);
+    assert!(a.log_text().contains("unreachable"), "{}", a.log_text());
+    let st = std::process::Command::new(bin()).args(["drain", "--admin", &a.admin.to_string()]).status().unwrap();
+    assert!(st.success());
+    assert!(poll_until(Duration::from_secs(10), || a.metric("cachefs_webhook_deliveries_total") == 1.0), "{}", a.log_text());
+    let posts: Vec<_> = hook.requests().into_iter().filter(|r| r.method == "POST").collect();
+    assert_eq!(posts.len(), 3, "two refusals, then delivered");
+    assert!(posts.iter().all(|p| p.body == posts[0].body), "the same event each time");
+    assert_eq!(a.metric("cachefs_webhook_failures_total"), 0.0);
+}
