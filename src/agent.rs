@@ -334,9 +334,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     }
 
     // Preemption watch (off unless configured).
-    if let Err(e) = crate::preempt::start_watch(&cfg.preempt, drain.clone(), &tasks, stop.clone()).await {
-        warn!(error = %e, "preemption watch could not start");
-    }
+    crate::preempt::start_watch(&cfg.preempt, drain.clone(), &tasks, stop.clone());
 
     // Catalog refresh.
     {

@@ -511,39 +511,68 @@ impl Drain {
     }
 }
 
-/// Start the configured watcher (detecting the cloud for `auto`) as a tracked task.
-pub async fn start_watch(cfg: &PreemptConfig, drain: Arc<Drain>, tasks: &TaskTracker, stop: CancellationToken) -> Result<(), String> {
-    let provider = match cfg.provider {
-        Provider::None => {
-            info!("preemption watch off (--preemption-provider none)");
-            return Ok(());
-        }
-        Provider::Auto => match detect::detect(cfg.metadata_endpoint.as_deref()).await {
-            Some(p) => {
-                info!(provider = p.name(), "cloud detected");
-                p
-            }
-            None => {
-                warn!("--preemption-provider auto: no cloud metadata service answered; preemption watch off");
-                return Ok(());
-            }
-        },
-        p => p,
-    };
-    drain.set_provider(provider);
-    let endpoint = cfg.metadata_endpoint.clone().unwrap_or_else(|| provider.default_endpoint().to_string());
-    let interval = cfg.poll_interval.unwrap_or(provider.default_poll());
-    let (c, d, s) = (cfg.clone(), drain, stop);
+/// Start the configured watcher as a tracked task. `auto` detects the cloud inside that task
+/// (a few tries over about 20 s: a metadata service can be slow at boot), so startup never waits.
+pub fn start_watch(cfg: &PreemptConfig, drain: Arc<Drain>, tasks: &TaskTracker, stop: CancellationToken) {
     use tracing::Instrument;
-    let span = tracing::info_span!("preempt", provider = provider.name());
-    match provider {
-        Provider::Aliyun => tasks.spawn(watch(aliyun::Aliyun::new(&endpoint, interval)?, d, c, s).instrument(span)),
-        Provider::Aws => tasks.spawn(watch(aws::Aws::new(&endpoint, interval)?, d, c, s).instrument(span)),
-        Provider::Gcp => tasks.spawn(watch(gcp::Gcp::new(&endpoint, interval)?, d, c, s).instrument(span)),
-        Provider::Azure => tasks.spawn(watch(azure::Azure::new(&endpoint, interval)?, d, c, s).instrument(span)),
-        Provider::None | Provider::Auto => return Ok(()),
-    };
-    Ok(())
+    if cfg.provider == Provider::None {
+        info!("preemption watch off (--preemption-provider none)");
+        return;
+    }
+    let cfg = cfg.clone();
+    tasks.spawn(
+        async move {
+            let provider = match cfg.provider {
+                Provider::Auto => {
+                    let mut found = None;
+                    for pause in [0u64, 5, 15] {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(pause)) => {}
+                        }
+                        found = tokio::select! {
+                            _ = stop.cancelled() => return,
+                            p = detect::detect(cfg.metadata_endpoint.as_deref()) => p,
+                        };
+                        if found.is_some() {
+                            break;
+                        }
+                    }
+                    match found {
+                        Some(p) => {
+                            info!(provider = p.name(), "cloud detected");
+                            p
+                        }
+                        None => {
+                            warn!("--preemption-provider auto: no cloud metadata service answered; preemption watch off");
+                            return;
+                        }
+                    }
+                }
+                p => p,
+            };
+            drain.set_provider(provider);
+            let endpoint = cfg.metadata_endpoint.clone().unwrap_or_else(|| provider.default_endpoint().to_string());
+            let interval = cfg.poll_interval.unwrap_or(provider.default_poll());
+            // One watcher type per provider; each is run the same way.
+            macro_rules! run {
+                ($w:expr) => {
+                    match $w {
+                        Ok(w) => watch(w, drain, cfg, stop).await,
+                        Err(e) => warn!(error = %e, "preemption watch could not start"),
+                    }
+                };
+            }
+            match provider {
+                Provider::Aliyun => run!(aliyun::Aliyun::new(&endpoint, interval)),
+                Provider::Aws => run!(aws::Aws::new(&endpoint, interval)),
+                Provider::Gcp => run!(gcp::Gcp::new(&endpoint, interval)),
+                Provider::Azure => run!(azure::Azure::new(&endpoint, interval)),
+                Provider::None | Provider::Auto => {}
+            }
+        }
+        .instrument(tracing::info_span!("preempt")),
+    );
 }
 
 #[cfg(test)]
@@ -595,6 +624,12 @@ mod tests {
         assert!(matches!(azure::interpret(200, &ev("Preempt", "vm-a", "2016-09-19"), "vm-a"), Err(WatchError::Malformed(_))));
         assert!(matches!(azure::interpret(200, "{\"Events\": [", "vm-a"), Err(WatchError::Malformed(_))));
         assert!(matches!(azure::interpret(400, "", "vm-a"), Err(WatchError::Status(400))));
+    }
+
+    #[tokio::test]
+    async fn auto_finds_nothing_where_nothing_answers() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        assert_eq!(detect::detect(Some(&format!("http://127.0.0.1:{port}"))).await, None);
     }
 
     #[test]
