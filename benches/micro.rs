@@ -2,7 +2,6 @@
 //! insert that evicts), crc32c of a chunk, rendezvous owner choice over 100 peers, and splitting
 //! a read into chunk pieces. `cargo bench --bench micro`.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -22,12 +21,11 @@ fn object(name: &str, chunks: u64) -> ObjectVersion {
 fn chunk_index(c: &mut Criterion) {
     let dir = tempfile::Builder::new().prefix("cachefs-micro-").tempdir_in("/dev/shm").unwrap();
     let data = vec![7u8; CHUNK as usize];
-    let early = AtomicU64::new(0);
     // 64 chunks held; lookups of present and absent chunks.
-    let tier = MemoryTier::new(dir.path(), CHUNK, 64 * CHUNK, Arc::new(Metrics::new())).unwrap();
+    let tier = Arc::new(MemoryTier::new(dir.path(), CHUNK, 64 * CHUNK, Arc::new(Metrics::new())).unwrap());
     let obj = object("held.bin", 128);
     for i in 0..64 {
-        tier.insert(&obj, i, &data, Tier::origin, &early).unwrap();
+        tier.insert(&obj, i, &data, Tier::origin).unwrap();
     }
     let mut i = 0u64;
     c.bench_function("chunk index lookup (64 held, half the probes miss)", |b| {
@@ -44,7 +42,7 @@ fn chunk_index(c: &mut Criterion) {
     g.bench_function("insert 1 MiB into a full tier (evicts one)", |b| {
         b.iter(|| {
             n += 1;
-            tier.insert(&full, n, &data, Tier::origin, &early).unwrap()
+            tier.insert(&full, n, &data, Tier::origin).unwrap()
         })
     });
     g.finish();

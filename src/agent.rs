@@ -195,7 +195,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     };
     let mut sources: Vec<Arc<dyn ChunkSource>> = Vec::new();
     if let Some(m) = &membership {
-        sources.push(Arc::new(PeerSource::new(m.clone(), cfg.chunk_size, draining.clone(), PeerTimeouts::default(), metrics.clone())));
+        sources.push(Arc::new(PeerSource::new(m.clone(), memory.clone(), draining.clone(), PeerTimeouts::default(), metrics.clone())));
     }
     sources.push(origin.clone());
     let reader = Reader::new(

@@ -150,7 +150,7 @@ impl proto::peer_server::Peer for CorruptPeer {
             .objects
             .into_iter()
             .filter(|o| o.key == self.key)
-            .map(|o| proto::ObjectInventory { key: o.key, etag: o.etag, present: vec![0xffu8; n.div_ceil(8) as usize].into(), chunks: n })
+            .map(|o| proto::ObjectInventory { key: o.key, etag: o.etag, present: vec![0xffu8; n.div_ceil(8) as usize].into(), chunks: n, filling: Default::default() })
             .collect();
         Ok(Response::new(proto::InventoryResponse { objects, draining: false }))
     }

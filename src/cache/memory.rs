@@ -5,8 +5,12 @@
 //! - [`MemoryTier::read`] returns `Some` only with bytes of a chunk that was fully written and
 //!   whose crc32c was recorded, and that was not evicted while it was being read; otherwise
 //!   `None` (a miss, never an error and never zeros from a punched hole).
-//! - [`MemoryTier::insert`] stores a whole chunk; when it returns, the bytes held are within the
-//!   budget. A chunk larger than the whole budget is not stored (`Ok(false)`).
+//! - [`MemoryTier::insert`] stores a whole chunk; [`MemoryTier::begin_fill`] lets a receiver
+//!   write one straight into the file as it arrives, present only once committed with a matching
+//!   crc32c. Room is reserved first, so the bytes held never exceed the budget. A chunk larger
+//!   than the whole budget is not stored (`Ok(false)`).
+//! - Bytes handed out ([`MemoryTier::read`], [`MemoryTier::map_chunk`]) point into the file's
+//!   mapping without a copy; while any of them is alive, that chunk is not evicted.
 //! - Eviction punches a hole in the file (`fallocate(PUNCH_HOLE)`), so tmpfs pages go back to
 //!   the kernel. File I/O and hole punching happen outside the index lock.
 
@@ -17,10 +21,9 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use lru::LruCache;
 use tracing::warn;
 
@@ -58,11 +61,12 @@ pub struct Recovered {
 struct Slot {
     present: bool,
     writing: bool,
-    epoch: u64,
     crc: u32,
     /// Bytes of this chunk not yet served since it was filled: they count for `source`.
     fresh: u64,
     source: Option<Tier>,
+    /// Live `Bytes` into this chunk's mapping: it is not evicted while any exists.
+    readers: u32,
 }
 
 /// Who a read's bytes are credited to: the first pass over a freshly filled chunk (readahead
@@ -95,10 +99,21 @@ struct ObjFile {
     map: std::sync::OnceLock<Option<Arc<memmap2::Mmap>>>,
 }
 
-/// A range of a mapping, owned: lets `Bytes` point into the tmpfs file without a copy.
+/// A range of a mapping, owned: lets `Bytes` point into the tmpfs file without a copy. It
+/// counts as a reader of its chunk until dropped, so the chunk cannot be punched under it.
 struct MapSlice {
     map: Arc<memmap2::Mmap>,
     range: Range<usize>,
+    file: Arc<ObjFile>,
+    index: usize,
+}
+
+impl Drop for MapSlice {
+    fn drop(&mut self) {
+        if let Some(s) = self.file.slots().get_mut(self.index) {
+            s.readers = s.readers.saturating_sub(1);
+        }
+    }
 }
 
 impl AsRef<[u8]> for MapSlice {
@@ -110,6 +125,35 @@ impl AsRef<[u8]> for MapSlice {
 impl ObjFile {
     fn slots(&self) -> MutexGuard<'_, Vec<Slot>> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The shared read-only mapping of the whole file, made on first use.
+    fn mapping(&self) -> Option<Arc<memmap2::Mmap>> {
+        self.map
+            .get_or_init(|| {
+                // SAFETY: the file is only written through this tier, in chunks not marked present
+                // and not handed out; present chunks with live readers are never punched.
+                unsafe { memmap2::Mmap::map(&self.file) }.ok().map(Arc::new)
+            })
+            .clone()
+    }
+
+    /// Bytes `within` (inside the chunk at `chunk`) of present chunk `index`, from the mapping,
+    /// registered as a reader; with the slot as it was.
+    fn view(self: &Arc<Self>, index: u64, chunk: Range<u64>, within: Range<u64>) -> Option<(Bytes, Slot)> {
+        let map = self.mapping()?;
+        let (start, end) = (chunk.start + within.start, chunk.start + within.end);
+        if within.end > chunk.end - chunk.start || end as usize > map.len() {
+            return None;
+        }
+        let slot = {
+            let mut slots = self.slots();
+            let s = slots.get_mut(index as usize).filter(|s| s.present)?;
+            s.readers += 1;
+            *s
+        };
+        let owner = MapSlice { map, range: start as usize..end as usize, file: self.clone(), index: index as usize };
+        Some((Bytes::from_owner(owner), slot))
     }
 
     /// Append one journal line; a failure only costs the warm restart of this chunk.
@@ -276,7 +320,7 @@ impl MemoryTier {
             let ok = map.get(cr.start as usize..cr.end as usize).is_some_and(|b| crc32c::crc32c(b) == crc);
             if ok {
                 if let Some(s) = slots.get_mut(i as usize) {
-                    *s = Slot { present: true, epoch: 1, crc, ..Slot::default() };
+                    *s = Slot { present: true, crc, ..Slot::default() };
                 }
                 good.push((i, crc, cr.end - cr.start));
             } else {
@@ -372,71 +416,72 @@ impl MemoryTier {
     /// Bytes `within` of chunk `index` of `obj`, if present, and whom to credit them to.
     pub fn read(&self, obj: &ObjectVersion, index: u64, within: Range<u64>) -> Option<(Bytes, Credit)> {
         let chunk = chunk_range(index, obj.size, self.chunk_size);
-        if within.end > chunk.end - chunk.start || within.is_empty() {
+        if within.is_empty() {
             return None;
         }
-        let (f, slot) = self.present(obj, index)?;
-        let epoch = slot.epoch;
-        let mut buf = BytesMut::zeroed((within.end - within.start) as usize);
-        if let Err(e) = f.file.read_exact_at(&mut buf, chunk.start + within.start) {
-            warn!(key = %obj.key, index, error = %e, "memory tier read failed; treating as a miss");
-            return None;
-        }
-        // Still present and not evicted (then re-filled) while we read: the bytes are good.
+        let f = self.existing(obj)?;
+        let (bytes, _) = f.view(index, chunk, within)?;
         let credit = {
             let mut slots = f.slots();
             let s = slots.get_mut(index as usize)?;
-            if !(s.present && s.epoch == epoch) {
-                return None;
-            }
-            take_fresh(s, buf.len() as u64)
+            take_fresh(s, bytes.len() as u64)
         };
         let key = ChunkKey { object: obj.id.clone(), index };
         lock(&self.index).lru.promote(&key);
-        Some((buf.freeze(), credit))
+        Some((bytes, credit))
     }
 
-    /// Credit `n` bytes of chunk `index` served straight from a fetch (not read back from the
-    /// file). Before the chunk is stored they count for `fetched_from` and are added to
-    /// `served_early`, which [`MemoryTier::insert`] subtracts from the chunk's fresh bytes; after,
-    /// they draw on the fresh bytes like any read. Both sides decide under the chunk's lock, so
-    /// no byte is credited twice.
-    pub fn credit(&self, obj: &ObjectVersion, index: u64, n: u64, fetched_from: Tier, served_early: &AtomicU64) -> Credit {
-        let early = Credit { source: fetched_from, source_bytes: n };
-        let Ok(f) = self.open_file(obj) else { return early };
-        let mut slots = f.slots();
-        match slots.get_mut(index as usize) {
-            Some(s) if s.present => take_fresh(s, n),
-            _ => {
-                served_early.fetch_add(n, Ordering::SeqCst);
-                early
+    /// Bytes of chunk `index` that were filled for no local reader (a peer, `warm`): local reads
+    /// of them count as memory hits.
+    pub fn settle(&self, obj: &ObjectVersion, index: u64) {
+        if let Some(f) = self.existing(obj) {
+            if let Some(s) = f.slots().get_mut(index as usize) {
+                s.fresh = 0;
             }
         }
     }
 
     /// Store the whole chunk `index` of `obj`. `Ok(false)` if it was not stored (already present,
     /// being written by someone else, or larger than the budget).
-    pub fn insert(&self, obj: &ObjectVersion, index: u64, data: &[u8], source: Tier, served_early: &AtomicU64) -> io::Result<bool> {
+    pub fn insert(self: &Arc<Self>, obj: &ObjectVersion, index: u64, data: &[u8], source: Tier) -> io::Result<bool> {
+        let len = chunk_range(index, obj.size, self.chunk_size);
+        if data.len() as u64 != len.end - len.start {
+            let msg = format!("chunk {index} of {} has {} bytes, expected {}", obj.key, data.len(), len.end - len.start);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, msg));
+        }
+        let Some(mut fill) = self.begin_fill(obj, index)? else { return Ok(false) };
+        fill.write(data)?;
+        let crc = fill.crc();
+        fill.commit(crc, source).map(|_| true)
+    }
+
+    /// Reserve room for chunk `index` of `obj` and mark it being written. `Ok(None)` if it is
+    /// present, being written by someone else, or cannot be given room within the budget.
+    pub fn begin_fill(self: &Arc<Self>, obj: &ObjectVersion, index: u64) -> io::Result<Option<Fill>> {
         let chunk = chunk_range(index, obj.size, self.chunk_size);
         let len = chunk.end - chunk.start;
-        if data.len() as u64 != len {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("chunk {index} of {} has {} bytes, expected {len}", obj.key, data.len())));
-        }
         if len > self.capacity || len == 0 {
-            return Ok(false);
+            return Ok(None);
         }
         let f = self.open_file(obj)?;
         {
             let mut slots = f.slots();
-            let Some(s) = slots.get_mut(index as usize) else { return Ok(false) };
+            let Some(s) = slots.get_mut(index as usize) else { return Ok(None) };
             if s.present || s.writing {
-                return Ok(false);
+                return Ok(None);
             }
             s.writing = true;
         }
-        // Make room first, so the tmpfs files never hold more than the budget, even briefly.
-        // Pinned chunks are passed over; if no room can be made (the rest is pinned or being
-        // written), the chunk is not stored: the budget is a hard limit.
+        // Dropped unreserved, it only clears `writing`.
+        let mut fill = Fill { tier: self.clone(), file: f, key: ChunkKey { object: obj.id.clone(), index }, chunk, written: 0, crc: 0, reserved: false };
+        fill.reserved = self.reserve(len);
+        Ok(fill.reserved.then_some(fill))
+    }
+
+    /// Make room for `len` more bytes, evicting least recently used chunks. Pinned and read
+    /// chunks are passed over; false (nothing reserved) if room cannot be made: the budget is a
+    /// hard limit, and the tmpfs files never hold more than it, even briefly.
+    fn reserve(&self, len: u64) -> bool {
         let (victims, fits) = {
             let mut idx = lock(&self.index);
             idx.used += len;
@@ -448,46 +493,18 @@ impl MemoryTier {
             self.metrics.cache_bytes.set(idx.used as i64);
             (victims, fits)
         };
-        self.evict(victims);
-        if !fits {
-            if let Some(s) = f.slots().get_mut(index as usize) {
-                s.writing = false;
-            }
-            return Ok(false);
+        let kept = self.evict(victims);
+        if !fits || kept == 0 {
+            return fits;
         }
-        let crc = crc32c::crc32c(data);
-        let written = f.file.write_all_at(data, chunk.start);
-        {
-            let mut slots = f.slots();
-            if let Some(s) = slots.get_mut(index as usize) {
-                s.writing = false;
-                if written.is_ok() {
-                    s.present = true;
-                    s.crc = crc;
-                    s.epoch += 1;
-                    s.fresh = len.saturating_sub(served_early.load(Ordering::SeqCst));
-                    s.source = Some(source);
-                }
-            }
-        }
-        if written.is_ok() {
-            f.journal(&format!("+{index} {crc}\n"));
-        }
+        // Some victims could not go after all: give the room back if we are now over budget.
         let mut idx = lock(&self.index);
-        match written {
-            Ok(()) => {
-                idx.lru.put(ChunkKey { object: obj.id.clone(), index }, len);
-                self.metrics.cache_bytes.set(idx.used as i64);
-                Ok(true)
-            }
-            Err(e) => {
-                idx.used -= len;
-                self.metrics.cache_bytes.set(idx.used as i64);
-                drop(idx);
-                punch(&f.file, chunk.start, len);
-                Err(e)
-            }
+        if idx.used > self.capacity {
+            idx.used -= len;
+            self.metrics.cache_bytes.set(idx.used as i64);
+            return false;
         }
+        true
     }
 
     /// Take least recently used chunks out of the index until the budget holds, passing over
@@ -513,53 +530,45 @@ impl MemoryTier {
         victims
     }
 
-    fn evict(&self, victims: Vec<(ChunkKey, u64)>) {
+    /// Punch the victims' holes; returns how many could not go (pinned or read since chosen:
+    /// they are put back).
+    fn evict(&self, victims: Vec<(ChunkKey, u64)>) -> usize {
+        let mut kept = 0;
         for (key, len) in victims {
             let Some(f) = lock(&self.files).get(&key.object).cloned() else { continue };
-            // Pinned since it was chosen: put it back instead. The pins lock is held until the
-            // hole is punched, so `pin_if_complete` never sees a chunk that is about to go.
+            // The pins lock is held until the hole is punched, so `pin_if_complete` never sees a
+            // chunk that is about to go; the slot lock, so no reader view starts meanwhile.
             let pins = lock(&self.pins);
-            if pins.contains_key(&key.object) {
-                drop(pins);
+            let mut slots = f.slots();
+            let Some(s) = slots.get_mut(key.index as usize) else { continue };
+            if pins.contains_key(&key.object) || s.readers > 0 {
+                drop((slots, pins));
                 let mut idx = lock(&self.index);
                 idx.used += len;
                 idx.lru.put(key, len);
+                kept += 1;
                 continue;
             }
-            let mut slots = f.slots();
-            let Some(s) = slots.get_mut(key.index as usize) else { continue };
             s.present = false;
-            s.epoch += 1;
             // The hole is punched under the slot lock so a refill cannot start before it.
             let start = key.index * self.chunk_size;
             punch(&f.file, start, self.chunk_size);
-            drop(slots);
+            drop((slots, pins));
             f.journal(&format!("-{}\n", key.index));
             self.metrics.evictions.inc();
         }
+        kept
     }
 
-    /// A present chunk as `Bytes` pointing into the file's mapping (no copy), with its crc32c.
-    /// If the chunk is evicted while the bytes are still in use they may read as zeros: whoever
-    /// receives them must check the crc32c (peers do).
+    /// A present chunk as `Bytes` pointing into the file's mapping (no copy), with the crc32c
+    /// recorded when it was stored. The chunk is not evicted while the bytes are alive.
     pub fn map_chunk(&self, obj: &ObjectVersion, index: u64) -> Option<(Bytes, u32)> {
-        let (f, slot) = self.present(obj, index)?;
-        let crc = slot.crc;
-        let map = f
-            .map
-            .get_or_init(|| {
-                // SAFETY: the file is only written through this tier, in chunks not marked present;
-                // readers of a present chunk check its crc32c (see the doc above).
-                unsafe { memmap2::Mmap::map(&f.file) }.ok().map(Arc::new)
-            })
-            .clone()?;
-        let r = chunk_range(index, obj.size, self.chunk_size);
-        if r.end as usize > map.len() {
-            return None;
-        }
+        let f = self.existing(obj)?;
+        let chunk = chunk_range(index, obj.size, self.chunk_size);
+        let (bytes, slot) = f.view(index, chunk.clone(), 0..chunk.end - chunk.start)?;
         let key = ChunkKey { object: obj.id.clone(), index };
         lock(&self.index).lru.promote(&key);
-        Some((Bytes::from_owner(MapSlice { map, range: r.start as usize..r.end as usize }), crc))
+        Some((bytes, slot.crc))
     }
 
     /// crc32c of a present chunk.
@@ -572,6 +581,90 @@ impl MemoryTier {
         let f = self.existing(obj)?;
         let slot = f.slots().get(index as usize).copied().filter(|s| s.present)?;
         Some((f, slot))
+    }
+}
+
+/// A chunk being written into the tier (see [`MemoryTier::begin_fill`]): bytes are written in
+/// order with [`Fill::write`]; [`Fill::commit`] makes the chunk present if the crc32c of what was
+/// written matches. Dropped uncommitted, it punches what was written and gives the room back.
+pub struct Fill {
+    tier: Arc<MemoryTier>,
+    file: Arc<ObjFile>,
+    key: ChunkKey,
+    chunk: Range<u64>,
+    written: u64,
+    crc: u32,
+    reserved: bool,
+}
+
+impl Fill {
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Bytes of the chunk still to be written.
+    pub fn remaining(&self) -> u64 {
+        (self.chunk.end - self.chunk.start) - self.written
+    }
+
+    /// crc32c of the bytes written so far.
+    pub fn crc(&self) -> u32 {
+        self.crc
+    }
+
+    /// Append `data` to the chunk (never past its end).
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        if data.len() as u64 > self.remaining() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "more bytes than the chunk holds"));
+        }
+        self.file.file.write_all_at(data, self.chunk.start + self.written)?;
+        self.written += data.len() as u64;
+        self.crc = crc32c::crc32c_append(self.crc, data);
+        Ok(())
+    }
+
+    /// Make the chunk present if it is whole and its crc32c is `crc`; its bytes count for
+    /// `source` on their first local read. Returns them (a view of the mapping).
+    pub fn commit(mut self, crc: u32, source: Tier) -> io::Result<Bytes> {
+        if self.remaining() != 0 || self.crc != crc {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "chunk incomplete or checksum mismatch"));
+        }
+        let (index, len) = (self.key.index, self.chunk.end - self.chunk.start);
+        {
+            let mut slots = self.file.slots();
+            let s = slots.get_mut(index as usize).ok_or_else(|| io::Error::other("chunk index out of range"))?;
+            *s = Slot { present: true, writing: false, crc, fresh: len, source: Some(source), readers: s.readers };
+        }
+        self.file.journal(&format!("+{index} {crc}\n"));
+        {
+            let mut idx = lock(&self.tier.index);
+            idx.lru.put(self.key.clone(), len);
+            self.tier.metrics.cache_bytes.set(idx.used as i64);
+        }
+        self.reserved = false;
+        let (bytes, _) = self.file.view(index, self.chunk.clone(), 0..len).ok_or_else(|| io::Error::other("cannot map the cache file"))?;
+        Ok(bytes)
+    }
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        if !self.reserved {
+            // Committed (or never given room): only a failed commit may leave `writing` set.
+            if let Some(s) = self.file.slots().get_mut(self.key.index as usize) {
+                s.writing = false;
+            }
+            return;
+        }
+        let len = self.chunk.end - self.chunk.start;
+        punch(&self.file.file, self.chunk.start, len);
+        if let Some(s) = self.file.slots().get_mut(self.key.index as usize) {
+            s.writing = false;
+        }
+        let mut idx = lock(&self.tier.index);
+        idx.used -= len;
+        self.tier.metrics.cache_bytes.set(idx.used as i64);
     }
 }
 
@@ -604,12 +697,12 @@ mod tests {
     fn insert_read_evict_budget() {
         let dir = tempfile::tempdir().unwrap();
         let m = Arc::new(Metrics::new());
-        let tier = MemoryTier::new(dir.path(), 4096, 3 * 4096, m.clone()).unwrap();
+        let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 3 * 4096, m.clone()).unwrap());
         let o = obj(5 * 4096 + 10);
         let data: Vec<u8> = (0..o.size).map(|i| (i % 251) as u8).collect();
         for i in 0..6u64 {
             let r = chunk_range(i, o.size, 4096);
-            assert!(tier.insert(&o, i, &data[r.start as usize..r.end as usize], Tier::origin, &AtomicU64::new(0)).unwrap());
+            assert!(tier.insert(&o, i, &data[r.start as usize..r.end as usize], Tier::origin).unwrap());
             assert!(tier.used() <= tier.capacity());
         }
         // The first chunks were evicted; the last three are present.
@@ -628,15 +721,15 @@ mod tests {
         let blocks = std::fs::metadata(tier.file_path(&o)).map(|md| std::os::unix::fs::MetadataExt::blocks(&md)).unwrap();
         assert!(blocks * 512 <= 3 * 4096 + 4096, "blocks {blocks}");
         assert_eq!(tier.crc(&o, 4), Some(crc32c::crc32c(&data[4 * 4096..5 * 4096])));
-        assert!(tier.insert(&o, 0, &data[..10], Tier::origin, &AtomicU64::new(0)).is_err(), "wrong length is refused");
+        assert!(tier.insert(&o, 0, &data[..10], Tier::origin).is_err(), "wrong length is refused");
     }
 
     #[test]
     fn chunk_larger_than_budget_is_not_stored() {
         let dir = tempfile::tempdir().unwrap();
-        let tier = MemoryTier::new(dir.path(), 4096, 1000, Arc::new(Metrics::new())).unwrap();
+        let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 1000, Arc::new(Metrics::new())).unwrap());
         let o = obj(4096);
-        assert!(!tier.insert(&o, 0, &[1u8; 4096], Tier::origin, &AtomicU64::new(0)).unwrap());
+        assert!(!tier.insert(&o, 0, &[1u8; 4096], Tier::origin).unwrap());
         assert_eq!(tier.used(), 0);
     }
 }

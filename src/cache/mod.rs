@@ -7,4 +7,4 @@ pub mod reader;
 
 pub use chunk::ChunkKey;
 pub use memory::MemoryTier;
-pub use reader::{ChunkSource, Reader, ReaderOptions};
+pub use reader::{Chunk, ChunkSource, Reader, ReaderOptions};

@@ -7,11 +7,13 @@
 //! - N concurrent reads of one cold chunk cause one fetch from the sources (single-flight); a
 //!   failed fetch is forgotten, so the next read tries again.
 //! - Fetches run as tracked tasks: they finish (and fill the memory tier) even if the reader
-//!   that started them gave up, and stop when [`Reader::shutdown`] is called.
+//!   that started them gave up, and stop when [`Reader::shutdown`] is called. A fetch hands its
+//!   bytes to waiters only once they are stored, so a file read to its end is in memory.
+//! - A fill asked for by a peer never asks peers in turn.
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
 use super::chunk::{chunk_count, chunk_range, split_read, ChunkKey};
-use super::memory::MemoryTier;
+use super::memory::{Credit, MemoryTier};
 use crate::catalog::ObjectVersion;
 use crate::error::Error;
 use crate::metrics::{Metrics, Tier};
@@ -34,10 +36,24 @@ use crate::metrics::{Metrics, Tier};
 /// `fetch` returns the whole chunk `index` of exactly that object version (`range` is its byte
 /// range in the object, already clamped to the size), `Ok(None)` when this source cannot supply
 /// it (a miss, not an error), or an error. It must never return bytes of another version, and
-/// must return within a bounded time.
+/// must return within a bounded time. A source may store the chunk in the memory tier itself as
+/// it receives it (then `stored` is true and the bytes are a view of the tier's file).
 pub trait ChunkSource: Send + Sync + 'static {
     fn tier(&self) -> Tier;
-    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, index: u64, range: Range<u64>) -> BoxFuture<'a, Result<Option<Bytes>, Error>>;
+    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, index: u64, range: Range<u64>) -> BoxFuture<'a, Result<Option<Chunk>, Error>>;
+}
+
+/// A whole chunk from a source.
+pub struct Chunk {
+    pub bytes: Bytes,
+    /// Already in the memory tier (committed with its crc32c).
+    pub stored: bool,
+}
+
+impl From<Bytes> for Chunk {
+    fn from(bytes: Bytes) -> Self {
+        Chunk { bytes, stored: false }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -48,16 +64,26 @@ pub struct ReaderOptions {
     pub readahead_budget: u64,
 }
 
-/// A fetched chunk, the tier it came from, and the bytes of it already served to readers
-/// before it was stored (see [`MemoryTier::credit`]).
+/// A fetched chunk, the tier it came from, and whether it is in the memory tier.
 #[derive(Clone)]
 struct Fetch {
     bytes: Bytes,
     tier: Tier,
-    served_early: Arc<AtomicU64>,
+    stored: bool,
 }
 
 type Fetched = Result<Fetch, Error>;
+
+/// Who a fill is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// A local reader: the bytes count for the tier that supplied them.
+    Read,
+    /// Nobody local (`warm`): once stored, local reads count as memory hits.
+    Background,
+    /// A peer asked this agent to fill it: never asks peers in turn (no chains, no cycles).
+    Peer,
+}
 
 /// Concurrent writes into the memory tier (measured here: more writers to one tmpfs file spin on
 /// its inode lock and slow everything down on a 2-core machine).
@@ -71,6 +97,8 @@ struct InFlight {
     id: u64,
     started: std::time::Instant,
     flight: Flight,
+    /// It is fetching from the origin (or done): peers may join it, it waits on no peer.
+    from_origin: Arc<AtomicBool>,
 }
 
 pub struct Reader {
@@ -87,9 +115,6 @@ pub struct Reader {
     cancel: CancellationToken,
     /// Fetches are spawned here: `read_cached`/`prefetch` run on FUSE threads, outside the runtime.
     rt: tokio::runtime::Handle,
-    /// Fetched chunks not yet written to memory, and a wake-up each time one is.
-    pending_stores: std::sync::atomic::AtomicUsize,
-    stored: tokio::sync::Notify,
 }
 
 impl Reader {
@@ -108,8 +133,6 @@ impl Reader {
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
             rt: tokio::runtime::Handle::current(),
-            pending_stores: std::sync::atomic::AtomicUsize::new(0),
-            stored: tokio::sync::Notify::new(),
         })
     }
 
@@ -126,30 +149,37 @@ impl Reader {
         (self.opts.readahead_budget / self.opts.chunk_size).clamp(1, 16)
     }
 
+    /// Whether chunk `index` of `obj` is being fetched from the origin here right now.
+    pub fn filling(&self, obj: &ObjectVersion, index: u64) -> bool {
+        let key = ChunkKey { object: obj.id.clone(), index };
+        self.flights.lock().unwrap_or_else(|p| p.into_inner()).get(&key).is_some_and(|f| f.from_origin.load(Ordering::SeqCst))
+    }
+
     /// The read, if every byte of it is in memory now (no waiting, no I/O but tmpfs).
     pub fn read_cached(&self, obj: &ObjectVersion, offset: u64, len: u64) -> Option<Bytes> {
         let pieces = split_read(offset, len, obj.size, self.opts.chunk_size);
-        let out = match pieces.as_slice() {
-            [] => Bytes::new(),
-            [p] => {
-                let (b, credit) = self.memory.read(obj, p.index, p.within.clone())?;
-                credit.record(&self.metrics, b.len() as u64);
-                b
-            }
-            many => {
-                let mut parts = Vec::with_capacity(many.len());
-                for p in many {
-                    parts.push(self.memory.read(obj, p.index, p.within.clone())?);
-                }
-                let mut buf = BytesMut::new();
-                for (b, credit) in parts {
-                    credit.record(&self.metrics, b.len() as u64);
+        let mut parts = Vec::with_capacity(pieces.len());
+        for p in &pieces {
+            parts.push(self.memory.read(obj, p.index, p.within.clone())?);
+        }
+        Some(self.join(parts))
+    }
+
+    /// Credit each part to its tier and return them as one buffer (a copy only if several).
+    fn join(&self, parts: Vec<(Bytes, Credit)>) -> Bytes {
+        for (b, credit) in &parts {
+            credit.record(&self.metrics, b.len() as u64);
+        }
+        match parts.len() {
+            1 => parts.into_iter().next().map(|(b, _)| b).unwrap_or_default(),
+            _ => {
+                let mut buf = BytesMut::with_capacity(parts.iter().map(|(b, _)| b.len()).sum());
+                for (b, _) in parts {
                     buf.extend_from_slice(&b);
                 }
                 buf.freeze()
             }
-        };
-        Some(out)
+        }
     }
 
     /// Exactly the bytes `[offset, offset+len)` of `obj` (clamped to its size), from the first
@@ -168,35 +198,25 @@ impl Reader {
             if let Some(hit) = self.memory.read(obj, p.index, p.within.clone()) {
                 return Ok::<_, Error>(hit);
             }
-            let f = self.chunk(obj, p.index).await?;
+            let f = self.chunk_for(obj, p.index, Purpose::Read).await?;
+            if f.stored {
+                if let Some(hit) = self.memory.read(obj, p.index, p.within.clone()) {
+                    return Ok(hit);
+                }
+            }
+            // Not stored (no room): served from the fetched bytes, all credited to their tier.
             let within = p.within.start as usize..(p.within.end as usize).min(f.bytes.len());
-            let credit = self.memory.credit(obj, p.index, within.len() as u64, f.tier, &f.served_early);
+            let credit = Credit { source: f.tier, source_bytes: within.len() as u64 };
             Ok((f.bytes.slice(within), credit))
         }))
         .await?;
-        for (b, credit) in &parts {
-            credit.record(&self.metrics, b.len() as u64);
-        }
-        Ok(match parts.len() {
-            1 => parts.into_iter().next().map(|(b, _)| b).unwrap_or_default(),
-            _ => {
-                let mut buf = BytesMut::with_capacity(parts.iter().map(|(b, _)| b.len()).sum());
-                for (b, _) in parts {
-                    buf.extend_from_slice(&b);
-                }
-                buf.freeze()
-            }
-        })
+        Ok(self.join(parts))
     }
 
-    /// The whole chunk `index` of `obj`: joins a fetch in flight or starts one.
-    fn chunk(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64) -> Flight {
-        self.chunk_for(obj, index, false)
-    }
-
-    /// `background`: the fill serves no local reader (a peer, or `warm`); once stored, local
-    /// reads of it count as memory hits.
-    fn chunk_for(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64, background: bool) -> Flight {
+    /// The whole chunk `index` of `obj`: joins a fetch in flight or starts one. The flight ends
+    /// once the chunk is in the memory tier (or could not be stored), so a file whose last chunk
+    /// was read is complete in memory at that moment.
+    fn chunk_for(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64, purpose: Purpose) -> Flight {
         let key = ChunkKey { object: obj.id.clone(), index };
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = flights.get(&key) {
@@ -205,32 +225,19 @@ impl Reader {
             }
             warn!(key = %obj.key, index, "a fetch of this chunk is older than the read deadline; starting another");
         }
-        let id = self.next_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let this = self.clone();
-        let obj = obj.clone();
+        let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
+        let from_origin = Arc::new(AtomicBool::new(false));
+        let (this, obj, stage) = (self.clone(), obj.clone(), from_origin.clone());
         let span = tracing::debug_span!("fill", key = %obj.key, index);
         let task_key = key.clone();
-        // Waiters get the bytes as soon as they are fetched; the tmpfs write comes after.
         let (tx, rx) = tokio::sync::oneshot::channel::<Fetched>();
         self.tracker.spawn_on(
             async move {
                 let result = tokio::select! {
-                    r = this.fetch(&obj, index) => r,
+                    r = this.fetch_and_store(&obj, index, purpose, &stage) => r,
                     _ = this.cancel.cancelled() => Err(Error::unavailable("agent is shutting down")),
                 };
-                let store = result.as_ref().ok().cloned();
-                if store.is_some() {
-                    this.pending_stores.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                }
                 let _ = tx.send(result);
-                if let Some(f) = store {
-                    if background {
-                        f.served_early.fetch_add(f.bytes.len() as u64, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    this.store(&obj, index, f).await;
-                    this.pending_stores.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                    this.stored.notify_waiters();
-                }
                 let mut flights = this.flights.lock().unwrap_or_else(|p| p.into_inner());
                 if flights.get(&task_key).is_some_and(|f| f.id == id) {
                     flights.remove(&task_key);
@@ -240,39 +247,60 @@ impl Reader {
             &self.rt,
         );
         let flight = async move { rx.await.unwrap_or_else(|_| Err(Error::unavailable("fetch task ended"))) }.boxed().shared();
-        flights.insert(key, InFlight { id, started: std::time::Instant::now(), flight: flight.clone() });
+        flights.insert(key, InFlight { id, started: std::time::Instant::now(), flight: flight.clone(), from_origin });
         flight
     }
 
+    /// Fetch the chunk and put it in the memory tier (unless its source already did).
+    async fn fetch_and_store(&self, obj: &Arc<ObjectVersion>, index: u64, purpose: Purpose, from_origin: &AtomicBool) -> Fetched {
+        let mut f = self.fetch(obj, index, purpose, from_origin).await?;
+        if !f.stored {
+            f.stored = self.store(obj, index, &f).await;
+        }
+        if f.stored && purpose != Purpose::Read {
+            self.memory.settle(obj, index);
+        }
+        Ok(f)
+    }
+
     /// Write a fetched chunk into the memory tier, off the async workers, a few at a time.
-    async fn store(&self, obj: &Arc<ObjectVersion>, index: u64, f: Fetch) {
-        let Ok(_permit) = self.writers.acquire().await else { return };
-        let (memory, o) = (self.memory.clone(), obj.clone());
-        match tokio::task::spawn_blocking(move || memory.insert(&o, index, &f.bytes, f.tier, &f.served_early)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => warn!(key = %obj.key, index, error = %e, "could not store chunk in the memory tier"),
-            Err(e) => warn!(key = %obj.key, index, error = %e, "memory tier write task failed"),
+    async fn store(&self, obj: &Arc<ObjectVersion>, index: u64, f: &Fetch) -> bool {
+        let Ok(_permit) = self.writers.acquire().await else { return false };
+        let (memory, o, bytes, tier) = (self.memory.clone(), obj.clone(), f.bytes.clone(), f.tier);
+        match tokio::task::spawn_blocking(move || memory.insert(&o, index, &bytes, tier)).await {
+            Ok(Ok(stored)) => stored,
+            Ok(Err(e)) => {
+                warn!(key = %obj.key, index, error = %e, "could not store chunk in the memory tier");
+                false
+            }
+            Err(e) => {
+                warn!(key = %obj.key, index, error = %e, "memory tier write task failed");
+                false
+            }
         }
     }
 
-    async fn fetch(&self, obj: &Arc<ObjectVersion>, index: u64) -> Fetched {
+    async fn fetch(&self, obj: &Arc<ObjectVersion>, index: u64, purpose: Purpose, from_origin: &AtomicBool) -> Fetched {
         let range = chunk_range(index, obj.size, self.opts.chunk_size);
         let want = range.end - range.start;
         let mut last: Option<Error> = None;
         for source in &self.sources {
+            let tier = source.tier();
+            if purpose == Purpose::Peer && tier == Tier::peer {
+                continue;
+            }
+            from_origin.store(tier == Tier::origin, Ordering::SeqCst);
             let t = std::time::Instant::now();
             match source.fetch(obj, index, range.clone()).await {
-                Ok(Some(bytes)) if bytes.len() as u64 == want => {
-                    debug!(key = %obj.key, index, tier = ?source.tier(), elapsed = ?t.elapsed(), "chunk fetched");
-                    return Ok(Fetch { bytes, tier: source.tier(), served_early: Arc::new(AtomicU64::new(0)) });
+                Ok(Some(c)) if c.bytes.len() as u64 == want => {
+                    debug!(key = %obj.key, index, ?tier, elapsed = ?t.elapsed(), "chunk fetched");
+                    return Ok(Fetch { bytes: c.bytes, tier, stored: c.stored });
                 }
-                Ok(Some(bytes)) => {
-                    warn!(key = %obj.key, index, tier = ?source.tier(), got = bytes.len(), want, "source returned a chunk of the wrong size");
-                }
+                Ok(Some(c)) => warn!(key = %obj.key, index, ?tier, got = c.bytes.len(), want, "source returned a chunk of the wrong size"),
                 Ok(None) => {}
                 Err(e @ Error::Stale(_)) => return Err(e),
                 Err(e) => {
-                    debug!(key = %obj.key, index, tier = ?source.tier(), error = %e, "source failed; trying the next");
+                    debug!(key = %obj.key, index, ?tier, error = %e, "source failed; trying the next");
                     last = Some(e);
                 }
             }
@@ -280,16 +308,33 @@ impl Reader {
         Err(last.unwrap_or_else(|| Error::unavailable("no source has this chunk")))
     }
 
-    /// The whole chunk `index` of `obj` through the same single-flight path as a local miss
-    /// (used to fill chunks for peers), within the read deadline.
-    pub async fn fetch_chunk(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64) -> Result<Bytes, Error> {
-        if let Some((b, _)) = self.memory.map_chunk(obj, index) {
-            return Ok(b);
+    /// The whole chunk `index` of `obj` for a peer, with its crc32c, within the read deadline:
+    /// from memory, else by joining a fetch from the origin in flight, else from the origin
+    /// through the same single-flight path as a local miss. Never by asking another peer.
+    pub async fn fetch_chunk(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64) -> Result<(Bytes, u32), Error> {
+        if let Some(hit) = self.memory.map_chunk(obj, index) {
+            return Ok(hit);
         }
-        match tokio::time::timeout(self.opts.read_timeout, self.chunk_for(obj, index, true)).await {
-            Ok(r) => r.map(|f| f.bytes),
-            Err(_) => Err(Error::TimedOut(self.opts.read_timeout)),
+        let key = ChunkKey { object: obj.id.clone(), index };
+        let waits_on_peer = self.flights.lock().unwrap_or_else(|p| p.into_inner()).get(&key).is_some_and(|f| !f.from_origin.load(Ordering::SeqCst));
+        let fetched = async {
+            if waits_on_peer {
+                // Joining a fetch that waits on another peer could wait on the caller itself.
+                return self.fetch(obj, index, Purpose::Peer, &AtomicBool::new(true)).await;
+            }
+            self.chunk_for(obj, index, Purpose::Peer).await
+        };
+        let f = match tokio::time::timeout(self.opts.read_timeout, fetched).await {
+            Ok(r) => r?,
+            Err(_) => return Err(Error::TimedOut(self.opts.read_timeout)),
+        };
+        if f.stored {
+            if let Some(hit) = self.memory.map_chunk(obj, index) {
+                return Ok(hit);
+            }
         }
+        let crc = crc32c::crc32c(&f.bytes);
+        Ok((f.bytes, crc))
     }
 
     /// Start fetching chunk `index` in the background if it is missing and the readahead
@@ -303,7 +348,7 @@ impl Reader {
             return true;
         }
         let Ok(permit) = self.readahead.clone().try_acquire_owned() else { return false };
-        let flight = self.chunk(obj, index);
+        let flight = self.chunk_for(obj, index, Purpose::Read);
         self.tracker.spawn_on(
             async move {
                 let _ = flight.await;
@@ -326,7 +371,7 @@ impl Reader {
                     if this.memory.contains(&obj, i) {
                         return Ok(chunk_range(i, obj.size, this.opts.chunk_size));
                     }
-                    this.chunk_for(&obj, i, true).await.map(|_| chunk_range(i, obj.size, this.opts.chunk_size))
+                    this.chunk_for(&obj, i, Purpose::Background).await.map(|_| chunk_range(i, obj.size, this.opts.chunk_size))
                 }
             })
             .buffer_unordered(parallel);
@@ -334,17 +379,6 @@ impl Reader {
         while let Some(r) = stream.next().await {
             let r = r?;
             progress(r.end - r.start);
-        }
-        // Done means in memory: wait for the last writes (bounded by the read deadline).
-        let deadline = tokio::time::Instant::now() + self.opts.read_timeout;
-        loop {
-            let woken = self.stored.notified();
-            if self.memory.is_complete(obj) || self.pending_stores.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, woken).await.is_err() {
-                break;
-            }
         }
         Ok(())
     }

@@ -2,11 +2,14 @@
 //!
 //! # Contract (`ChunkSource`)
 //! For a missing chunk: (a) if live peers are known to hold it (their inventories, refreshed
-//! lazily), fetch it from one of them, spreading consecutive chunks over all holders; (b) else ask
-//! the chunk's owner (rendezvous over live, non-draining peers and this agent) to fill it;
-//! (c) if the owner is this agent, `Ok(None)`: the origin comes next. Every chunk received is
-//! checked (length, offsets, crc32c over the whole chunk); a peer error, timeout, short stream or
-//! checksum mismatch moves on to the next holder and finally falls through to the origin.
+//! lazily), fetch it from one of them, spreading consecutive chunks over all holders; (b) else if
+//! a peer is fetching it from the origin right now, join that fetch; (c) else ask the chunk's
+//! owner (rendezvous over live, non-draining peers and this agent) to fill it; (d) if the owner is
+//! this agent, `Ok(None)`: the origin comes next. A live peer whose inventory is unknown (never
+//! asked since it came up) is asked first, within the inventory timeout: unknown is not absent.
+//! Every chunk received is written straight into the memory tier as it arrives and checked
+//! (length, offsets, crc32c over the whole chunk) before it counts; a peer error, timeout, short
+//! stream or checksum mismatch moves on to the next holder and finally falls through to the origin.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -22,7 +25,8 @@ use super::membership::{Membership, PeerHandle};
 use super::placement;
 use super::proto::{InventoryRequest, ReadChunkRequest};
 use super::{bit, object_ref, PROTOCOL};
-use crate::cache::{ChunkKey, ChunkSource};
+use crate::cache::memory::Fill;
+use crate::cache::{Chunk, ChunkKey, ChunkSource, MemoryTier};
 use crate::catalog::ObjectVersion;
 use crate::error::Error;
 use crate::metrics::{Metrics, Tier};
@@ -45,20 +49,89 @@ impl Default for PeerTimeouts {
     }
 }
 
+/// One peer's answer about one object.
+struct Answer {
+    present: Bytes,
+    filling: Bytes,
+}
+
+#[derive(Default)]
 struct Inventory {
-    at: Instant,
-    /// node id → bitmap of held chunks.
-    holders: HashMap<String, Bytes>,
+    /// Last time every usable peer was asked.
+    at: Option<Instant>,
+    /// node id → its last answer.
+    answers: HashMap<String, Answer>,
+    /// node id → when it last failed to answer.
+    failed: HashMap<String, Instant>,
+}
+
+impl Inventory {
+    /// Peers to ask now: all if the answers are older than the TTL, else those never asked.
+    fn to_ask(&self, usable: &[Arc<PeerHandle>]) -> Vec<Arc<PeerHandle>> {
+        let stale = self.at.is_none_or(|t| t.elapsed() > INVENTORY_TTL);
+        usable
+            .iter()
+            .filter(|p| {
+                let Some(id) = p.node_id() else { return false };
+                stale || !(self.answers.contains_key(&id) || self.failed.get(&id).is_some_and(|t| t.elapsed() <= INVENTORY_TTL))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Usable peers whose answer has bit `index` set in `pick(answer)`, sorted by node id.
+    fn with_bit(&self, usable: &[Arc<PeerHandle>], index: u64, pick: impl Fn(&Answer) -> &Bytes) -> Vec<Arc<PeerHandle>> {
+        let mut out: Vec<_> = usable.iter().filter(|p| p.node_id().and_then(|n| self.answers.get(&n)).is_some_and(|a| bit(pick(a), index))).cloned().collect();
+        out.sort_by_key(|p| p.node_id());
+        out
+    }
+}
+
+/// Where a chunk from a peer goes as it arrives: straight into the memory tier, or (no room
+/// there) a buffer.
+enum Sink {
+    File(Fill),
+    Heap(BytesMut),
+}
+
+impl Sink {
+    fn written(&self) -> u64 {
+        match self {
+            Sink::File(f) => f.written(),
+            Sink::Heap(b) => b.len() as u64,
+        }
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<(), PeerFetchError> {
+        match self {
+            Sink::File(f) => f.write(data).map_err(|e| PeerFetchError::Local(e.to_string())),
+            Sink::Heap(b) => {
+                b.extend_from_slice(data);
+                Ok(())
+            }
+        }
+    }
+
+    /// The verified chunk: committed to memory if it was written there.
+    fn finish(self, crc: u32) -> Result<Chunk, PeerFetchError> {
+        match self {
+            Sink::File(f) if f.crc() != crc => Err(PeerFetchError::Checksum),
+            Sink::File(f) => f.commit(crc, Tier::peer).map(|bytes| Chunk { bytes, stored: true }).map_err(|e| PeerFetchError::Local(e.to_string())),
+            Sink::Heap(b) if crc32c::crc32c(&b) != crc => Err(PeerFetchError::Checksum),
+            Sink::Heap(b) => Ok(b.freeze().into()),
+        }
+    }
 }
 
 pub struct PeerSource {
     membership: Arc<Membership>,
+    memory: Arc<MemoryTier>,
     chunk_size: u64,
     /// This agent drains: it stops being an owner.
     draining: Arc<AtomicBool>,
     timeouts: PeerTimeouts,
     metrics: Arc<Metrics>,
-    inventories: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<Option<Inventory>>>>>,
+    inventories: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<Inventory>>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,19 +144,22 @@ enum PeerFetchError {
     Protocol(String),
     #[error("checksum mismatch")]
     Checksum,
+    #[error("memory tier: {0}")]
+    Local(String),
 }
 
 impl PeerSource {
-    pub fn new(membership: Arc<Membership>, chunk_size: u64, draining: Arc<AtomicBool>, timeouts: PeerTimeouts, metrics: Arc<Metrics>) -> Self {
-        PeerSource { membership, chunk_size, draining, timeouts, metrics, inventories: Mutex::new(HashMap::new()) }
+    pub fn new(membership: Arc<Membership>, memory: Arc<MemoryTier>, draining: Arc<AtomicBool>, timeouts: PeerTimeouts, metrics: Arc<Metrics>) -> Self {
+        let chunk_size = memory.chunk_size();
+        PeerSource { membership, memory, chunk_size, draining, timeouts, metrics, inventories: Mutex::new(HashMap::new()) }
     }
 
-    /// Node ids of live peers holding chunk `index` of `obj`, sorted.
-    async fn holders(&self, obj: &ObjectVersion, index: u64) -> Vec<Arc<PeerHandle>> {
-        let live = self.membership.live();
-        let usable: Vec<_> = live.into_iter().filter(|p| !p.state().draining).collect();
+    /// Live, non-draining peers that hold chunk `index` of `obj`, and those fetching it from the
+    /// origin now (each sorted by node id). Peers not asked since they came up are asked first.
+    async fn holders(&self, obj: &ObjectVersion, index: u64) -> (Vec<Arc<PeerHandle>>, Vec<Arc<PeerHandle>>) {
+        let usable: Vec<_> = self.membership.live().into_iter().filter(|p| !p.state().draining).collect();
         if usable.is_empty() {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         }
         let cell = {
             let mut map = self.inventories.lock().unwrap_or_else(|p| p.into_inner());
@@ -94,33 +170,41 @@ impl PeerSource {
         };
         // One refresh at a time per object; others wait and read its result.
         let mut inv = cell.lock().await;
-        if inv.as_ref().is_none_or(|i| i.at.elapsed() > INVENTORY_TTL) {
-            let fresh = self.fetch_inventory(obj, &usable).await;
-            // A peer that did not answer keeps what we knew of it (a holder that lost a chunk
-            // answers NOT_FOUND, which is cheap); one that answered replaces it.
-            let mut holders = inv.take().map(|i| i.holders).unwrap_or_default();
-            holders.extend(fresh.holders);
-            *inv = Some(Inventory { at: fresh.at, holders });
+        let ask = inv.to_ask(&usable);
+        if !ask.is_empty() {
+            let everyone = ask.len() == usable.len();
+            for (id, answer) in self.fetch_inventory(obj, &ask).await {
+                // A peer that did not answer keeps what we knew of it (a holder that lost a
+                // chunk answers NOT_FOUND, which is cheap); one that answered replaces it.
+                match answer {
+                    Some(a) => {
+                        inv.failed.remove(&id);
+                        inv.answers.insert(id, a);
+                    }
+                    None => {
+                        inv.failed.insert(id, Instant::now());
+                    }
+                }
+            }
+            if everyone {
+                inv.at = Some(Instant::now());
+            }
         }
-        let Some(inv) = inv.as_ref() else { return Vec::new() };
-        let mut out: Vec<_> = usable
-            .into_iter()
-            .filter(|p| p.node_id().and_then(|n| inv.holders.get(&n)).is_some_and(|m| bit(m, index)))
-            .collect();
-        out.sort_by_key(|p| p.node_id());
-        out
+        (inv.with_bit(&usable, index, |a| &a.present), inv.with_bit(&usable, index, |a| &a.filling))
     }
 
-    async fn fetch_inventory(&self, obj: &ObjectVersion, peers: &[Arc<PeerHandle>]) -> Inventory {
+    /// Ask `peers` what they hold of `obj`: (node id, answer or None if it did not answer).
+    async fn fetch_inventory(&self, obj: &ObjectVersion, peers: &[Arc<PeerHandle>]) -> Vec<(String, Option<Answer>)> {
         let asks = peers.iter().map(|p| async move {
+            let id = p.node_id()?;
             let mut req = tonic::Request::new(InventoryRequest { objects: vec![object_ref(obj)], chunk_size: self.chunk_size });
             req.set_timeout(self.timeouts.inventory);
             let r = tokio::time::timeout(self.timeouts.inventory * 2, p.client().inventory(req)).await;
-            match r {
+            let answer = match r {
                 Ok(Ok(resp)) => {
-                    let resp = resp.into_inner();
-                    let map = resp.objects.into_iter().find(|o| o.key == obj.key).map(|o| o.present);
-                    Some((p.node_id()?, map?))
+                    let o = resp.into_inner().objects.into_iter().find(|o| o.key == obj.key);
+                    // Not listed: the peer has another version (or none): it holds nothing of ours.
+                    Some(o.map(|o| Answer { present: o.present, filling: o.filling }).unwrap_or(Answer { present: Bytes::new(), filling: Bytes::new() }))
                 }
                 // Not a reason to back the peer off: data requests decide that.
                 Ok(Err(status)) => {
@@ -131,112 +215,119 @@ impl PeerSource {
                     debug!(peer = %p.addr, "inventory request timed out");
                     None
                 }
-            }
+            };
+            Some((id, answer))
         });
-        let holders = futures::future::join_all(asks).await.into_iter().flatten().collect();
-        Inventory { at: Instant::now(), holders }
+        futures::future::join_all(asks).await.into_iter().flatten().collect()
     }
 
     /// Forget what we believed `peer` holds of `obj` (it said NOT_FOUND).
     fn forget(&self, obj: &ObjectVersion) {
         if let Some(cell) = self.inventories.lock().unwrap_or_else(|p| p.into_inner()).get(&obj.id) {
             if let Ok(mut inv) = cell.try_lock() {
-                *inv = None;
+                inv.at = None;
             }
         }
     }
 
-    /// Stream chunk `index` from `peer` and verify it.
-    async fn read_from(&self, peer: &PeerHandle, obj: &ObjectVersion, index: u64, want: u64, allow_fill: bool) -> Result<Bytes, PeerFetchError> {
+    /// Stream chunk `index` from `peer` into the memory tier (or a buffer) and verify it.
+    async fn read_from(&self, peer: &PeerHandle, obj: &ObjectVersion, index: u64, want: u64, allow_fill: bool) -> Result<Chunk, PeerFetchError> {
         let limit = if allow_fill { self.timeouts.fill } else { self.timeouts.hit };
         let fut = async {
-            let mut req = tonic::Request::new(ReadChunkRequest {
-                object: Some(object_ref(obj)),
-                index,
-                chunk_size: self.chunk_size,
-                allow_fill,
-                protocol: PROTOCOL,
-            });
+            let mut req = tonic::Request::new(ReadChunkRequest { object: Some(object_ref(obj)), index, chunk_size: self.chunk_size, allow_fill, protocol: PROTOCOL });
             req.set_timeout(limit);
-            let mut stream = peer
-                .client()
-                .read_chunk(req)
-                .await
-                .map_err(|s| PeerFetchError::Status(s.code(), s.message().to_string()))?
-                .into_inner();
-            let mut buf = BytesMut::with_capacity(want as usize);
+            let status = |s: tonic::Status| PeerFetchError::Status(s.code(), s.message().to_string());
+            let mut stream = peer.client().read_chunk(req).await.map_err(status)?.into_inner();
+            let mut sink = match self.memory.begin_fill(obj, index) {
+                Ok(Some(f)) => Sink::File(f),
+                _ => Sink::Heap(BytesMut::with_capacity(want as usize)),
+            };
             let mut crc = None;
-            while let Some(msg) = stream.message().await.map_err(|s| PeerFetchError::Status(s.code(), s.message().to_string()))? {
+            while let Some(msg) = stream.message().await.map_err(status)? {
                 if crc.is_none() {
                     if msg.chunk_len != want {
                         return Err(PeerFetchError::Protocol(format!("chunk length {} != {want}", msg.chunk_len)));
                     }
                     crc = Some(msg.crc32c);
                 }
-                if msg.offset != buf.len() as u64 || buf.len() as u64 + msg.data.len() as u64 > want {
-                    return Err(PeerFetchError::Protocol(format!("data at offset {} (have {} of {want})", msg.offset, buf.len())));
+                let have = sink.written();
+                if msg.offset != have || have + msg.data.len() as u64 > want {
+                    return Err(PeerFetchError::Protocol(format!("data at offset {} (have {have} of {want})", msg.offset)));
                 }
-                buf.extend_from_slice(&msg.data);
+                sink.write(&msg.data)?;
                 self.metrics.peer_received_bytes.inc_by(msg.data.len() as u64);
             }
-            if buf.len() as u64 != want {
-                return Err(PeerFetchError::Protocol(format!("short stream: {} of {want} bytes", buf.len())));
+            let (have, Some(crc)) = (sink.written(), crc) else { return Err(PeerFetchError::Protocol("empty stream".into())) };
+            if have != want {
+                return Err(PeerFetchError::Protocol(format!("short stream: {have} of {want} bytes")));
             }
-            if crc != Some(crc32c::crc32c(&buf)) {
+            let chunk = sink.finish(crc);
+            if matches!(chunk, Err(PeerFetchError::Checksum)) {
                 self.metrics.peer_checksum_errors.inc();
-                return Err(PeerFetchError::Checksum);
             }
-            Ok(buf.freeze())
+            chunk
         };
         tokio::time::timeout(limit, fut).await.map_err(|_| PeerFetchError::Timeout)?
     }
 
-    async fn fetch_chunk(&self, obj: &Arc<ObjectVersion>, index: u64, range: Range<u64>) -> Result<Option<Bytes>, Error> {
-        let want = range.end - range.start;
-        // (a) holders, striped by chunk index, then the others in turn.
-        let holders = self.holders(obj, index).await;
-        let n = holders.len();
+    /// Try `peers` in turn, starting at `first` (consecutive chunks spread over them).
+    async fn try_peers(&self, peers: &[Arc<PeerHandle>], first: usize, obj: &ObjectVersion, index: u64, want: u64, allow_fill: bool) -> Option<Chunk> {
+        let n = peers.len();
         for k in 0..n {
-            let p = &holders[(index as usize + k) % n];
-            match self.read_from(p, obj, index, want, false).await {
-                Ok(b) => return Ok(Some(b)),
-                Err(e) => {
-                    debug!(peer = %p.addr, key = %obj.key, index, error = %e, "holder could not serve the chunk");
-                    if matches!(e, PeerFetchError::Status(tonic::Code::NotFound, _)) {
-                        self.forget(obj);
-                    } else {
-                        if matches!(e, PeerFetchError::Checksum) {
-                            warn!(peer = %p.addr, key = %obj.key, index, "peer sent a chunk that fails its checksum; fetching elsewhere");
-                        }
-                        self.membership.report_failure(p, &e.to_string());
-                    }
-                }
+            let p = &peers[(first + k) % n];
+            match self.read_from(p, obj, index, want, allow_fill).await {
+                Ok(c) => return Some(c),
+                Err(e) => self.failed(p, obj, index, &e),
             }
         }
-        // (b) the owner fills it, so the origin sees each chunk about once.
+        None
+    }
+
+    /// What a failed request tells about `peer`: NOT_FOUND only that our view of it is stale.
+    fn failed(&self, peer: &PeerHandle, obj: &ObjectVersion, index: u64, e: &PeerFetchError) {
+        debug!(peer = %peer.addr, key = %obj.key, index, error = %e, "peer could not serve the chunk");
+        match e {
+            PeerFetchError::Status(tonic::Code::NotFound, _) => self.forget(obj),
+            PeerFetchError::Local(_) => {}
+            _ => {
+                if matches!(e, PeerFetchError::Checksum) {
+                    warn!(peer = %peer.addr, key = %obj.key, index, "peer sent a chunk that fails its checksum; fetching elsewhere");
+                }
+                self.membership.report_failure(peer, &e.to_string());
+            }
+        }
+    }
+
+    async fn fetch_chunk(&self, obj: &Arc<ObjectVersion>, index: u64, range: Range<u64>) -> Result<Option<Chunk>, Error> {
+        let want = range.end - range.start;
+        let (holders, fillers) = self.holders(obj, index).await;
+        // (a) holders, striped by chunk index; (b) peers fetching it from the origin now.
+        if let Some(c) = self.try_peers(&holders, index as usize, obj, index, want, false).await {
+            return Ok(Some(c));
+        }
+        if let Some(c) = self.try_peers(&fillers, index as usize, obj, index, want, true).await {
+            return Ok(Some(c));
+        }
+        // (c) the owner fills it, so the origin sees each chunk about once.
         let candidates = self.membership.owner_candidates();
         let mut names: Vec<String> = candidates.iter().filter_map(|p| p.node_id()).collect();
-        let me = !self.draining.load(Ordering::SeqCst);
-        if me {
+        if !self.draining.load(Ordering::SeqCst) {
             names.push(self.membership.self_id().to_string());
         }
         let key = ChunkKey { object: obj.id.clone(), index };
         let Some(i) = placement::owner(&key, &names) else { return Ok(None) };
         let owner_id = &names[i];
-        if owner_id == self.membership.self_id() {
+        let Some(owner) = candidates.iter().find(|p| p.node_id().as_deref() == Some(owner_id.as_str())) else {
+            // (d) this agent owns it: the origin comes next.
             return Ok(None);
+        };
+        if fillers.iter().any(|f| f.addr == owner.addr) {
+            return Err(Error::unavailable(format!("peer {} could not fill the chunk", owner.addr)));
         }
-        let Some(owner) = candidates.iter().find(|p| p.node_id().as_deref() == Some(owner_id.as_str())) else { return Ok(None) };
         match self.read_from(owner, obj, index, want, true).await {
-            Ok(b) => Ok(Some(b)),
+            Ok(c) => Ok(Some(c)),
             Err(e) => {
-                debug!(peer = %owner.addr, key = %obj.key, index, error = %e, "owner could not fill the chunk");
-                if matches!(e, PeerFetchError::Checksum) {
-                    warn!(peer = %owner.addr, key = %obj.key, index, "owner sent a chunk that fails its checksum; using the origin");
-                }
-                if !matches!(e, PeerFetchError::Status(tonic::Code::NotFound, _)) {
-                    self.membership.report_failure(owner, &e.to_string());
-                }
+                self.failed(owner, obj, index, &e);
                 Err(Error::unavailable(format!("peer {}: {e}", owner.addr)))
             }
         }
@@ -248,7 +339,7 @@ impl ChunkSource for PeerSource {
         Tier::peer
     }
 
-    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, index: u64, range: Range<u64>) -> BoxFuture<'a, Result<Option<Bytes>, Error>> {
+    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, index: u64, range: Range<u64>) -> BoxFuture<'a, Result<Option<Chunk>, Error>> {
         Box::pin(self.fetch_chunk(obj, index, range))
     }
 }

@@ -96,6 +96,8 @@ pub struct Membership {
     tls: Option<tonic::transport::ClientTlsConfig>,
     peers: RwLock<Vec<Arc<PeerHandle>>>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Wakes the probe loop at once (a peer said Hello: probe it now, not in two seconds).
+    wake: tokio::sync::Notify,
 }
 
 impl Membership {
@@ -127,6 +129,7 @@ impl Membership {
             tls,
             peers: RwLock::new(Vec::new()),
             metrics,
+            wake: tokio::sync::Notify::new(),
         };
         m.refresh_addresses()?;
         Ok(m)
@@ -162,18 +165,38 @@ impl Membership {
         self.set_addresses(addrs)
     }
 
-    /// A peer introduced itself (its Hello passed the token check): add it if new.
-    pub fn learn(&self, addr: std::net::SocketAddr) {
+    /// A peer said Hello from `addr` (its peer port) as `node_id`: it is up now. A known address
+    /// becomes live at once, ending any backoff, and takes the new node id if the peer restarted;
+    /// an unknown one is added. Either way it is probed at once for its full state.
+    pub fn heard_from(&self, addr: std::net::SocketAddr, node_id: &str) {
         let a = addr.to_string();
-        if self.all().iter().any(|p| p.addr == a) {
-            return;
+        match self.all().into_iter().find(|p| p.addr == a) {
+            Some(p) => {
+                let was = p.state();
+                if was.node_id.as_deref() != Some(node_id) || was.retry_at.is_some() {
+                    info!(peer = %a, node = %node_id, "peer is up (it said hello)");
+                }
+                p.update(|s| {
+                    s.node_id = Some(node_id.to_string());
+                    s.is_self = false;
+                    s.failures = 0;
+                    s.retry_at = None;
+                    s.last_error = None;
+                });
+            }
+            None => self.learn(&a),
         }
+        self.wake.notify_one();
+    }
+
+    /// Add a peer that introduced itself, if there is room.
+    fn learn(&self, a: &str) {
         {
             let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
             if learned.len() >= MAX_LEARNED {
                 return;
             }
-            learned.insert(a.clone());
+            learned.insert(a.to_string());
         }
         info!(peer = %a, "learned a peer from its hello");
         if let Err(e) = self.refresh_addresses() {
@@ -281,6 +304,7 @@ impl Membership {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                _ = self.wake.notified() => {}
             }
             if last_dns.elapsed() >= DNS_INTERVAL {
                 self.resolve().await;

@@ -129,12 +129,11 @@ impl Peer for PeerServer {
             return Err(Status::not_found("chunk not held"));
         }
         match self.reader.fetch_chunk(&obj, r.index).await {
-            Ok(bytes) => {
+            Ok((bytes, crc)) => {
                 let range = chunk_range(r.index, obj.size, chunk_size);
                 if bytes.len() as u64 != range.end - range.start {
                     return Err(Status::internal("filled chunk has the wrong length"));
                 }
-                let crc = crc32c::crc32c(&bytes);
                 Ok(Response::new(self.stream(bytes, crc, guard)))
             }
             Err(crate::Error::Stale(_)) => Err(Status::not_found("object changed at the origin")),
@@ -158,7 +157,13 @@ impl Peer for PeerServer {
             .filter_map(|o| {
                 let obj = self.lookup(Some(o)).ok()?;
                 let n = chunk_count(obj.size, chunk_size);
-                Some(ObjectInventory { key: obj.key.clone(), etag: o.etag.clone(), present: bitmap(n, |i| memory.contains(&obj, i)).into(), chunks: n })
+                Some(ObjectInventory {
+                    key: obj.key.clone(),
+                    etag: o.etag.clone(),
+                    present: bitmap(n, |i| memory.contains(&obj, i)).into(),
+                    chunks: n,
+                    filling: bitmap(n, |i| self.reader.filling(&obj, i)).into(),
+                })
             })
             .collect();
         Ok(Response::new(InventoryResponse { objects, draining: self.draining.load(Ordering::SeqCst) }))
@@ -168,8 +173,8 @@ impl Peer for PeerServer {
         let from = req.remote_addr();
         let h = req.into_inner();
         if let (Some(from), Ok(port)) = (from, u16::try_from(h.listen_port)) {
-            if port != 0 && h.node_id != self.node_id {
-                self.membership.learn(std::net::SocketAddr::new(from.ip(), port));
+            if port != 0 && !h.node_id.is_empty() && h.node_id != self.node_id {
+                self.membership.heard_from(std::net::SocketAddr::new(from.ip(), port), &h.node_id);
             }
         }
         Ok(Response::new(HelloResponse {
