@@ -347,7 +347,7 @@ impl crate::cache::ChunkSource for Origin {
         crate::metrics::Tier::origin
     }
 
-    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, _index: u64, range: Range<u64>) -> futures::future::BoxFuture<'a, Result<Option<crate::cache::Chunk>, crate::Error>> {
+    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, _index: u64, range: Range<u64>, _stage: &'a crate::cache::reader::Stage) -> futures::future::BoxFuture<'a, Result<Option<crate::cache::Chunk>, crate::Error>> {
         Box::pin(async move {
             match self.get_range(obj, range).await {
                 Ok(b) => Ok(Some(b.into())),

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,9 +38,40 @@ use crate::metrics::{Metrics, Tier};
 /// it (a miss, not an error), or an error. It must never return bytes of another version, and
 /// must return within a bounded time. A source may store the chunk in the memory tier itself as
 /// it receives it (then `stored` is true and the bytes are a view of the tier's file).
+/// `stage` tells others what the fetch waits on: a source that asks another peer for the bytes
+/// says so while it does.
 pub trait ChunkSource: Send + Sync + 'static {
     fn tier(&self) -> Tier;
-    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, index: u64, range: Range<u64>) -> BoxFuture<'a, Result<Option<Chunk>, Error>>;
+    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, index: u64, range: Range<u64>, stage: &'a Stage) -> BoxFuture<'a, Result<Option<Chunk>, Error>>;
+}
+
+/// What a fetch in flight waits on. A peer asking this agent to fill a chunk joins the fetch in
+/// flight unless it waits on another peer (which could be the asker: a cycle); peers are told
+/// of fetches from the origin, so they join them instead of starting their own.
+#[derive(Debug, Default)]
+pub struct Stage(std::sync::atomic::AtomicU8);
+
+impl Stage {
+    const DECIDING: u8 = 0;
+    const PEER: u8 = 1;
+    const ORIGIN: u8 = 2;
+
+    /// The fetch now waits on another peer (`true`) or no longer does.
+    pub fn waiting_on_peer(&self, yes: bool) {
+        self.0.store(if yes { Self::PEER } else { Self::DECIDING }, Ordering::SeqCst);
+    }
+
+    fn from_origin(&self) {
+        self.0.store(Self::ORIGIN, Ordering::SeqCst);
+    }
+
+    fn is_peer(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == Self::PEER
+    }
+
+    fn is_origin(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == Self::ORIGIN
+    }
 }
 
 /// A whole chunk from a source.
@@ -97,8 +128,7 @@ struct InFlight {
     id: u64,
     started: std::time::Instant,
     flight: Flight,
-    /// It is fetching from the origin (or done): peers may join it, it waits on no peer.
-    from_origin: Arc<AtomicBool>,
+    stage: Arc<Stage>,
 }
 
 pub struct Reader {
@@ -152,7 +182,7 @@ impl Reader {
     /// Whether chunk `index` of `obj` is being fetched from the origin here right now.
     pub fn filling(&self, obj: &ObjectVersion, index: u64) -> bool {
         let key = ChunkKey { object: obj.id.clone(), index };
-        self.flights.lock().unwrap_or_else(|p| p.into_inner()).get(&key).is_some_and(|f| f.from_origin.load(Ordering::SeqCst))
+        self.flights.lock().unwrap_or_else(|p| p.into_inner()).get(&key).is_some_and(|f| f.stage.is_origin())
     }
 
     /// The read, if every byte of it is in memory now (no waiting, no I/O but tmpfs).
@@ -226,15 +256,15 @@ impl Reader {
             warn!(key = %obj.key, index, "a fetch of this chunk is older than the read deadline; starting another");
         }
         let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
-        let from_origin = Arc::new(AtomicBool::new(false));
-        let (this, obj, stage) = (self.clone(), obj.clone(), from_origin.clone());
+        let stage = Arc::new(Stage::default());
+        let (this, obj, task_stage) = (self.clone(), obj.clone(), stage.clone());
         let span = tracing::debug_span!("fill", key = %obj.key, index);
         let task_key = key.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<Fetched>();
         self.tracker.spawn_on(
             async move {
                 let result = tokio::select! {
-                    r = this.fetch_and_store(&obj, index, purpose, &stage) => r,
+                    r = this.fetch_and_store(&obj, index, purpose, &task_stage) => r,
                     _ = this.cancel.cancelled() => Err(Error::unavailable("agent is shutting down")),
                 };
                 let _ = tx.send(result);
@@ -247,13 +277,13 @@ impl Reader {
             &self.rt,
         );
         let flight = async move { rx.await.unwrap_or_else(|_| Err(Error::unavailable("fetch task ended"))) }.boxed().shared();
-        flights.insert(key, InFlight { id, started: std::time::Instant::now(), flight: flight.clone(), from_origin });
+        flights.insert(key, InFlight { id, started: std::time::Instant::now(), flight: flight.clone(), stage });
         flight
     }
 
     /// Fetch the chunk and put it in the memory tier (unless its source already did).
-    async fn fetch_and_store(&self, obj: &Arc<ObjectVersion>, index: u64, purpose: Purpose, from_origin: &AtomicBool) -> Fetched {
-        let mut f = self.fetch(obj, index, purpose, from_origin).await?;
+    async fn fetch_and_store(&self, obj: &Arc<ObjectVersion>, index: u64, purpose: Purpose, stage: &Stage) -> Fetched {
+        let mut f = self.fetch(obj, index, purpose, stage).await?;
         if !f.stored {
             f.stored = self.store(obj, index, &f).await;
         }
@@ -280,7 +310,7 @@ impl Reader {
         }
     }
 
-    async fn fetch(&self, obj: &Arc<ObjectVersion>, index: u64, purpose: Purpose, from_origin: &AtomicBool) -> Fetched {
+    async fn fetch(&self, obj: &Arc<ObjectVersion>, index: u64, purpose: Purpose, stage: &Stage) -> Fetched {
         let range = chunk_range(index, obj.size, self.opts.chunk_size);
         let want = range.end - range.start;
         let mut last: Option<Error> = None;
@@ -289,9 +319,11 @@ impl Reader {
             if purpose == Purpose::Peer && tier == Tier::peer {
                 continue;
             }
-            from_origin.store(tier == Tier::origin, Ordering::SeqCst);
+            if tier == Tier::origin {
+                stage.from_origin();
+            }
             let t = std::time::Instant::now();
-            match source.fetch(obj, index, range.clone()).await {
+            match source.fetch(obj, index, range.clone(), stage).await {
                 Ok(Some(c)) if c.bytes.len() as u64 == want => {
                     debug!(key = %obj.key, index, ?tier, elapsed = ?t.elapsed(), "chunk fetched");
                     return Ok(Fetch { bytes: c.bytes, tier, stored: c.stored });
@@ -316,11 +348,11 @@ impl Reader {
             return Ok(hit);
         }
         let key = ChunkKey { object: obj.id.clone(), index };
-        let waits_on_peer = self.flights.lock().unwrap_or_else(|p| p.into_inner()).get(&key).is_some_and(|f| !f.from_origin.load(Ordering::SeqCst));
+        let waits_on_peer = self.flights.lock().unwrap_or_else(|p| p.into_inner()).get(&key).is_some_and(|f| f.stage.is_peer());
         let fetched = async {
             if waits_on_peer {
                 // Joining a fetch that waits on another peer could wait on the caller itself.
-                return self.fetch(obj, index, Purpose::Peer, &AtomicBool::new(true)).await;
+                return self.fetch(obj, index, Purpose::Peer, &Stage::default()).await;
             }
             self.chunk_for(obj, index, Purpose::Peer).await
         };

@@ -26,6 +26,7 @@ use super::placement;
 use super::proto::{InventoryRequest, ReadChunkRequest};
 use super::{bit, object_ref, PROTOCOL};
 use crate::cache::memory::Fill;
+use crate::cache::reader::Stage;
 use crate::cache::{Chunk, ChunkKey, ChunkSource, MemoryTier};
 use crate::catalog::ObjectVersion;
 use crate::error::Error;
@@ -298,9 +299,10 @@ impl PeerSource {
         }
     }
 
-    async fn fetch_chunk(&self, obj: &Arc<ObjectVersion>, index: u64, range: Range<u64>) -> Result<Option<Chunk>, Error> {
+    async fn fetch_chunk(&self, obj: &Arc<ObjectVersion>, index: u64, range: Range<u64>, stage: &Stage) -> Result<Option<Chunk>, Error> {
         let want = range.end - range.start;
         let (holders, fillers) = self.holders(obj, index).await;
+        stage.waiting_on_peer(!holders.is_empty() || !fillers.is_empty());
         // (a) holders, striped by chunk index; (b) peers fetching it from the origin now.
         if let Some(c) = self.try_peers(&holders, index as usize, obj, index, want, false).await {
             return Ok(Some(c));
@@ -324,6 +326,7 @@ impl PeerSource {
         if fillers.iter().any(|f| f.addr == owner.addr) {
             return Err(Error::unavailable(format!("peer {} could not fill the chunk", owner.addr)));
         }
+        stage.waiting_on_peer(true);
         match self.read_from(owner, obj, index, want, true).await {
             Ok(c) => Ok(Some(c)),
             Err(e) => {
@@ -339,7 +342,11 @@ impl ChunkSource for PeerSource {
         Tier::peer
     }
 
-    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, index: u64, range: Range<u64>) -> BoxFuture<'a, Result<Option<Chunk>, Error>> {
-        Box::pin(self.fetch_chunk(obj, index, range))
+    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, index: u64, range: Range<u64>, stage: &'a Stage) -> BoxFuture<'a, Result<Option<Chunk>, Error>> {
+        Box::pin(async move {
+            let r = self.fetch_chunk(obj, index, range, stage).await;
+            stage.waiting_on_peer(false);
+            r
+        })
     }
 }
