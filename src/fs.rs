@@ -40,6 +40,10 @@ struct Readahead {
 pub struct Opened {
     pub fh: u64,
     pub keep_cache: bool,
+    /// Every byte is in local memory now. A handle of a file that is not may bypass the kernel's
+    /// page cache: its bytes land in the memory tier anyway, and a second copy there costs a
+    /// page allocation and a copy per page on the miss path.
+    pub in_memory: bool,
 }
 
 pub struct FsCore {
@@ -91,8 +95,9 @@ impl FsCore {
             same
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let in_memory = self.reader.memory().is_complete(&obj);
         lock(&self.handles).insert(fh, Arc::new(Handle { ino, obj, ra: Mutex::new(Readahead::default()) }));
-        Ok(Opened { fh, keep_cache })
+        Ok(Opened { fh, keep_cache, in_memory })
     }
 
     pub fn handle(&self, fh: u64) -> Result<Arc<Handle>, Error> {

@@ -56,6 +56,8 @@ pub struct CachefsFuse {
     /// Asked for by the configuration; `passthrough` is whether the kernel agreed.
     passthrough_wanted: bool,
     passthrough: AtomicBool,
+    /// The kernel lets direct-I/O handles be mapped (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6+).
+    direct_io: AtomicBool,
     backings: Mutex<HashMap<u64, Backing>>,
     /// Passthrough handle → inode.
     pt_handles: Mutex<HashMap<u64, u64>>,
@@ -78,6 +80,7 @@ impl CachefsFuse {
             gid,
             passthrough_wanted: passthrough,
             passthrough: AtomicBool::new(false),
+            direct_io: AtomicBool::new(false),
             backings: Mutex::new(HashMap::new()),
             pt_handles: Mutex::new(HashMap::new()),
         }
@@ -188,6 +191,11 @@ impl Filesystem for CachefsFuse {
                 _ => warn!("this kernel does not offer FUSE passthrough (needs Linux 6.9+ and root); local hits use normal FUSE replies"),
             }
         }
+        // Misses are answered without the page cache (see `Opened::in_memory`); only where mmap
+        // of such handles still works, as model loaders map their files.
+        if config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP).is_ok() {
+            self.direct_io.store(true, Ordering::Relaxed);
+        }
         if let Err(max) = config.set_max_readahead(u32::MAX) {
             let _ = config.set_max_readahead(max);
         }
@@ -219,7 +227,13 @@ impl Filesystem for CachefsFuse {
         match self.core.open(ino.0, write) {
             Ok(o) => {
                 let Some(reply) = self.open_passthrough(ino.0, o.fh, reply) else { return };
-                let f = if o.keep_cache { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                let f = if !o.in_memory && self.direct_io.load(Ordering::Relaxed) {
+                    FopenFlags::FOPEN_DIRECT_IO
+                } else if o.keep_cache {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
                 reply.opened(FileHandle(o.fh), f)
             }
             Err(e) => reply.error(errno(&e)),

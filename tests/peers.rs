@@ -139,8 +139,16 @@ impl proto::peer_server::Peer for CorruptPeer {
         let mut bad = good.to_vec();
         let mid = bad.len() / 2;
         bad[mid] ^= 0xff;
-        let msg = proto::ChunkData { offset: 0, data: bad.into(), chunk_len: (end - start) as u64, crc32c: crc };
-        Ok(Response::new(Box::pin(futures::stream::iter(vec![Ok(msg)]))))
+        // In messages of at most 1 MiB, as agents send them.
+        let msgs: Vec<_> = bad
+            .chunks(1 << 20)
+            .enumerate()
+            .map(|(i, d)| {
+                let first = i == 0;
+                Ok(proto::ChunkData { offset: (i << 20) as u64, data: d.to_vec().into(), chunk_len: if first { (end - start) as u64 } else { 0 }, crc32c: if first { crc } else { 0 } })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(msgs))))
     }
 
     async fn inventory(&self, req: Request<proto::InventoryRequest>) -> Result<Response<proto::InventoryResponse>, Status> {

@@ -95,8 +95,11 @@ struct ObjFile {
     /// Append-only journal of present chunks (None if it could not be opened: no warm restart).
     journal: Mutex<Option<File>>,
     slots: Mutex<Vec<Slot>>,
-    /// A shared read-only mapping of the whole file, made on first use (peer serving).
+    /// A shared read-only mapping of the whole file, made on first use.
     map: std::sync::OnceLock<Option<Arc<memmap2::Mmap>>>,
+    /// Held around each write: concurrent writes to one tmpfs file spin on its inode lock
+    /// (measured: 7% of a remote hit's CPU); waiting here sleeps instead.
+    write: Mutex<()>,
 }
 
 /// A range of a mapping, owned: lets `Bytes` point into the tmpfs file without a copy. It
@@ -123,6 +126,16 @@ impl AsRef<[u8]> for MapSlice {
 }
 
 impl ObjFile {
+    fn new(file: File, journal: Option<File>, slots: Vec<Slot>) -> Arc<Self> {
+        Arc::new(ObjFile { file, journal: Mutex::new(journal), slots: Mutex::new(slots), map: Default::default(), write: Mutex::new(()) })
+    }
+
+    /// Write `data` at `offset` of the file, one writer at a time.
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let _one = lock(&self.write);
+        self.file.write_all_at(data, offset)
+    }
+
     fn slots(&self) -> MutexGuard<'_, Vec<Slot>> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -343,7 +356,7 @@ impl MemoryTier {
         }
         std::fs::rename(&tmp, self.journal_path(obj))?;
         let journal = open_journal(&self.journal_path(obj), None).ok();
-        let f = Arc::new(ObjFile { file, journal: Mutex::new(journal), slots: Mutex::new(slots), map: std::sync::OnceLock::new() });
+        let f = ObjFile::new(file, journal, slots);
         lock(&self.files).insert(obj.id.clone(), f);
         let mut idx = lock(&self.index);
         for (i, _, len) in good {
@@ -375,7 +388,7 @@ impl MemoryTier {
             warn!(key = %obj.key, "cannot write the cache journal: this object's chunks will not survive a restart");
         }
         let n = chunk_count(obj.size, self.chunk_size) as usize;
-        let f = Arc::new(ObjFile { file, journal: Mutex::new(journal), slots: Mutex::new(vec![Slot::default(); n]), map: std::sync::OnceLock::new() });
+        let f = ObjFile::new(file, journal, vec![Slot::default(); n]);
         files.insert(obj.id.clone(), f.clone());
         Ok(f)
     }
@@ -618,7 +631,7 @@ impl Fill {
         if data.len() as u64 > self.remaining() {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "more bytes than the chunk holds"));
         }
-        self.file.file.write_all_at(data, self.chunk.start + self.written)?;
+        self.file.write_at(data, self.chunk.start + self.written)?;
         self.written += data.len() as u64;
         self.crc = crc32c::crc32c_append(self.crc, data);
         Ok(())

@@ -180,7 +180,7 @@ impl Agent {
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new(bin())
             .args(&args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("CACHEFS_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
