@@ -197,7 +197,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     if let Some(m) = &membership {
         sources.push(Arc::new(PeerSource::new(m.clone(), memory.clone(), draining.clone(), PeerTimeouts::default(), metrics.clone())));
     }
-    sources.push(origin.clone());
+    sources.push(Arc::new(crate::origin::OriginSource { origin: origin.clone(), memory: memory.clone() }));
     let reader = Reader::new(
         memory.clone(),
         sources,

@@ -135,25 +135,33 @@ impl Origin {
 
     /// Exactly the bytes `range` of `obj`, with retries.
     pub async fn get_range(&self, obj: &ObjectVersion, range: Range<u64>) -> Result<Bytes, OriginError> {
+        let mut buf = BytesMut::new();
+        self.get_range_into(obj, range, &mut buf).await?;
+        Ok(buf.freeze())
+    }
+
+    /// [`Origin::get_range`], putting the bytes into `sink` as they arrive (restarted on a retry).
+    pub async fn get_range_into(&self, obj: &ObjectVersion, range: Range<u64>, sink: &mut dyn Sink) -> Result<(), OriginError> {
         let range = range.start.min(obj.size)..range.end.min(obj.size);
         if range.is_empty() {
-            return Ok(Bytes::new());
+            return Ok(());
         }
         let mut delay = Duration::from_millis(100);
         let mut attempt = 1;
         loop {
+            sink.restart();
             let result = {
                 let _permit = self.limit.acquire().await.map_err(|_| OriginError::Request("shutting down".into()))?;
                 self.metrics.origin_requests.inc();
-                match tokio::time::timeout(self.request_timeout, self.get_once(obj, range.clone())).await {
+                match tokio::time::timeout(self.request_timeout, self.get_once(obj, range.clone(), sink)).await {
                     Ok(r) => r,
                     Err(_) => Err(OriginError::Timeout(self.request_timeout)),
                 }
             };
             match result {
-                Ok(b) => {
-                    self.metrics.origin_bytes.inc_by(b.len() as u64);
-                    return Ok(b);
+                Ok(()) => {
+                    self.metrics.origin_bytes.inc_by(range.end - range.start);
+                    return Ok(());
                 }
                 Err(e) if e.retryable() && attempt < ATTEMPTS => {
                     warn!(key = %obj.key, ?range, attempt, error = %e, "origin read failed; retrying");
@@ -169,21 +177,16 @@ impl Origin {
         }
     }
 
-    async fn get_once(&self, obj: &ObjectVersion, range: Range<u64>) -> Result<Bytes, OriginError> {
-        let want = range.end - range.start;
-        let opts = GetOptions {
-            range: Some(GetRange::Bounded(range.clone())),
-            if_match: obj.etag.clone(),
-            version: obj.version.clone(),
-            ..Default::default()
-        };
-        let res = match self.store.get_opts(&obj.location, opts).await {
+    /// One ranged GET into `sink`. A store that ignores the range (200 with the whole object) is
+    /// read from the start and only the wanted bytes are kept, stopping once they are in.
+    async fn get_once(&self, obj: &ObjectVersion, range: Range<u64>, sink: &mut dyn Sink) -> Result<(), OriginError> {
+        let opts = GetOptions { if_match: obj.etag.clone(), version: obj.version.clone(), ..Default::default() };
+        let ranged = GetOptions { range: Some(GetRange::Bounded(range.clone())), ..opts.clone() };
+        let res = match self.store.get_opts(&obj.location, ranged).await {
             Ok(r) => r,
-            // The server ignored the range (200 with the whole object): read the object as a
-            // stream, keep only the wanted bytes, and stop as soon as they are in.
             Err(e) if e.to_string().contains("non-partial") => {
                 debug!(key = %obj.key, "origin ignored the range; streaming the object instead");
-                return self.get_streamed(obj, range).await;
+                self.store.get_opts(&obj.location, opts).await.map_err(|e| map_err(&obj.key, e))?
             }
             Err(e) => return Err(map_err(&obj.key, e)),
         };
@@ -191,40 +194,74 @@ impl Origin {
         if got.start > range.start || got.end < range.end {
             return Err(OriginError::Request(format!("origin returned range {got:?}, wanted {range:?}")));
         }
-        let body = res.bytes().await.map_err(|e| map_err(&obj.key, e))?;
-        if body.len() as u64 != got.end - got.start {
-            return Err(OriginError::Short { want: got.end - got.start, got: body.len() as u64 });
+        let want = range.end - range.start;
+        let put = |s: &mut dyn Sink, d: &[u8]| s.put(d).map_err(|e| OriginError::Request(format!("storing the bytes: {e}")));
+        match res.payload {
+            // A local file: one read of exactly the range.
+            object_store::GetResultPayload::File(..) => {
+                let body = res.bytes().await.map_err(|e| map_err(&obj.key, e))?;
+                let from = (range.start - got.start) as usize;
+                let piece = body.get(from..from + want as usize).ok_or(OriginError::Short { want, got: body.len() as u64 })?;
+                put(sink, piece)?;
+            }
+            object_store::GetResultPayload::Stream(mut stream) => {
+                let mut pos = got.start;
+                while sink.len() < want {
+                    let Some(piece) = stream.next().await else { break };
+                    let piece = piece.map_err(|e| map_err(&obj.key, e))?;
+                    let (start, end) = (pos, pos + piece.len() as u64);
+                    pos = end;
+                    if end <= range.start {
+                        continue;
+                    }
+                    let from = range.start.saturating_sub(start) as usize;
+                    let to = (range.end.min(end) - start) as usize;
+                    put(sink, &piece[from..to])?;
+                }
+            }
         }
-        let from = (range.start - got.start) as usize;
-        let out = body.slice(from..from + want as usize);
-        Ok(out)
+        if sink.len() != want {
+            return Err(OriginError::Short { want, got: sink.len() });
+        }
+        Ok(())
+    }
+}
+
+/// Where the bytes of a ranged GET go, in order, as they arrive.
+pub trait Sink: Send {
+    fn put(&mut self, data: &[u8]) -> std::io::Result<()>;
+    /// Forget what was put so far: the request starts over.
+    fn restart(&mut self);
+    /// Bytes put so far.
+    fn len(&self) -> u64;
+}
+
+impl Sink for BytesMut {
+    fn put(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.extend_from_slice(data);
+        Ok(())
     }
 
-    async fn get_streamed(&self, obj: &ObjectVersion, range: Range<u64>) -> Result<Bytes, OriginError> {
-        let opts = GetOptions { if_match: obj.etag.clone(), version: obj.version.clone(), ..Default::default() };
-        let res = self.store.get_opts(&obj.location, opts).await.map_err(|e| map_err(&obj.key, e))?;
-        let mut stream = res.into_stream();
-        let mut pos = 0u64;
-        let want = (range.end - range.start) as usize;
-        let mut out = BytesMut::with_capacity(want);
-        while let Some(piece) = stream.next().await {
-            let piece = piece.map_err(|e| map_err(&obj.key, e))?;
-            let (start, end) = (pos, pos + piece.len() as u64);
-            pos = end;
-            if end <= range.start {
-                continue;
-            }
-            let from = range.start.saturating_sub(start) as usize;
-            let to = (range.end.min(end) - start) as usize;
-            out.extend_from_slice(&piece[from..to]);
-            if out.len() >= want {
-                break;
-            }
-        }
-        if out.len() != want {
-            return Err(OriginError::Short { want: want as u64, got: out.len() as u64 });
-        }
-        Ok(out.freeze())
+    fn restart(&mut self) {
+        self.clear();
+    }
+
+    fn len(&self) -> u64 {
+        BytesMut::len(self) as u64
+    }
+}
+
+impl Sink for crate::cache::memory::Fill {
+    fn put(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.write(data)
+    }
+
+    fn restart(&mut self) {
+        crate::cache::memory::Fill::restart(self)
+    }
+
+    fn len(&self) -> u64 {
+        self.written()
     }
 }
 
@@ -342,15 +379,36 @@ mod tests {
     }
 }
 
-impl crate::cache::ChunkSource for Origin {
+/// The origin as the last tier of the read path: chunks are written into the memory tier as
+/// they arrive when it has room for them, else returned in a buffer.
+pub struct OriginSource {
+    pub origin: Arc<Origin>,
+    pub memory: Arc<crate::cache::MemoryTier>,
+}
+
+impl OriginSource {
+    async fn fetch_chunk(&self, obj: &ObjectVersion, index: u64, range: Range<u64>) -> Result<crate::cache::Chunk, OriginError> {
+        let Ok(Some(mut fill)) = self.memory.begin_fill(obj, index) else {
+            return self.origin.get_range(obj, range).await.map(Into::into);
+        };
+        self.origin.get_range_into(obj, range, &mut fill).await?;
+        let crc = fill.crc();
+        match fill.commit(crc, crate::metrics::Tier::origin) {
+            Ok(bytes) => Ok(crate::cache::Chunk { bytes, stored: true }),
+            Err(e) => Err(OriginError::Request(format!("storing the chunk: {e}"))),
+        }
+    }
+}
+
+impl crate::cache::ChunkSource for OriginSource {
     fn tier(&self) -> crate::metrics::Tier {
         crate::metrics::Tier::origin
     }
 
-    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, _index: u64, range: Range<u64>, _stage: &'a crate::cache::reader::Stage) -> futures::future::BoxFuture<'a, Result<Option<crate::cache::Chunk>, crate::Error>> {
+    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, index: u64, range: Range<u64>, _stage: &'a crate::cache::reader::Stage) -> futures::future::BoxFuture<'a, Result<Option<crate::cache::Chunk>, crate::Error>> {
         Box::pin(async move {
-            match self.get_range(obj, range).await {
-                Ok(b) => Ok(Some(b.into())),
+            match self.fetch_chunk(obj, index, range).await {
+                Ok(c) => Ok(Some(c)),
                 Err(OriginError::Changed(k)) | Err(OriginError::NotFound(k)) => Err(crate::Error::Stale(k)),
                 Err(e) => Err(crate::Error::unavailable(e)),
             }

@@ -154,6 +154,12 @@ impl ObjFile {
     /// Bytes `within` (inside the chunk at `chunk`) of present chunk `index`, from the mapping,
     /// registered as a reader; with the slot as it was.
     fn view(self: &Arc<Self>, index: u64, chunk: Range<u64>, within: Range<u64>) -> Option<(Bytes, Slot)> {
+        self.view_with(index, chunk, within, |s| s.present.then_some(()))
+    }
+
+    /// [`ObjFile::view`] of a chunk that `admit` accepts (it may change the slot), decided under
+    /// the slot lock together with registering the reader.
+    fn view_with(self: &Arc<Self>, index: u64, chunk: Range<u64>, within: Range<u64>, admit: impl FnOnce(&mut Slot) -> Option<()>) -> Option<(Bytes, Slot)> {
         let map = self.mapping()?;
         let (start, end) = (chunk.start + within.start, chunk.start + within.end);
         if within.end > chunk.end - chunk.start || end as usize > map.len() {
@@ -161,7 +167,8 @@ impl ObjFile {
         }
         let slot = {
             let mut slots = self.slots();
-            let s = slots.get_mut(index as usize).filter(|s| s.present)?;
+            let s = slots.get_mut(index as usize)?;
+            admit(s)?;
             s.readers += 1;
             *s
         };
@@ -486,7 +493,8 @@ impl MemoryTier {
             s.writing = true;
         }
         // Dropped unreserved, it only clears `writing`.
-        let mut fill = Fill { tier: self.clone(), file: f, key: ChunkKey { object: obj.id.clone(), index }, chunk, written: 0, crc: 0, reserved: false };
+        let key = ChunkKey { object: obj.id.clone(), index };
+        let mut fill = Fill { tier: self.clone(), file: f, key, chunk, written: 0, crc: 0, reserved: false, staged: Vec::new() };
         fill.reserved = self.reserve(len);
         Ok(fill.reserved.then_some(fill))
     }
@@ -605,10 +613,16 @@ pub struct Fill {
     file: Arc<ObjFile>,
     key: ChunkKey,
     chunk: Range<u64>,
+    /// Bytes taken (written to the file, or staged).
     written: u64,
     crc: u32,
     reserved: bool,
+    /// Small pieces (an HTTP body arrives in a few KiB at a time) gathered into larger writes.
+    staged: Vec<u8>,
 }
+
+/// Writes smaller than this are staged and written together.
+const STAGE_BYTES: usize = 1 << 20;
 
 impl Fill {
     /// Bytes written so far.
@@ -631,24 +645,53 @@ impl Fill {
         if data.len() as u64 > self.remaining() {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "more bytes than the chunk holds"));
         }
-        self.file.write_at(data, self.chunk.start + self.written)?;
-        self.written += data.len() as u64;
         self.crc = crc32c::crc32c_append(self.crc, data);
+        self.written += data.len() as u64;
+        if self.staged.is_empty() && data.len() >= STAGE_BYTES {
+            return self.file.write_at(data, self.chunk.start + self.written - data.len() as u64);
+        }
+        if self.staged.capacity() == 0 {
+            self.staged.reserve_exact(STAGE_BYTES);
+        }
+        self.staged.extend_from_slice(data);
+        if self.staged.len() >= STAGE_BYTES {
+            self.flush()?;
+        }
         Ok(())
+    }
+
+    /// Write what is staged.
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.staged.is_empty() {
+            let at = self.chunk.start + self.written - self.staged.len() as u64;
+            self.file.write_at(&self.staged, at)?;
+            self.staged.clear();
+        }
+        Ok(())
+    }
+
+    /// Start the chunk over (a source retries from its start).
+    pub fn restart(&mut self) {
+        self.written = 0;
+        self.crc = 0;
+        self.staged.clear();
     }
 
     /// Make the chunk present if it is whole and its crc32c is `crc`; its bytes count for
     /// `source` on their first local read. Returns them (a view of the mapping).
     pub fn commit(mut self, crc: u32, source: Tier) -> io::Result<Bytes> {
+        self.flush()?;
         if self.remaining() != 0 || self.crc != crc {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "chunk incomplete or checksum mismatch"));
         }
         let (index, len) = (self.key.index, self.chunk.end - self.chunk.start);
-        {
-            let mut slots = self.file.slots();
-            let s = slots.get_mut(index as usize).ok_or_else(|| io::Error::other("chunk index out of range"))?;
+        // Present and handed out in one step, so it cannot be evicted before the caller has it.
+        let present = |s: &mut Slot| {
             *s = Slot { present: true, writing: false, crc, fresh: len, source: Some(source), readers: s.readers };
-        }
+            Some(())
+        };
+        let view = self.file.view_with(index, self.chunk.clone(), 0..len, present);
+        let Some((bytes, _)) = view else { return Err(io::Error::other("cannot map the cache file")) };
         self.file.journal(&format!("+{index} {crc}\n"));
         {
             let mut idx = lock(&self.tier.index);
@@ -656,7 +699,6 @@ impl Fill {
             self.tier.metrics.cache_bytes.set(idx.used as i64);
         }
         self.reserved = false;
-        let (bytes, _) = self.file.view(index, self.chunk.clone(), 0..len).ok_or_else(|| io::Error::other("cannot map the cache file"))?;
         Ok(bytes)
     }
 }

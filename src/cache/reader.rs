@@ -188,6 +188,10 @@ impl Reader {
     /// The read, if every byte of it is in memory now (no waiting, no I/O but tmpfs).
     pub fn read_cached(&self, obj: &ObjectVersion, offset: u64, len: u64) -> Option<Bytes> {
         let pieces = split_read(offset, len, obj.size, self.opts.chunk_size);
+        // All or nothing: a part read (and credited) here would be read again by `read`.
+        if !pieces.iter().all(|p| self.memory.contains(obj, p.index)) {
+            return None;
+        }
         let mut parts = Vec::with_capacity(pieces.len());
         for p in &pieces {
             parts.push(self.memory.read(obj, p.index, p.within.clone())?);
