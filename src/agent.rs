@@ -217,12 +217,13 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
             source: cfg.source.clone(),
             draining: draining.clone(),
             active: peer_streams.clone(),
+            raw_data: cfg.peer_tls.is_none(),
         };
         info!(listen = %listen, node = %node_id, "serving chunks to peers");
-        let (token, tls, stop) = (cfg.peer_token.clone(), cfg.peer_tls.clone(), stop.clone());
+        let (token, tls, stop, raw_tasks) = (cfg.peer_token.clone(), cfg.peer_tls.clone(), stop.clone(), tasks.clone());
         tasks.spawn(
             async move {
-                if let Err(e) = crate::peer::server::serve(server, listener, token, tls, stop).await {
+                if let Err(e) = crate::peer::server::serve(server, listener, token, tls, raw_tasks, stop).await {
                     warn!(error = %e, "peer server stopped");
                 }
             }

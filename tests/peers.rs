@@ -164,7 +164,7 @@ impl proto::peer_server::Peer for CorruptPeer {
     }
 
     async fn hello(&self, _r: Request<proto::HelloRequest>) -> Result<Response<proto::HelloResponse>, Status> {
-        Ok(Response::new(proto::HelloResponse { node_id: "corrupt-peer".into(), protocol: 1, draining: false, chunk_size: self.chunk, source: String::new() }))
+        Ok(Response::new(proto::HelloResponse { node_id: "corrupt-peer".into(), protocol: 1, draining: false, chunk_size: self.chunk, source: String::new(), raw_data: false }))
     }
 
     async fn drain(&self, _r: Request<proto::DrainNotice>) -> Result<Response<proto::DrainAck>, Status> {

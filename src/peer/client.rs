@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt};
 use tracing::{debug, warn};
 
 use super::membership::{Membership, PeerHandle};
@@ -234,41 +234,61 @@ impl PeerSource {
     /// Stream chunk `index` from `peer` into the memory tier (or a buffer) and verify it.
     async fn read_from(&self, peer: &PeerHandle, obj: &ObjectVersion, index: u64, want: u64, allow_fill: bool) -> Result<Chunk, PeerFetchError> {
         let limit = if allow_fill { self.timeouts.fill } else { self.timeouts.hit };
-        let fut = async {
-            let mut req = tonic::Request::new(ReadChunkRequest { object: Some(object_ref(obj)), index, chunk_size: self.chunk_size, allow_fill, protocol: PROTOCOL });
-            req.set_timeout(limit);
-            let status = |s: tonic::Status| PeerFetchError::Status(s.code(), s.message().to_string());
-            let mut stream = peer.client().read_chunk(req).await.map_err(status)?.into_inner();
-            let mut sink = match self.memory.begin_fill(obj, index) {
-                Ok(Some(f)) => Sink::File(f),
-                _ => Sink::Heap(BytesMut::with_capacity(want as usize)),
-            };
-            let mut crc = None;
-            while let Some(msg) = stream.message().await.map_err(status)? {
-                if crc.is_none() {
-                    if msg.chunk_len != want {
-                        return Err(PeerFetchError::Protocol(format!("chunk length {} != {want}", msg.chunk_len)));
-                    }
-                    crc = Some(msg.crc32c);
-                }
-                let have = sink.written();
-                if msg.offset != have || have + msg.data.len() as u64 > want {
-                    return Err(PeerFetchError::Protocol(format!("data at offset {} (have {have} of {want})", msg.offset)));
-                }
-                sink.write(&msg.data)?;
-                self.metrics.peer_received_bytes.inc_by(msg.data.len() as u64);
-            }
-            let (have, Some(crc)) = (sink.written(), crc) else { return Err(PeerFetchError::Protocol("empty stream".into())) };
-            if have != want {
-                return Err(PeerFetchError::Protocol(format!("short stream: {have} of {want} bytes")));
-            }
-            let chunk = sink.finish(crc);
-            if matches!(chunk, Err(PeerFetchError::Checksum)) {
-                self.metrics.peer_checksum_errors.inc();
-            }
-            chunk
+        let req = ReadChunkRequest { object: Some(object_ref(obj)), index, chunk_size: self.chunk_size, allow_fill, protocol: PROTOCOL };
+        let mut sink = match self.memory.begin_fill(obj, index) {
+            Ok(Some(f)) => Sink::File(f),
+            _ => Sink::Heap(BytesMut::with_capacity(want as usize)),
         };
-        tokio::time::timeout(limit, fut).await.map_err(|_| PeerFetchError::Timeout)?
+        let received = if peer.state().raw { self.receive_raw(peer, req, want, &mut sink).boxed() } else { self.receive_grpc(peer, req, limit, want, &mut sink).boxed() };
+        let crc = tokio::time::timeout(limit, received).await.map_err(|_| PeerFetchError::Timeout)??;
+        let have = sink.written();
+        if have != want {
+            return Err(PeerFetchError::Protocol(format!("short stream: {have} of {want} bytes")));
+        }
+        let chunk = sink.finish(crc);
+        if matches!(chunk, Err(PeerFetchError::Checksum)) {
+            self.metrics.peer_checksum_errors.inc();
+        }
+        chunk
+    }
+
+    /// The chunk over gRPC into `sink`; returns the crc32c the peer sent.
+    async fn receive_grpc(&self, peer: &PeerHandle, req: ReadChunkRequest, limit: Duration, want: u64, sink: &mut Sink) -> Result<u32, PeerFetchError> {
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(limit);
+        let status = |s: tonic::Status| PeerFetchError::Status(s.code(), s.message().to_string());
+        let mut stream = peer.client().read_chunk(req).await.map_err(status)?.into_inner();
+        let mut crc = None;
+        while let Some(msg) = stream.message().await.map_err(status)? {
+            if crc.is_none() {
+                if msg.chunk_len != want {
+                    return Err(PeerFetchError::Protocol(format!("chunk length {} != {want}", msg.chunk_len)));
+                }
+                crc = Some(msg.crc32c);
+            }
+            let have = sink.written();
+            if msg.offset != have || have + msg.data.len() as u64 > want {
+                return Err(PeerFetchError::Protocol(format!("data at offset {} (have {have} of {want})", msg.offset)));
+            }
+            sink.write(&msg.data)?;
+            self.metrics.peer_received_bytes.inc_by(msg.data.len() as u64);
+        }
+        crc.ok_or_else(|| PeerFetchError::Protocol("empty stream".into()))
+    }
+
+    /// The chunk over the raw data path into `sink`; returns the crc32c the peer sent.
+    async fn receive_raw(&self, peer: &PeerHandle, req: ReadChunkRequest, want: u64, sink: &mut Sink) -> Result<u32, PeerFetchError> {
+        use super::raw::RawError;
+        let metrics = &self.metrics;
+        let on_data = |data: &[u8]| {
+            metrics.peer_received_bytes.inc_by(data.len() as u64);
+            sink.write(data).map_err(|e| RawError::Frame(e.to_string()))
+        };
+        match peer.raw.read_chunk(&req, want, self.timeouts.inventory, on_data).await {
+            Ok(crc) => Ok(crc),
+            Err(RawError::Status(code, msg)) => Err(PeerFetchError::Status(code, msg)),
+            Err(e) => Err(PeerFetchError::Protocol(format!("raw data path: {e}"))),
+        }
     }
 
     /// Try `peers` in turn, starting at `first` (consecutive chunks spread over them).

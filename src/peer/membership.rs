@@ -50,12 +50,16 @@ pub struct PeerState {
     pub failures: u32,
     pub retry_at: Option<Instant>,
     pub last_error: Option<String>,
+    /// It serves chunks on the raw data path (and we do not use TLS).
+    pub raw: bool,
 }
 
 /// One peer address and its client.
 pub struct PeerHandle {
     pub addr: String,
     client: Client,
+    /// Connections of the raw data path (used when `state.raw`).
+    pub raw: super::raw::Pool,
     state: Mutex<PeerState>,
 }
 
@@ -154,7 +158,8 @@ impl Membership {
         let client = PeerClient::with_interceptor(channel, Auth(self.token.clone()))
             .max_decoding_message_size(MAX_GRPC_MESSAGE)
             .max_encoding_message_size(MAX_GRPC_MESSAGE);
-        Ok(PeerHandle { addr: addr.to_string(), client, state: Mutex::new(PeerState::default()) })
+        let raw = super::raw::Pool::new(addr, self.token.as_ref().and_then(|t| t.to_str().ok()));
+        Ok(PeerHandle { addr: addr.to_string(), client, raw, state: Mutex::new(PeerState::default()) })
     }
 
     /// The peer set: static list ∪ last DNS answer ∪ peers that introduced themselves.
@@ -271,10 +276,12 @@ impl Membership {
                 if was.node_id.as_deref() != Some(r.node_id.as_str()) && !is_self {
                     info!(peer = %p.addr, node = %r.node_id, draining = r.draining, "peer is up");
                 }
+                let raw = r.raw_data && self.tls.is_none();
                 p.update(|s| {
                     s.node_id = Some(r.node_id);
                     s.is_self = is_self;
                     s.draining = r.draining;
+                    s.raw = raw;
                     s.failures = 0;
                     s.retry_at = None;
                     s.last_error = None;

@@ -4,10 +4,12 @@
 //! - `membership`: who the peers are (static list, DNS), their identity, state and backoff.
 //! - `client`: the peer tier of the read path ([`PeerSource`], a `ChunkSource`).
 //! - `server`: what this agent serves to others ([`PeerServer`]).
+//! - `raw`: the bulk data path (`ReadChunk` without HTTP/2, on the same port, when not using TLS).
 
 pub mod client;
 pub mod membership;
 pub mod placement;
+pub mod raw;
 pub mod server;
 
 pub use client::PeerSource;

@@ -41,10 +41,12 @@ pub struct PeerServer {
     pub draining: Arc<AtomicBool>,
     /// Chunk streams in progress (drain waits for them).
     pub active: Arc<AtomicUsize>,
+    /// Chunks are also served on the raw data path (no TLS).
+    pub raw_data: bool,
 }
 
 /// Counts a stream as active until dropped.
-struct ActiveGuard(Arc<AtomicUsize>);
+pub struct ActiveGuard(Arc<AtomicUsize>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -104,12 +106,10 @@ impl PeerServer {
     }
 }
 
-#[tonic::async_trait]
-impl Peer for PeerServer {
-    type ReadChunkStream = ChunkStream;
-
-    async fn read_chunk(&self, req: Request<ReadChunkRequest>) -> Result<Response<ChunkStream>, Status> {
-        let r = req.into_inner();
+impl PeerServer {
+    /// The whole chunk a peer asks for, with its crc32c, counted as an active transfer until the
+    /// guard is dropped.
+    pub async fn chunk(&self, r: ReadChunkRequest) -> Result<(Bytes, u32, ActiveGuard), Status> {
         let chunk_size = self.reader.chunk_size();
         if r.chunk_size != chunk_size {
             return Err(Status::invalid_argument(format!("chunk size {} differs from this agent's {chunk_size}", r.chunk_size)));
@@ -120,10 +120,9 @@ impl Peer for PeerServer {
         }
         self.active.fetch_add(1, Ordering::SeqCst);
         let guard = ActiveGuard(self.active.clone());
-        let memory = self.reader.memory();
-        if let Some((bytes, crc)) = memory.map_chunk(&obj, r.index) {
+        if let Some((bytes, crc)) = self.reader.memory().map_chunk(&obj, r.index) {
             debug!(key = %obj.key, index = r.index, "serving chunk from memory");
-            return Ok(Response::new(self.stream(bytes, crc, guard)));
+            return Ok((bytes, crc, guard));
         }
         if !r.allow_fill {
             return Err(Status::not_found("chunk not held"));
@@ -134,11 +133,21 @@ impl Peer for PeerServer {
                 if bytes.len() as u64 != range.end - range.start {
                     return Err(Status::internal("filled chunk has the wrong length"));
                 }
-                Ok(Response::new(self.stream(bytes, crc, guard)))
+                Ok((bytes, crc, guard))
             }
             Err(crate::Error::Stale(_)) => Err(Status::not_found("object changed at the origin")),
             Err(e) => Err(Status::unavailable(format!("could not fill the chunk: {e}"))),
         }
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerServer {
+    type ReadChunkStream = ChunkStream;
+
+    async fn read_chunk(&self, req: Request<ReadChunkRequest>) -> Result<Response<ChunkStream>, Status> {
+        let (bytes, crc, guard) = self.chunk(req.into_inner()).await?;
+        Ok(Response::new(self.stream(bytes, crc, guard)))
     }
 
     async fn inventory(&self, req: Request<InventoryRequest>) -> Result<Response<InventoryResponse>, Status> {
@@ -183,6 +192,7 @@ impl Peer for PeerServer {
             draining: self.draining.load(Ordering::SeqCst),
             chunk_size: self.reader.chunk_size(),
             source: self.source.clone(),
+            raw_data: self.raw_data,
         }))
     }
 
@@ -208,14 +218,21 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     token: Option<String>,
     tls: Option<crate::config::PeerTls>,
+    tasks: tokio_util::task::TaskTracker,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let token = token.map(|t| Arc::new(t.trim().as_bytes().to_vec()));
-    let svc = super::proto::peer_server::PeerServer::new(server)
+    let server = Arc::new(server);
+    let raw_data = server.raw_data && tls.is_none();
+    let svc = super::proto::peer_server::PeerServer::from_arc(server.clone())
         .max_decoding_message_size(super::MAX_GRPC_MESSAGE)
         .max_encoding_message_size(super::MAX_GRPC_MESSAGE);
-    let svc = tonic_intercept(svc, check_token(token));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let svc = tonic_intercept(svc, check_token(token.clone()));
+    let incoming: std::pin::Pin<Box<dyn Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send>> = if raw_data {
+        Box::pin(super::raw::split(listener, server, token, tasks, stop.clone()))
+    } else {
+        Box::pin(tokio_stream::wrappers::TcpListenerStream::new(listener))
+    };
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = tls {
         use tonic::transport::{Certificate, Identity, ServerTlsConfig};
