@@ -341,12 +341,12 @@ fn cpu_seconds(pid: i32) -> f64 {
     f.iter().sum::<u64>() as f64 / tick
 }
 
-/// Touch 2 x `bytes` of fresh memory once, so the VM's first-touch cost does not land in a row.
+/// Touch `bytes` of fresh memory once, so the VM's first-touch cost does not land in a row.
 fn pretouch(bytes: u64) {
     let p = PathBuf::from(format!("/dev/shm/cachefs-bench-pretouch-{}", std::process::id()));
     let chunk = vec![1u8; 64 << 20];
     if let Ok(mut f) = std::fs::File::create(&p) {
-        let mut left = 2 * bytes;
+        let mut left = bytes;
         while left > 0 {
             let n = left.min(chunk.len() as u64) as usize;
             if f.write_all(&chunk[..n]).is_err() {
@@ -503,8 +503,11 @@ fn main() {
         options: vec![],
     };
 
-    eprintln!("touching {} of fresh memory first ...", cachefs::size::format_size(2 * size));
-    pretouch(size);
+    // All the memory the run will use (tmpfs caches of several agents, page cache of the origin):
+    // everything available but 4 GiB, at least twice the file.
+    let touch = cachefs::config::available_memory().unwrap_or(0).saturating_sub(4 << 30).max(2 * size);
+    eprintln!("touching {} of memory first ...", cachefs::size::format_size(touch));
+    pretouch(touch);
     eprintln!("references ...");
     let _ = read_file(&shm);
     let tmpfs: Vec<f64> = (0..runs).map(|_| read_file(&shm).1).collect();
