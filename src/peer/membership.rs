@@ -52,6 +52,8 @@ pub struct PeerState {
     pub last_error: Option<String>,
     /// It serves chunks on the raw data path (and we do not use TLS).
     pub raw: bool,
+    /// Its last Hello to us: it is up, whatever a probe that started earlier says.
+    pub heard_at: Option<Instant>,
 }
 
 /// One peer address and its client.
@@ -183,6 +185,7 @@ impl Membership {
                 }
                 p.update(|s| {
                     s.node_id = Some(node_id.to_string());
+                    s.heard_at = Some(Instant::now());
                     s.is_self = false;
                     s.failures = 0;
                     s.retry_at = None;
@@ -268,6 +271,16 @@ impl Membership {
     async fn probe(&self, p: &Arc<PeerHandle>) {
         let mut req = tonic::Request::new(HelloRequest { node_id: self.self_id.clone(), protocol: PROTOCOL, listen_port: self.listen_port as u32 });
         req.set_timeout(PROBE_TIMEOUT);
+        let started = Instant::now();
+        let failed = |msg: &str| {
+            // Its own Hello arrived while we probed: it is up (a connection refused a moment ago
+            // can still be reported). Probe it again at once instead of backing off.
+            if p.state().heard_at.is_some_and(|h| h >= started) {
+                self.wake.notify_one();
+                return;
+            }
+            self.report_failure(p, msg);
+        };
         match tokio::time::timeout(PROBE_TIMEOUT * 2, p.client().hello(req)).await {
             Ok(Ok(r)) => {
                 let r = r.into_inner();
@@ -292,9 +305,9 @@ impl Membership {
                 if p.state().failures == 0 {
                     warn!(peer = %p.addr, error = %msg, "peer refused the probe");
                 }
-                self.report_failure(p, &msg);
+                failed(&msg);
             }
-            Err(_) => self.report_failure(p, "probe timed out"),
+            Err(_) => failed("probe timed out"),
         }
     }
 
@@ -308,9 +321,12 @@ impl Membership {
     pub async fn run(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut last_dns = Instant::now();
         loop {
+            // Next probe: the interval, or sooner when a backoff ends.
+            let now = Instant::now();
+            let next = self.all().iter().filter_map(|p| p.state().retry_at).map(|t| t.saturating_duration_since(now)).min();
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                _ = tokio::time::sleep(next.unwrap_or(PROBE_INTERVAL).min(PROBE_INTERVAL)) => {}
                 _ = self.wake.notified() => {}
             }
             if last_dns.elapsed() >= DNS_INTERVAL {
