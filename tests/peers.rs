@@ -318,3 +318,72 @@ fn mutual_tls_between_peers() {
         .unwrap();
     assert_ne!(out.status.code(), Some(0));
 }
+
+/// Write one raw-path frame: a big-endian u32 length and the bytes.
+fn raw_frame(s: &mut std::net::TcpStream, body: &[u8]) {
+    use std::io::Write;
+    s.write_all(&(body.len() as u32).to_be_bytes()).unwrap();
+    s.write_all(body).unwrap();
+}
+
+fn raw_header(s: &mut std::net::TcpStream) -> Option<proto::RawChunkHeader> {
+    use prost::Message;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).ok()?;
+    proto::RawChunkHeader::decode(body.as_slice()).ok()
+}
+
+/// The raw data path on the peer port: a wrong token is refused, a hostile frame length closes
+/// only that connection, a bad request gets its status, a good one the exact chunk with its
+/// crc32c; the agent keeps serving throughout.
+#[test]
+fn raw_data_path_refuses_bad_tokens_and_frames() {
+    if !fuse_available("raw_data_path_refuses_bad_tokens_and_frames") {
+        return;
+    }
+    use prost::Message;
+    let src = tempfile::tempdir().unwrap();
+    let data = random_bytes(12 << 20, 95);
+    std::fs::write(src.path().join("r.bin"), &data).unwrap();
+    let tok = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tok.path(), "raw-token\n").unwrap();
+    let (_, a_addr) = peer_port();
+    let a = Agent::start(&src.path().display().to_string(), &["--listen", &a_addr, "--peer-token-file", &tok.path().display().to_string(), "--chunk-size", "4MiB"]);
+    assert!(read_all(&a.path("r.bin")) == data);
+    let connect = |token: &[u8]| {
+        let mut s = std::net::TcpStream::connect(&a_addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        std::io::Write::write_all(&mut s, b"CFS1").unwrap();
+        raw_frame(&mut s, token);
+        s
+    };
+    // Wrong token: UNAUTHENTICATED, then closed.
+    let mut s = connect(b"nope");
+    assert_eq!(raw_header(&mut s).map(|h| h.code), Some(tonic::Code::Unauthenticated as u32));
+    // A frame length far past the limit: this connection closes, nothing else happens.
+    let mut s = connect(b"raw-token");
+    std::io::Write::write_all(&mut s, &u32::MAX.to_be_bytes()).unwrap();
+    assert!(raw_header(&mut s).is_none(), "a hostile frame length must close the connection");
+    // A good request, then a bad one (another chunk size), on one connection.
+    let etag = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use object_store::ObjectStoreExt;
+        let store = object_store::local::LocalFileSystem::new_with_prefix(src.path()).unwrap();
+        store.head(&"r.bin".into()).await.unwrap().e_tag.unwrap_or_default()
+    });
+    let object = proto::ObjectRef { key: "r.bin".into(), etag, version: String::new(), size: data.len() as u64 };
+    let req = proto::ReadChunkRequest { object: Some(object), index: 1, chunk_size: 4 << 20, allow_fill: false, protocol: 1 };
+    let mut s = connect(b"raw-token");
+    raw_frame(&mut s, &req.encode_to_vec());
+    let h = raw_header(&mut s).expect("header");
+    assert_eq!((h.code, h.chunk_len), (0, 4 << 20), "{h:?}");
+    let mut chunk = vec![0u8; 4 << 20];
+    s.read_exact(&mut chunk).unwrap();
+    assert!(chunk[..] == data[4 << 20..8 << 20]);
+    assert_eq!(h.crc32c, crc32c::crc32c(&chunk));
+    raw_frame(&mut s, &proto::ReadChunkRequest { chunk_size: 1 << 20, ..req }.encode_to_vec());
+    assert_eq!(raw_header(&mut s).map(|h| h.code), Some(tonic::Code::InvalidArgument as u32));
+    assert_eq!(http_get(a.admin, "/healthz").map(|r| r.0), Some(200));
+    assert!(read_all(&a.path("r.bin")) == data);
+}
