@@ -299,7 +299,8 @@ impl MemoryTier {
             self.metrics.cache_bytes.set(idx.used as i64);
             victims
         };
-        self.evict(victims);
+        let kept = self.evict(victims);
+        put_back(&mut lock(&self.index), kept);
         Ok(r)
     }
 
@@ -515,17 +516,18 @@ impl MemoryTier {
             (victims, fits)
         };
         let kept = self.evict(victims);
-        if !fits || kept == 0 {
-            return fits;
-        }
-        // Some victims could not go after all: give the room back if we are now over budget.
+        // Victims that could not go come back, and the reservation is kept only if it still
+        // fits: in one step, so the bytes held are never over the budget, even briefly.
         let mut idx = lock(&self.index);
-        if idx.used > self.capacity {
+        put_back(&mut idx, kept);
+        // `fits` false: the reservation was already given back above.
+        if fits && idx.used > self.capacity {
             idx.used -= len;
             self.metrics.cache_bytes.set(idx.used as i64);
             return false;
         }
-        true
+        self.metrics.cache_bytes.set(idx.used as i64);
+        fits
     }
 
     /// Take least recently used chunks out of the index until the budget holds, passing over
@@ -551,10 +553,10 @@ impl MemoryTier {
         victims
     }
 
-    /// Punch the victims' holes; returns how many could not go (pinned or read since chosen:
-    /// they are put back).
-    fn evict(&self, victims: Vec<(ChunkKey, u64)>) -> usize {
-        let mut kept = 0;
+    /// Punch the victims' holes; returns those that could not go (pinned, or read since they
+    /// were chosen), for the caller to put back.
+    fn evict(&self, victims: Vec<(ChunkKey, u64)>) -> Vec<(ChunkKey, u64)> {
+        let mut kept = Vec::new();
         for (key, len) in victims {
             let Some(f) = lock(&self.files).get(&key.object).cloned() else { continue };
             // The pins lock is held until the hole is punched, so `pin_if_complete` never sees a
@@ -563,11 +565,7 @@ impl MemoryTier {
             let mut slots = f.slots();
             let Some(s) = slots.get_mut(key.index as usize) else { continue };
             if pins.contains_key(&key.object) || s.readers > 0 {
-                drop((slots, pins));
-                let mut idx = lock(&self.index);
-                idx.used += len;
-                idx.lru.put(key, len);
-                kept += 1;
+                kept.push((key, len));
                 continue;
             }
             s.present = false;
@@ -720,6 +718,14 @@ impl Drop for Fill {
         let mut idx = lock(&self.tier.index);
         idx.used -= len;
         self.tier.metrics.cache_bytes.set(idx.used as i64);
+    }
+}
+
+/// Return chunks that could not be evicted to the index.
+fn put_back(idx: &mut Index, kept: Vec<(ChunkKey, u64)>) {
+    for (k, l) in kept {
+        idx.used += l;
+        idx.lru.put(k, l);
     }
 }
 
