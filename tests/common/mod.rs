@@ -42,8 +42,18 @@ pub fn poll_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// A port free now and never handed out before in this process (tests run in parallel, and a
+/// port released by one `free_port` could otherwise be handed to two agents).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let p = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port");
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&p) {
+            given.push(p);
+            return p;
+        }
+    }
 }
 
 /// A plain HTTP/1.0 GET: (status, body).
@@ -148,7 +158,7 @@ pub struct Agent {
     pub cache_dir: PathBuf,
     pub admin: SocketAddr,
     pub log: PathBuf,
-    _tmp: tempfile::TempDir,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 pub fn bin() -> &'static str {
@@ -165,6 +175,22 @@ impl Agent {
     }
 
     pub fn start_with(source: &str, extra: &[&str], mountpoint: PathBuf, cache_dir: PathBuf, tmp: tempfile::TempDir) -> Agent {
+        // The admin port was free when picked; another process (an outgoing connection of an
+        // agent, say) can take it before the agent binds it: then start again on another.
+        let mut tries = 0;
+        loop {
+            match Self::try_start(source, extra, mountpoint.clone(), cache_dir.clone(), &tmp) {
+                Ok(mut a) => {
+                    a._tmp = Some(tmp);
+                    return a;
+                }
+                Err(log) if tries < 3 && log.contains("cannot listen on admin address") => tries += 1,
+                Err(log) => panic!("agent did not become ready; log:\n{log}"),
+            }
+        }
+    }
+
+    fn try_start(source: &str, extra: &[&str], mountpoint: PathBuf, cache_dir: PathBuf, tmp: &tempfile::TempDir) -> Result<Agent, String> {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = tmp.path().join(format!("agent-{}.log", admin.port()));
         let logf = std::fs::File::create(&log).unwrap();
@@ -185,7 +211,7 @@ impl Agent {
             .stderr(logf)
             .spawn()
             .expect("spawn cachefs");
-        let mut a = Agent { child: Some(child), mountpoint, cache_dir, admin, log, _tmp: tmp };
+        let mut a = Agent { child: Some(child), mountpoint, cache_dir, admin, log, _tmp: None };
         let ok = poll_until(Duration::from_secs(30), || {
             if let Some(Ok(Some(_))) = a.child.as_mut().map(|c| c.try_wait()) {
                 return true;
@@ -194,9 +220,13 @@ impl Agent {
         });
         let exited = a.child.as_mut().map(|c| c.try_wait()).and_then(|r| r.ok()).flatten();
         if !ok || exited.is_some() {
-            panic!("agent did not become ready (exit {exited:?}); log:\n{}", a.log_text());
+            let text = format!("(exit {exited:?})\n{}", a.log_text());
+            a.kill9();
+            // Not dropped: that would remove the cache directory the next try may reuse.
+            std::mem::forget(a);
+            return Err(text);
         }
-        a
+        Ok(a)
     }
 
     pub fn log_text(&self) -> String {
