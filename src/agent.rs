@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use crate::admin::{self, AdminState};
+use crate::cache::verify::Verifier;
 use crate::cache::{ChunkSource, MemoryTier, Reader, ReaderOptions};
 use crate::catalog::{Catalog, ObjectVersion};
 use crate::config::MountConfig;
@@ -146,16 +147,18 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     let tasks = TaskTracker::new();
 
     let origin = Arc::new(Origin::with_request_timeout(&cfg.source, &cfg.source_options, cfg.origin_concurrency, metrics.clone(), cfg.read_timeout)?);
-    let versions = list_versions(&origin).await.map_err(|e| AgentError::List(cfg.source.clone(), e.to_string()))?;
+    let versions = list_versions(&origin).await.map_err(|e| AgentError::List(cfg.shown_source(), e.to_string()))?;
     let catalog = Arc::new(Catalog::new());
     let total: u64 = versions.iter().map(|v| v.size).sum();
     let n = versions.len();
     catalog.apply(versions);
-    info!(source = %cfg.source, files = n, bytes = %format_size(total), "listed source");
+    info!(source = %cfg.shown_source(), files = n, bytes = %format_size(total), "listed source");
 
+    // Each chunk's CRC-64 is kept when the origin publishes whole-object CRC-64s to check with.
     let memory = Arc::new(
         MemoryTier::new(&cfg.cache_dir, cfg.chunk_size, cfg.cache_size, metrics.clone())
-            .map_err(|e| AgentError::CacheDir(cfg.cache_dir.display().to_string(), e))?,
+            .map_err(|e| AgentError::CacheDir(cfg.cache_dir.display().to_string(), e))?
+            .with_crc64(origin.crc64_kind().map(|k| k.algorithm())),
     );
     // A restarted agent reuses the chunks an earlier run left in tmpfs (each re-verified).
     let rec = memory.recover(&catalog.files()).map_err(|e| AgentError::CacheDir(cfg.cache_dir.display().to_string(), e))?;
@@ -180,30 +183,38 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     let peers_on = cfg.listen.is_some() || !cfg.peers.is_empty() || cfg.peer_dns.is_some();
     let membership = if peers_on {
         let m = Arc::new(
-            Membership::new(node_id.clone(), cfg.listen.map(|l| l.port()).unwrap_or(0), cfg.peers.clone(), cfg.peer_dns.clone(), cfg.peer_token.clone(), cfg.peer_tls.as_ref(), metrics.clone())
+            Membership::new(
+                node_id.clone(),
+                crate::peer::membership::Compat { chunk_size: cfg.chunk_size, source: cfg.shown_source() },
+                cfg.listen.map(|l| l.port()).unwrap_or(0), cfg.peers.clone(), cfg.peer_dns.clone(), cfg.peer_token.clone(), cfg.peer_tls.as_ref(), metrics.clone())
                 .map_err(AgentError::Peers)?,
         );
         if let Some(t) = &cfg.peer_tls {
             crate::peer::server::check_tls(t).map_err(AgentError::Peers)?;
             info!("peer traffic uses mutual TLS");
         } else if cfg.peer_token.is_none() {
-            warn!("peers are unauthenticated: any host that reaches the peer port can read cached chunks (set --peer-token-file)");
+            warn!("peers are unauthenticated: only configured peers (--peers, --peer-dns) are used, but any host that reaches the peer port can read cached chunks (set --peer-token-file or mutual TLS)");
         }
         Some(m)
     } else {
         None
     };
+    let verifier = membership.as_ref().map(|m| Verifier::new(origin.clone(), memory.clone(), m.clone(), metrics.clone(), tasks.clone(), stop.clone()));
     let mut sources: Vec<Arc<dyn ChunkSource>> = Vec::new();
-    if let Some(m) = &membership {
-        sources.push(Arc::new(PeerSource::new(m.clone(), memory.clone(), draining.clone(), PeerTimeouts::default(), metrics.clone())));
+    if let (Some(m), Some(v)) = (&membership, &verifier) {
+        let peers = PeerSource::new(m.clone(), memory.clone(), draining.clone(), PeerTimeouts::default(), metrics.clone()).with_verifier(v.clone());
+        sources.push(Arc::new(peers));
     }
-    sources.push(Arc::new(crate::origin::OriginSource { origin: origin.clone(), memory: memory.clone() }));
+    sources.push(Arc::new(crate::origin::OriginSource { origin: origin.clone(), memory: memory.clone(), verifier: verifier.clone() }));
     let reader = Reader::new(
         memory.clone(),
         sources,
         ReaderOptions { chunk_size: cfg.chunk_size, read_timeout: cfg.read_timeout, readahead_budget: cfg.readahead_budget },
         metrics.clone(),
     );
+    if let Some(v) = &verifier {
+        v.set_reader(&reader);
+    }
     let core = Arc::new(FsCore::new(catalog.clone(), reader.clone()));
     let peer_streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     if let (Some(m), Some(listen)) = (&membership, cfg.listen) {
@@ -214,7 +225,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
             metrics: metrics.clone(),
             membership: m.clone(),
             node_id: node_id.clone(),
-            source: cfg.source.clone(),
+            source: cfg.shown_source(),
             draining: draining.clone(),
             active: peer_streams.clone(),
             raw_data: cfg.peer_tls.is_none(),
@@ -258,8 +269,8 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     let listener = tokio::net::TcpListener::bind(cfg.admin).await.map_err(|e| AgentError::Admin(cfg.admin.to_string(), e))?;
     let status = {
         let (metrics, memory, catalog, core, ready) = (metrics.clone(), memory.clone(), catalog.clone(), core.clone(), ready.clone());
-        let (membership, node_id, listen, drain) = (membership.clone(), node_id.clone(), cfg.listen, drain.clone());
-        let (source, mountpoint) = (cfg.source.clone(), cfg.mountpoint.display().to_string());
+        let (membership, node_id, listen, drain, verifier) = (membership.clone(), node_id.clone(), cfg.listen, drain.clone(), verifier.clone());
+        let (source, mountpoint) = (cfg.shown_source(), cfg.mountpoint.display().to_string());
         Arc::new(move || {
             serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),
@@ -271,6 +282,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
                 "node_id": node_id,
                 "listen": listen.map(|l| l.to_string()),
                 "peers": membership.as_ref().map(|m| m.status()).unwrap_or(serde_json::Value::Array(vec![])),
+                "verification": verifier.as_ref().map(|v| v.status()),
                 "files": catalog.files().len(),
                 "open_handles": core.open_handles(),
                 "cache": { "used_bytes": memory.used(), "capacity_bytes": memory.capacity(), "chunk_size": memory.chunk_size() },
@@ -284,7 +296,13 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
         })
     };
     let admin_state =
-        AdminState { metrics: metrics.clone(), ready: ready.clone(), status, catalog: catalog.clone(), reader: reader.clone(), tasks: tasks.clone(), drain: drain.clone(), drain_timeout: cfg.preempt.drain_timeout };
+        AdminState { metrics: metrics.clone(), ready: ready.clone(), status, catalog: catalog.clone(), reader: reader.clone(), tasks: tasks.clone(),
+        drain: drain.clone(),
+        drain_timeout: cfg.preempt.drain_timeout,
+        warm_jobs: Default::default(),
+        stop: stop.clone(),
+        guard: admin::guard::Guard::new(cfg.admin, cfg.admin_token.clone()),
+    };
     info!(admin = %cfg.admin, "admin endpoint listening");
     tasks.spawn(admin::serve(listener, admin_state, stop.clone()).instrument(tracing::info_span!("admin")));
 
@@ -327,7 +345,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
         warn!("the new mount did not answer a statfs within 10 s");
     }
     ready.store(true, Ordering::SeqCst);
-    crate::systemd::ready(&format!("serving {} at {}", cfg.source, cfg.mountpoint.display()));
+    crate::systemd::ready(&format!("serving {} at {}", cfg.shown_source(), cfg.mountpoint.display()));
     info!(mountpoint = %cfg.mountpoint.display(), "mounted; serving");
     if let Some(interval) = crate::systemd::watchdog_interval() {
         info!(?interval, "systemd watchdog enabled");

@@ -69,8 +69,13 @@ pub fn status(admin: &str, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-pub fn warm(admin: &str, paths: &[String]) -> ExitCode {
-    let addr = match admin_addr(admin) {
+/// The admin token from `--admin-token-file`, if one was given.
+fn token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
+    file.map(|p| crate::config::read_token("--admin-token-file", p)).transpose()
+}
+
+pub fn warm(admin: &str, token_file: Option<&std::path::Path>, detach: bool, paths: &[String]) -> ExitCode {
+    let (addr, token) = match admin_addr(admin).and_then(|a| Ok((a, token(token_file)?))) {
         Ok(a) => a,
         Err(e) => return fail(e),
     };
@@ -94,8 +99,8 @@ pub fn warm(admin: &str, paths: &[String]) -> ExitCode {
         bar.set_message(path.clone());
         let mut error: Option<String> = None;
         let mut done = false;
-        let body = serde_json::json!({ "path": rel }).to_string();
-        let r = client::post_lines(addr, "/warm", &body, |_, line| {
+        let body = serde_json::json!({ "path": rel, "detach": detach }).to_string();
+        let r = client::post_lines(addr, "/warm", token.as_deref(), &body, |_, line| {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { return };
             if let Some(t) = v["total"].as_u64() {
                 bar.set_length(t);
@@ -132,21 +137,23 @@ pub fn warm(admin: &str, paths: &[String]) -> ExitCode {
     if failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
-pub fn drain(admin: &str) -> ExitCode {
-    let addr = match admin_addr(admin) {
+pub fn drain(admin: &str, token_file: Option<&std::path::Path>) -> ExitCode {
+    let (addr, token) = match admin_addr(admin).and_then(|a| Ok((a, token(token_file)?))) {
         Ok(a) => a,
         Err(e) => return fail(e),
     };
-    let mut state = String::new();
-    match client::post_lines(addr, "/drain", "{}", |_, line| {
+    let (mut state, mut error) = (String::new(), None);
+    match client::post_lines(addr, "/drain", token.as_deref(), "{}", |_, line| {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
             state = v["state"].as_str().unwrap_or("").to_string();
+            error = v["error"].as_str().map(String::from);
         }
     }) {
         Ok(200) if state == "drained" => {
             println!("drained");
             ExitCode::SUCCESS
         }
+        Ok(code) if error.is_some() => fail(format!("drain refused (HTTP {code}): {}", error.unwrap_or_default())),
         Ok(code) => fail(format!("drain did not complete (HTTP {code}, state {state:?})")),
         Err(e) => fail(e),
     }

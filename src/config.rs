@@ -48,6 +48,12 @@ pub enum Command {
         /// Admin address of the agent
         #[arg(long, default_value = DEFAULT_ADMIN)]
         admin: String,
+        /// File holding the agent's admin token (its --admin-token-file)
+        #[arg(long, env = "CACHEFS_ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<PathBuf>,
+        /// Keep warming after this command exits or is interrupted
+        #[arg(long)]
+        detach: bool,
         /// Paths inside the mount (absolute under the mountpoint, or relative to its root)
         #[arg(required = true)]
         paths: Vec<String>,
@@ -58,6 +64,9 @@ pub enum Command {
         /// Admin address of the agent
         #[arg(long, default_value = DEFAULT_ADMIN)]
         admin: String,
+        /// File holding the agent's admin token (its --admin-token-file)
+        #[arg(long, env = "CACHEFS_ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<PathBuf>,
     },
 }
 
@@ -91,6 +100,9 @@ pub struct MountArgs {
     /// Admin HTTP address (/healthz, /readyz, /metrics, /status) [default: 127.0.0.1:7071]
     #[arg(long)]
     pub admin: Option<String>,
+    /// File holding a token that admin POSTs (/warm, /drain) must present as `Authorization: Bearer`
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
     /// Object store option KEY=VALUE (endpoint, region, access_key_id, allow_http, ...); repeatable.
     #[arg(long = "source-option", value_name = "KEY=VALUE")]
     pub source_option: Vec<String>,
@@ -176,6 +188,7 @@ struct FileConfig {
     cache_size: Option<String>,
     chunk_size: Option<String>,
     admin: Option<String>,
+    admin_token_file: Option<PathBuf>,
     source_options: Option<BTreeMap<String, String>>,
     allow_other: Option<bool>,
     catalog_ttl: Option<u64>,
@@ -225,6 +238,8 @@ pub struct MountConfig {
     pub cache_size: u64,
     pub chunk_size: u64,
     pub admin: SocketAddr,
+    /// The token admin POSTs must present (read from `--admin-token-file`).
+    pub admin_token: Option<String>,
     pub source_options: Vec<(String, String)>,
     pub allow_other: bool,
     pub catalog_ttl: Duration,
@@ -247,6 +262,11 @@ pub struct MountConfig {
 }
 
 impl MountConfig {
+    /// The source as it may be shown (logs, `/status`, peers): credentials redacted.
+    pub fn shown_source(&self) -> String {
+        crate::redact::source(&self.source)
+    }
+
     /// A configuration with defaults for everything but source, mountpoint, cache dir and size.
     pub fn new(source: &str, mountpoint: PathBuf, cache_dir: PathBuf, cache_size: u64) -> Self {
         MountConfig {
@@ -256,6 +276,7 @@ impl MountConfig {
             cache_size,
             chunk_size: DEFAULT_CHUNK_SIZE,
             admin: DEFAULT_ADMIN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7071))),
+            admin_token: None,
             source_options: Vec::new(),
             allow_other: false,
             catalog_ttl: Duration::from_secs(DEFAULT_CATALOG_TTL_SECS),
@@ -305,6 +326,16 @@ fn check_url(flag: &str, v: &str) -> Result<String, String> {
 
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A token file (`--peer-token-file`, `--admin-token-file`): one line of printable ASCII.
+pub fn read_token(flag: &str, p: &std::path::Path) -> Result<String, String> {
+    let t = std::fs::read_to_string(p).map_err(|e| format!("cannot read {flag} {}: {e}", p.display()))?;
+    let t = t.trim().to_string();
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("{flag} {}: the token must be one line of printable ASCII", p.display()));
+    }
+    Ok(t)
 }
 
 /// Bytes the kernel reports as available (`MemAvailable`), if it can be read.
@@ -380,17 +411,8 @@ pub fn resolve_mount(args: MountArgs) -> Result<MountConfig, String> {
     if let Some(d) = &peer_dns {
         check_host_port("--peer-dns", d)?;
     }
-    let peer_token = match args.peer_token_file.or(file.peer_token_file) {
-        Some(p) => {
-            let t = std::fs::read_to_string(&p).map_err(|e| format!("cannot read --peer-token-file {}: {e}", p.display()))?;
-            let t = t.trim().to_string();
-            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(format!("--peer-token-file {}: the token must be one line of printable ASCII", p.display()));
-            }
-            Some(t)
-        }
-        None => None,
-    };
+    let peer_token = args.peer_token_file.or(file.peer_token_file).map(|p| read_token("--peer-token-file", &p)).transpose()?;
+    let admin_token = args.admin_token_file.or(file.admin_token_file).map(|p| read_token("--admin-token-file", &p)).transpose()?;
     let peer_tls = match (args.peer_tls_cert.or(file.peer_tls_cert), args.peer_tls_key.or(file.peer_tls_key), args.peer_tls_ca.or(file.peer_tls_ca)) {
         (None, None, None) => None,
         (Some(c), Some(k), Some(a)) => {
@@ -440,6 +462,7 @@ pub fn resolve_mount(args: MountArgs) -> Result<MountConfig, String> {
         cache_size,
         chunk_size,
         admin,
+        admin_token,
         source_options,
         allow_other: args.allow_other || file.allow_other.unwrap_or(false),
         catalog_ttl: Duration::from_secs(positive("catalog-ttl", args.catalog_ttl.or(file.catalog_ttl).unwrap_or(DEFAULT_CATALOG_TTL_SECS))?),

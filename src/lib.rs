@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod origin;
 pub mod peer;
 pub mod preempt;
+pub mod redact;
 pub mod size;
 pub mod systemd;
 

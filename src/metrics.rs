@@ -43,6 +43,7 @@ pub mod names {
     pub const PASSTHROUGH_OPENS: &str = "cachefs_passthrough_opens_total";
     pub const PEER_ERRORS: &str = "cachefs_peer_errors_total";
     pub const PEER_CHECKSUM_ERRORS: &str = "cachefs_peer_checksum_errors_total";
+    pub const VERIFY_FAILURES: &str = "cachefs_verify_failures_total";
     pub const PREEMPTION_NOTICES: &str = "cachefs_preemption_notices_total";
     pub const METADATA_ERRORS: &str = "cachefs_metadata_errors_total";
     pub const WEBHOOK_DELIVERIES: &str = "cachefs_webhook_deliveries_total";
@@ -66,6 +67,7 @@ pub struct Metrics {
     pub read_errors: Counter,
     pub peer_errors: Family<PeerLabel, Counter>,
     pub peer_checksum_errors: Counter,
+    pub verify_failures: Counter,
     pub passthrough_opens: Counter,
     pub preemption_notices: Counter,
     pub metadata_errors: Counter,
@@ -101,6 +103,7 @@ impl Metrics {
             read_errors: Counter::default(),
             peer_errors: Family::default(),
             peer_checksum_errors: Counter::default(),
+            verify_failures: Counter::default(),
             passthrough_opens: Counter::default(),
             preemption_notices: Counter::default(),
             metadata_errors: Counter::default(),
@@ -124,6 +127,7 @@ impl Metrics {
         registry.register(base(PASSTHROUGH_OPENS), "Opens answered with FUSE passthrough to the tmpfs file", m.passthrough_opens.clone());
         registry.register(base(PEER_ERRORS), "Failed requests to a peer, by peer address", m.peer_errors.clone());
         registry.register(base(PEER_CHECKSUM_ERRORS), "Chunks from peers rejected by their checksum", m.peer_checksum_errors.clone());
+        registry.register(base(VERIFY_FAILURES), "Files assembled from peers that failed the origin's whole-object checksum", m.verify_failures.clone());
         registry.register(base(PREEMPTION_NOTICES), "Termination notices seen from the instance metadata service", m.preemption_notices.clone());
         registry.register(base(METADATA_ERRORS), "Metadata requests that failed or answered a malformed body", m.metadata_errors.clone());
         registry.register(base(WEBHOOK_DELIVERIES), "Scheduler webhook events delivered (2xx)", m.webhook_deliveries.clone());

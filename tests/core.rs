@@ -116,7 +116,7 @@ async fn rig(files: &[(&str, &[u8])], chunk: u64, capacity: u64, timeout: Durati
     catalog.apply(cachefs::agent::list_versions(&origin).await.unwrap());
     let dir = tempfile::tempdir().unwrap();
     let memory = Arc::new(MemoryTier::new(dir.path(), chunk, capacity, metrics.clone()).unwrap());
-    let sources: Vec<Arc<dyn ChunkSource>> = vec![Arc::new(cachefs::origin::OriginSource { origin: origin.clone(), memory: memory.clone() })];
+    let sources: Vec<Arc<dyn ChunkSource>> = vec![Arc::new(cachefs::origin::OriginSource { origin: origin.clone(), memory: memory.clone(), verifier: None })];
     let reader = Reader::new(memory, sources, ReaderOptions { chunk_size: chunk, read_timeout: timeout, readahead_budget: 4 * chunk }, metrics.clone());
     Rig { _dir: dir, store, k, metrics, catalog, origin, reader }
 }

@@ -40,15 +40,18 @@ fn remote_hit_then_three_agents_cold_at_once() {
     write_random(&src.path().join("cold.bin"), 96 << 20, 62);
     let want = sha256_file(&src.path().join("model.bin"));
     let s = src.path().display().to_string();
+    // Without a token only configured peers are used: each agent lists the others, including
+    // those not started yet.
     let (_, a_addr) = peer_port();
-    let a = Agent::start(&s, &["--listen", &a_addr]);
+    let (_, b_addr) = peer_port();
+    let (_, c_addr) = peer_port();
+    let a = Agent::start(&s, &["--listen", &a_addr, "--peers", &format!("{b_addr},{c_addr}")]);
     assert_eq!(sha256_file(&a.path("model.bin")), want);
     let a_origin = origin_bytes(&a);
     assert!(a_origin >= (256 << 20) as f64);
 
     // B starts empty and reads what A holds: every byte from A's memory, none from the origin.
-    let (_, b_addr) = peer_port();
-    let b = Agent::start(&s, &["--listen", &b_addr, "--peers", &a_addr]);
+    let b = Agent::start(&s, &["--listen", &b_addr, "--peers", &format!("{a_addr},{c_addr}")]);
     assert_eq!(sha256_file(&b.path("model.bin")), want);
     assert_eq!(origin_bytes(&b), 0.0, "B fetched from origin; log:\n{}", b.log_text());
     assert_eq!(tier(&b, "peer"), (256 << 20) as f64);
@@ -56,12 +59,12 @@ fn remote_hit_then_three_agents_cold_at_once() {
     assert_eq!(b.metric("cachefs_peer_received_bytes_total"), (256 << 20) as f64);
     let (_, status) = http_get(b.admin, "/status").unwrap();
     let st: serde_json::Value = serde_json::from_str(&status).unwrap();
-    assert_eq!(st["peers"][0]["state"], "live", "{st}");
+    let a_state = st["peers"].as_array().unwrap().iter().find(|p| p["addr"] == a_addr.as_str()).map(|p| p["state"].clone());
+    assert_eq!(a_state, Some("live".into()), "{st}");
 
     // C joins; A, B and C read a cold file at the same moment: the origin serves it about once.
-    let (_, c_addr) = peer_port();
     let c = Agent::start(&s, &["--listen", &c_addr, "--peers", &format!("{a_addr},{b_addr}")]);
-    // A and B learn C from its hello (membership is symmetric); wait until all see two live peers.
+    // A and B hear C's hello and probe it at once; wait until all see two live peers.
     for x in [&a, &b, &c] {
         let ok = poll_until(std::time::Duration::from_secs(15), || {
             let st: serde_json::Value = serde_json::from_str(&http_get(x.admin, "/status").unwrap().1).unwrap();
@@ -124,6 +127,8 @@ struct CorruptPeer {
     data: Arc<Vec<u8>>,
     key: String,
     chunk: u64,
+    /// The source it claims (the agent's own, so that it is used).
+    source: String,
 }
 
 #[tonic::async_trait]
@@ -164,7 +169,7 @@ impl proto::peer_server::Peer for CorruptPeer {
     }
 
     async fn hello(&self, _r: Request<proto::HelloRequest>) -> Result<Response<proto::HelloResponse>, Status> {
-        Ok(Response::new(proto::HelloResponse { node_id: "corrupt-peer".into(), protocol: 1, draining: false, chunk_size: self.chunk, source: String::new(), raw_data: false }))
+        Ok(Response::new(proto::HelloResponse { node_id: "corrupt-peer".into(), protocol: 1, draining: false, chunk_size: self.chunk, source: self.source.clone(), raw_data: false }))
     }
 
     async fn drain(&self, _r: Request<proto::DrainNotice>) -> Result<Response<proto::DrainAck>, Status> {
@@ -183,7 +188,7 @@ fn corrupted_chunk_from_a_peer_is_caught_and_fetched_elsewhere() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let fake_addr = listener.local_addr().unwrap().to_string();
-    let svc = proto::peer_server::PeerServer::new(CorruptPeer { data: data.clone(), key: "c.bin".into(), chunk: 8 << 20 });
+    let svc = proto::peer_server::PeerServer::new(CorruptPeer { data: data.clone(), key: "c.bin".into(), chunk: 8 << 20, source: src.path().display().to_string() });
     rt.spawn(tonic::transport::Server::builder().add_service(svc).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
     let c = Agent::start(&src.path().display().to_string(), &["--peers", &fake_addr]);
     let got = read_all(&c.path("c.bin"));

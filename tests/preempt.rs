@@ -592,13 +592,14 @@ fn drain_hook_gets_the_event_in_its_environment() {
     let (_src, s) = source();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("hook.out");
-    let cmd = format!("echo \"$CACHEFS_EVENT|$CACHEFS_PROVIDER|$CACHEFS_REASON|$CACHEFS_CACHED_BYTES\" >> {}", out.display());
-    let a = Agent::start(&s, &["--drain-hook", &cmd]);
+    let cmd = format!("echo \"$CACHEFS_EVENT|$CACHEFS_PROVIDER|$CACHEFS_REASON|$CACHEFS_CACHED_BYTES|$AWS_SECRET_ACCESS_KEY\" >> {}", out.display());
+    // The hook gets the event and PATH, not the agent's credentials.
+    let a = Agent::start_env(&s, &["--drain-hook", &cmd], &[("AWS_SECRET_ACCESS_KEY", "hook-must-not-see-this")]);
     let st = std::process::Command::new(bin()).args(["drain", "--admin", &a.admin.to_string()]).status().unwrap();
     assert!(st.success());
     assert!(poll_until(Duration::from_secs(5), || std::fs::read_to_string(&out).is_ok_and(|t| t.contains("drain_ready"))));
     let text = std::fs::read_to_string(&out).unwrap();
-    assert_eq!(text.trim(), "drain_ready|none|manual drain (cachefs drain)|0");
+    assert_eq!(text.trim(), "drain_ready|none|manual drain (cachefs drain)|0|");
 }
 
 // ---- two agents ------------------------------------------------------------------------------

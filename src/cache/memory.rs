@@ -62,6 +62,8 @@ struct Slot {
     present: bool,
     writing: bool,
     crc: u32,
+    /// CRC-64 of the chunk in the origin's whole-object algorithm (0 when none is kept).
+    crc64: u64,
     /// Bytes of this chunk not yet served since it was filled: they count for `source`.
     fresh: u64,
     source: Option<Tier>,
@@ -213,6 +215,8 @@ pub struct MemoryTier {
     /// tmpfs file directly: a hole would read as zeros), with a count per version.
     pins: Mutex<HashMap<Arc<str>, usize>>,
     metrics: Arc<Metrics>,
+    /// Each chunk's CRC-64 is kept in this algorithm (the origin's whole-object checksum).
+    crc64: Option<crc_fast::CrcAlgorithm>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -234,7 +238,64 @@ impl MemoryTier {
             files: Mutex::new(HashMap::new()),
             pins: Mutex::new(HashMap::new()),
             metrics,
+            crc64: None,
         })
+    }
+
+    /// Keep each chunk's CRC-64 in `alg`, so a whole object can be checked against the origin's
+    /// checksum without reading it again ([`MemoryTier::whole_crc64`]).
+    pub fn with_crc64(mut self, alg: Option<crc_fast::CrcAlgorithm>) -> Self {
+        self.crc64 = alg;
+        self
+    }
+
+    /// The CRC-64 of the whole of `obj`, combined from its chunks', if every chunk is present
+    /// and the tier keeps CRC-64s; and whether any chunk came from a peer.
+    pub fn whole_crc64(&self, obj: &ObjectVersion) -> Option<(u64, bool)> {
+        let alg = self.crc64?;
+        let f = self.existing(obj)?;
+        let slots = f.slots();
+        let mut acc = crc_fast::checksum(alg, &[]);
+        let mut from_peer = false;
+        for (i, s) in slots.iter().enumerate() {
+            if !s.present {
+                return None;
+            }
+            let r = chunk_range(i as u64, obj.size, self.chunk_size);
+            acc = crc_fast::checksum_combine(alg, acc, s.crc64, r.end - r.start);
+            from_peer |= s.source == Some(Tier::peer);
+        }
+        Some((acc, from_peer))
+    }
+
+    /// Drop every chunk of `obj` at once, pinned or read or not (its bytes are known bad).
+    pub fn drop_object(&self, obj: &ObjectVersion) -> u64 {
+        let Some(f) = self.existing(obj) else { return 0 };
+        let mut gone = Vec::new();
+        {
+            let _pins = lock(&self.pins);
+            let mut slots = f.slots();
+            for (i, s) in slots.iter_mut().enumerate() {
+                if s.present {
+                    s.present = false;
+                    s.fresh = 0;
+                    let r = chunk_range(i as u64, obj.size, self.chunk_size);
+                    punch(&f.file, r.start, r.end - r.start);
+                    gone.push(i as u64);
+                }
+            }
+        }
+        let mut freed = 0;
+        let mut idx = lock(&self.index);
+        for i in &gone {
+            f.journal(&format!("-{i}\n"));
+            if let Some(len) = idx.lru.pop(&ChunkKey { object: obj.id.clone(), index: *i }) {
+                idx.used -= len;
+                freed += len;
+            }
+        }
+        self.metrics.cache_bytes.set(idx.used as i64);
+        freed
     }
 
     pub fn chunk_size(&self) -> u64 {
@@ -341,7 +402,11 @@ impl MemoryTier {
             let ok = map.get(cr.start as usize..cr.end as usize).is_some_and(|b| crc32c::crc32c(b) == crc);
             if ok {
                 if let Some(s) = slots.get_mut(i as usize) {
-                    *s = Slot { present: true, crc, ..Slot::default() };
+                    let crc64 = match (self.crc64, map.get(cr.start as usize..cr.end as usize)) {
+                        (Some(alg), Some(b)) => crc_fast::checksum(alg, b),
+                        _ => 0,
+                    };
+                    *s = Slot { present: true, crc, crc64, ..Slot::default() };
                 }
                 good.push((i, crc, cr.end - cr.start));
             } else {
@@ -495,7 +560,8 @@ impl MemoryTier {
         }
         // Dropped unreserved, it only clears `writing`.
         let key = ChunkKey { object: obj.id.clone(), index };
-        let mut fill = Fill { tier: self.clone(), file: f, key, chunk, written: 0, crc: 0, reserved: false, staged: Vec::new() };
+        let crc64 = self.crc64.map(crc_fast::Digest::new);
+        let mut fill = Fill { tier: self.clone(), file: f, key, chunk, written: 0, crc: 0, crc64, reserved: false, staged: Vec::new() };
         fill.reserved = self.reserve(len);
         Ok(fill.reserved.then_some(fill))
     }
@@ -614,6 +680,8 @@ pub struct Fill {
     /// Bytes taken (written to the file, or staged).
     written: u64,
     crc: u32,
+    /// The chunk's CRC-64 so far, when the tier keeps them.
+    crc64: Option<crc_fast::Digest>,
     reserved: bool,
     /// Small pieces (an HTTP body arrives in a few KiB at a time) gathered into larger writes.
     staged: Vec<u8>,
@@ -644,6 +712,9 @@ impl Fill {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "more bytes than the chunk holds"));
         }
         self.crc = crc32c::crc32c_append(self.crc, data);
+        if let Some(d) = &mut self.crc64 {
+            d.update(data);
+        }
         self.written += data.len() as u64;
         if self.staged.is_empty() && data.len() >= STAGE_BYTES {
             return self.file.write_at(data, self.chunk.start + self.written - data.len() as u64);
@@ -672,6 +743,9 @@ impl Fill {
     pub fn restart(&mut self) {
         self.written = 0;
         self.crc = 0;
+        if let Some(d) = &mut self.crc64 {
+            d.reset();
+        }
         self.staged.clear();
     }
 
@@ -683,9 +757,10 @@ impl Fill {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "chunk incomplete or checksum mismatch"));
         }
         let (index, len) = (self.key.index, self.chunk.end - self.chunk.start);
+        let crc64 = self.crc64.as_ref().map(|d| d.finalize()).unwrap_or(0);
         // Present and handed out in one step, so it cannot be evicted before the caller has it.
         let present = |s: &mut Slot| {
-            *s = Slot { present: true, writing: false, crc, fresh: len, source: Some(source), readers: s.readers };
+            *s = Slot { present: true, writing: false, crc, crc64, fresh: len, source: Some(source), readers: s.readers };
             Some(())
         };
         let view = self.file.view_with(index, self.chunk.clone(), 0..len, present);
@@ -752,6 +827,28 @@ mod tests {
 
     fn obj(size: u64) -> ObjectVersion {
         ObjectVersion::new("f".into(), OPath::from("f"), Some("e".into()), None, size, SystemTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn whole_crc64_is_combined_from_chunks_and_dropped_objects_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::new());
+        for alg in [crc_fast::CrcAlgorithm::Crc64Nvme, crc_fast::CrcAlgorithm::Crc64Xz] {
+            let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 16 * 4096, m.clone()).unwrap().with_crc64(Some(alg)));
+            let o = obj(3 * 4096 + 77);
+            let data: Vec<u8> = (0..o.size).map(|i| (i * 7 % 253) as u8).collect();
+            for i in [2u64, 0, 3] {
+                let r = chunk_range(i, o.size, 4096);
+                tier.insert(&o, i, &data[r.start as usize..r.end as usize], Tier::peer).unwrap();
+            }
+            assert_eq!(tier.whole_crc64(&o), None, "not whole yet");
+            let r = chunk_range(1, o.size, 4096);
+            tier.insert(&o, 1, &data[r.start as usize..r.end as usize], Tier::origin).unwrap();
+            assert_eq!(tier.whole_crc64(&o), Some((crc_fast::checksum(alg, &data), true)));
+            assert_eq!(tier.drop_object(&o), o.size);
+            assert!(!tier.contains(&o, 0) && !tier.contains(&o, 3));
+            assert_eq!(tier.used(), 0);
+        }
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The cache core: chunk arithmetic (`chunk`), the memory tier (`memory`), and the tiered reader
-//! with single-flight and readahead (`reader`).
+//! with single-flight and readahead (`reader`), and the end-to-end check of files assembled from
+//! peers against the origin (`verify`).
 
 pub mod chunk;
 pub mod memory;
 pub mod reader;
+pub mod verify;
 
 pub use chunk::ChunkKey;
 pub use memory::MemoryTier;

@@ -27,6 +27,7 @@ use super::proto::{InventoryRequest, ReadChunkRequest};
 use super::{bit, object_ref, PROTOCOL};
 use crate::cache::memory::Fill;
 use crate::cache::reader::Stage;
+use crate::cache::verify::Verifier;
 use crate::cache::{Chunk, ChunkKey, ChunkSource, MemoryTier};
 use crate::catalog::ObjectVersion;
 use crate::error::Error;
@@ -133,6 +134,8 @@ pub struct PeerSource {
     timeouts: PeerTimeouts,
     metrics: Arc<Metrics>,
     inventories: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<Inventory>>>>,
+    /// Told of every chunk stored from a peer; says which files must come from the origin.
+    verifier: Option<Arc<Verifier>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +155,13 @@ enum PeerFetchError {
 impl PeerSource {
     pub fn new(membership: Arc<Membership>, memory: Arc<MemoryTier>, draining: Arc<AtomicBool>, timeouts: PeerTimeouts, metrics: Arc<Metrics>) -> Self {
         let chunk_size = memory.chunk_size();
-        PeerSource { membership, memory, chunk_size, draining, timeouts, metrics, inventories: Mutex::new(HashMap::new()) }
+        PeerSource { membership, memory, chunk_size, draining, timeouts, metrics, inventories: Mutex::new(HashMap::new()), verifier: None }
+    }
+
+    /// Check files assembled from peers with `v` (see `cache::verify`).
+    pub fn with_verifier(mut self, v: Arc<Verifier>) -> Self {
+        self.verifier = Some(v);
+        self
     }
 
     /// Live, non-draining peers that hold chunk `index` of `obj`, and those fetching it from the
@@ -232,7 +241,7 @@ impl PeerSource {
     }
 
     /// Stream chunk `index` from `peer` into the memory tier (or a buffer) and verify it.
-    async fn read_from(&self, peer: &PeerHandle, obj: &ObjectVersion, index: u64, want: u64, allow_fill: bool) -> Result<Chunk, PeerFetchError> {
+    async fn read_from(&self, peer: &PeerHandle, obj: &Arc<ObjectVersion>, index: u64, want: u64, allow_fill: bool) -> Result<Chunk, PeerFetchError> {
         let limit = if allow_fill { self.timeouts.fill } else { self.timeouts.hit };
         let req = ReadChunkRequest { object: Some(object_ref(obj)), index, chunk_size: self.chunk_size, allow_fill, protocol: PROTOCOL };
         let mut sink = match self.memory.begin_fill(obj, index) {
@@ -246,8 +255,12 @@ impl PeerSource {
             return Err(PeerFetchError::Protocol(format!("short stream: {have} of {want} bytes")));
         }
         let chunk = sink.finish(crc);
-        if matches!(chunk, Err(PeerFetchError::Checksum)) {
-            self.metrics.peer_checksum_errors.inc();
+        match (&chunk, &self.verifier) {
+            (Err(PeerFetchError::Checksum), _) => {
+                self.metrics.peer_checksum_errors.inc();
+            }
+            (Ok(c), Some(v)) if c.stored => v.from_peer(obj, &peer.addr),
+            _ => {}
         }
         chunk
     }
@@ -292,7 +305,7 @@ impl PeerSource {
     }
 
     /// Try `peers` in turn, starting at `first` (consecutive chunks spread over them).
-    async fn try_peers(&self, peers: &[Arc<PeerHandle>], first: usize, obj: &ObjectVersion, index: u64, want: u64, allow_fill: bool) -> Option<Chunk> {
+    async fn try_peers(&self, peers: &[Arc<PeerHandle>], first: usize, obj: &Arc<ObjectVersion>, index: u64, want: u64, allow_fill: bool) -> Option<Chunk> {
         let n = peers.len();
         for k in 0..n {
             let p = &peers[(first + k) % n];
@@ -321,6 +334,9 @@ impl PeerSource {
 
     async fn fetch_chunk(&self, obj: &Arc<ObjectVersion>, index: u64, range: Range<u64>, stage: &Stage) -> Result<Option<Chunk>, Error> {
         let want = range.end - range.start;
+        if self.verifier.as_ref().is_some_and(|v| v.origin_only(obj)) {
+            return Ok(None);
+        }
         let (holders, fillers) = self.holders(obj, index).await;
         stage.waiting_on_peer(!holders.is_empty() || !fillers.is_empty());
         // (a) holders, striped by chunk index; (b) peers fetching it from the origin now.

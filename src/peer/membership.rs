@@ -4,8 +4,15 @@
 //! state. A peer that fails is backed off exponentially and probed again later.
 //!
 //! # Contract
-//! - [`Membership::live`] lists peers that answered, are not this agent and are not backed off.
-//! - [`Membership::owner_candidates`] is `live` minus draining peers: only those own chunks.
+//! - Peers come from configuration. A `Hello` from an address not configured adds it only when
+//!   peers authenticate (token or mutual TLS); otherwise it is ignored.
+//! - A peer speaks only for itself: its node id and drain state are what its own address answers
+//!   to our probe, never what a caller claims (a `Hello` or `Drain` from anyone only makes us ask
+//!   the named peer again, at once).
+//! - A peer whose source, chunk size or protocol differ from ours, or that answers with a node id
+//!   another address already answered with, is `incompatible`: never used, logged once.
+//! - [`Membership::live`] lists peers that answered, are compatible, are not this agent and are
+//!   not backed off. [`Membership::owner_candidates`] is `live` minus draining peers.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -54,6 +61,11 @@ pub struct PeerState {
     pub raw: bool,
     /// Its last Hello to us: it is up, whatever a probe that started earlier says.
     pub heard_at: Option<Instant>,
+    /// Why it is never used (other source, chunk size, protocol, or a duplicate node id).
+    pub incompatible: Option<String>,
+    /// Not used until then: it served a file that failed the origin's checksum (neither a
+    /// probe nor its Hello ends this).
+    pub distrusted_until: Option<Instant>,
 }
 
 /// One peer address and its client.
@@ -84,12 +96,37 @@ impl PeerHandle {
 
     fn usable(&self) -> bool {
         let s = self.state();
-        s.node_id.is_some() && !s.is_self && s.retry_at.is_none_or(|t| Instant::now() >= t)
+        let now = Instant::now();
+        s.node_id.is_some() && !s.is_self && s.incompatible.is_none() && s.retry_at.is_none_or(|t| now >= t) && s.distrusted_until.is_none_or(|t| now >= t)
+    }
+}
+
+/// What a peer must share with us to be used.
+#[derive(Debug, Clone)]
+pub struct Compat {
+    pub chunk_size: u64,
+    /// The source as shown to peers (credentials redacted).
+    pub source: String,
+}
+
+impl Compat {
+    /// Why a peer that answered `r` cannot be used, if it cannot.
+    fn mismatch(&self, r: &super::proto::HelloResponse) -> Option<String> {
+        if r.protocol != PROTOCOL {
+            Some(format!("peer protocol {} differs from ours ({PROTOCOL})", r.protocol))
+        } else if r.chunk_size != self.chunk_size {
+            Some(format!("peer chunk size {} differs from ours ({})", r.chunk_size, self.chunk_size))
+        } else if r.source != self.source {
+            Some(format!("peer source {:?} differs from ours ({:?})", r.source, self.source))
+        } else {
+            None
+        }
     }
 }
 
 pub struct Membership {
     self_id: String,
+    compat: Compat,
     /// Our peer port, told to peers in Hello so they add us.
     listen_port: u16,
     static_peers: Vec<String>,
@@ -100,6 +137,10 @@ pub struct Membership {
     dns: Option<String>,
     token: Option<AsciiMetadataValue>,
     tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Callers are authenticated (token or mutual TLS): a Hello may add its caller.
+    authenticated: bool,
+    /// Unconfigured callers already told they are ignored (logged once each, bounded).
+    ignored: Mutex<std::collections::BTreeSet<String>>,
     peers: RwLock<Vec<Arc<PeerHandle>>>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Wakes the probe loop at once (a peer said Hello: probe it now, not in two seconds).
@@ -107,8 +148,10 @@ pub struct Membership {
 }
 
 impl Membership {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         self_id: String,
+        compat: Compat,
         listen_port: u16,
         static_peers: Vec<String>,
         dns: Option<String>,
@@ -126,6 +169,9 @@ impl Membership {
         };
         let m = Membership {
             self_id,
+            compat,
+            authenticated: token.is_some() || tls.is_some(),
+            ignored: Mutex::new(Default::default()),
             listen_port,
             static_peers,
             learned: Mutex::new(Default::default()),
@@ -172,27 +218,25 @@ impl Membership {
         self.set_addresses(addrs)
     }
 
-    /// A peer said Hello from `addr` (its peer port) as `node_id`: it is up now. A known address
-    /// becomes live at once, ending any backoff, and takes the new node id if the peer restarted;
-    /// an unknown one is added. Either way it is probed at once for its full state.
+    /// A caller said Hello from `addr` (its peer port) as `node_id`: it may be up now. A known
+    /// address ends its backoff and is probed at once (the probe, not the caller, says who is
+    /// there); an unknown one is added only when callers are authenticated.
     pub fn heard_from(&self, addr: std::net::SocketAddr, node_id: &str) {
         let a = addr.to_string();
         match self.all().into_iter().find(|p| p.addr == a) {
-            Some(p) => {
-                let was = p.state();
-                if was.node_id.as_deref() != Some(node_id) || was.retry_at.is_some() {
-                    info!(peer = %a, node = %node_id, "peer is up (it said hello)");
+            Some(p) => p.update(|s| {
+                s.heard_at = Some(Instant::now());
+                s.failures = 0;
+                s.retry_at = None;
+            }),
+            None if self.authenticated => self.learn(&a),
+            None => {
+                let mut ignored = self.ignored.lock().unwrap_or_else(|p| p.into_inner());
+                if ignored.len() < MAX_LEARNED && ignored.insert(a.clone()) {
+                    warn!(peer = %a, node = %node_id, "ignoring a hello from an address that is not a configured peer (peers are unauthenticated; set --peer-token-file or mutual TLS to let peers join)");
                 }
-                p.update(|s| {
-                    s.node_id = Some(node_id.to_string());
-                    s.heard_at = Some(Instant::now());
-                    s.is_self = false;
-                    s.failures = 0;
-                    s.retry_at = None;
-                    s.last_error = None;
-                });
+                return;
             }
-            None => self.learn(&a),
         }
         self.wake.notify_one();
     }
@@ -267,6 +311,17 @@ impl Membership {
         });
     }
 
+    /// Stop using the peer at `addr` for `how_long`: it served bytes the origin disowns.
+    pub fn distrust(&self, addr: &str, why: &str, how_long: Duration) {
+        self.metrics.peer_errors.get_or_create(&crate::metrics::PeerLabel { peer: addr.to_string() }).inc();
+        for p in self.all().into_iter().filter(|p| p.addr == addr) {
+            p.update(|s| {
+                s.distrusted_until = Some(Instant::now() + how_long);
+                s.last_error = Some(why.to_string());
+            });
+        }
+    }
+
     /// Probe one peer with Hello.
     async fn probe(&self, p: &Arc<PeerHandle>) {
         let mut req = tonic::Request::new(HelloRequest { node_id: self.self_id.clone(), protocol: PROTOCOL, listen_port: self.listen_port as u32 });
@@ -290,7 +345,12 @@ impl Membership {
                     info!(peer = %p.addr, node = %r.node_id, draining = r.draining, "peer is up");
                 }
                 let raw = r.raw_data && self.tls.is_none();
+                let incompatible = if is_self { None } else { self.compat.mismatch(&r).or_else(|| self.duplicate(p, &r.node_id)) };
+                if incompatible.is_some() && was.incompatible != incompatible {
+                    warn!(peer = %p.addr, node = %r.node_id, reason = incompatible.as_deref().unwrap_or(""), "peer is incompatible; it will not be used");
+                }
                 p.update(|s| {
+                    s.incompatible = incompatible;
                     s.node_id = Some(r.node_id);
                     s.is_self = is_self;
                     s.draining = r.draining;
@@ -309,6 +369,12 @@ impl Membership {
             }
             Err(_) => failed("probe timed out"),
         }
+    }
+
+    /// Another address already answered with `node_id` (first come keeps it).
+    fn duplicate(&self, p: &PeerHandle, node_id: &str) -> Option<String> {
+        let other = self.all().into_iter().find(|o| o.addr != p.addr && o.state().incompatible.is_none() && o.node_id().as_deref() == Some(node_id))?;
+        Some(format!("node id {node_id} already answers at {}", other.addr))
     }
 
     /// Probe every peer whose backoff has passed.
@@ -337,12 +403,16 @@ impl Membership {
         }
     }
 
-    /// A peer said it is (or is no longer) draining.
-    pub fn mark_draining(&self, node_id: &str, draining: bool) {
-        for p in self.all() {
-            if p.node_id().as_deref() == Some(node_id) {
-                p.update(|s| s.draining = draining);
-                info!(peer = %p.addr, draining, "peer drain state changed");
+    /// A caller says `node_id` changed its drain state: ask that peer itself (the caller's word
+    /// is never taken). Returns once the peer answered or its probe failed.
+    pub async fn recheck(&self, node_id: &str) {
+        let named: Vec<_> = self.all().into_iter().filter(|p| p.node_id().as_deref() == Some(node_id)).collect();
+        for p in &named {
+            let was = p.state().draining;
+            self.probe(p).await;
+            let now = p.state().draining;
+            if now != was {
+                info!(peer = %p.addr, draining = now, "peer drain state changed");
             }
         }
     }
@@ -352,7 +422,8 @@ impl Membership {
         let peers = self.live();
         futures::future::join_all(peers.iter().map(|p| async move {
             let mut req = tonic::Request::new(DrainNotice { node_id: self.self_id.clone(), draining });
-            req.set_timeout(PROBE_TIMEOUT);
+            // The peer confirms by probing us before it answers.
+            req.set_timeout(PROBE_TIMEOUT * 3);
             if let Err(e) = p.client().drain(req).await {
                 warn!(peer = %p.addr, error = %e.message(), "could not tell peer about draining");
             }
@@ -369,6 +440,10 @@ impl Membership {
                     let s = p.state();
                     let state = if s.is_self {
                         "self"
+                    } else if s.incompatible.is_some() {
+                        "incompatible"
+                    } else if s.distrusted_until.is_some_and(|t| Instant::now() < t) {
+                        "distrusted"
                     } else if s.node_id.is_none() {
                         "unknown"
                     } else if !p.usable() {
@@ -378,7 +453,7 @@ impl Membership {
                     } else {
                         "live"
                     };
-                    serde_json::json!({ "addr": p.addr, "node_id": s.node_id, "state": state, "failures": s.failures, "last_error": s.last_error })
+                    serde_json::json!({ "addr": p.addr, "node_id": s.node_id, "state": state, "failures": s.failures, "last_error": s.last_error, "reason": s.incompatible })
                 })
                 .collect(),
         )

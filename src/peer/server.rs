@@ -197,8 +197,9 @@ impl Peer for PeerServer {
     }
 
     async fn drain(&self, req: Request<DrainNotice>) -> Result<Response<DrainAck>, Status> {
+        // Not taken on the caller's word: the named peer is asked.
         let n = req.into_inner();
-        self.membership.mark_draining(&n.node_id, n.draining);
+        self.membership.recheck(&n.node_id).await;
         Ok(Response::new(DrainAck {}))
     }
 }

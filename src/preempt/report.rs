@@ -118,6 +118,9 @@ async fn deliver_webhooks(client: reqwest::Client, url: String, mut rx: mpsc::Un
     }
 }
 
+/// `PATH` for the drain hook: the agent's own, else the usual system directories.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// The event as `CACHEFS_*` variables (`CACHEFS_EVENT`, `CACHEFS_TERMINATION_TIME`, ...) plus
 /// the whole event as `CACHEFS_EVENT_JSON`; null fields are empty.
 pub fn hook_env(event: &serde_json::Value) -> Vec<(String, String)> {
@@ -143,7 +146,17 @@ async fn run_hooks(cmd: String, mut rx: mpsc::UnboundedReceiver<Queued>, pending
         };
         let kind = event["event"].as_str().unwrap_or("?").to_string();
         let limit = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-        let child = tokio::process::Command::new("/bin/sh").arg("-c").arg(&cmd).envs(hook_env(&event)).stdin(std::process::Stdio::null()).kill_on_drop(true).spawn();
+        // The hook sees the event and PATH, never the agent's environment (cloud credentials).
+        let path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_string());
+        let child = tokio::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&cmd)
+            .env_clear()
+            .env("PATH", path)
+            .envs(hook_env(&event))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn();
         match child {
             Err(e) => warn!(event = %kind, error = %e, "cannot run the drain hook"),
             Ok(mut child) => match tokio::time::timeout(limit, child.wait()).await {

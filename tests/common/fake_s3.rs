@@ -1,6 +1,7 @@
 //! A minimal S3 endpoint on 127.0.0.1 for failure injection: ListObjectsV2 of one object, and
 //! GETs that fail (500), hang, wait for release, or serve the exact range, switchable while it
-//! runs.
+//! runs. Like S3, a HEAD with `x-amz-checksum-mode: ENABLED` gets the object's full-object
+//! `x-amz-checksum-crc64nvme` (counted in `checksum_heads` when that header was signed).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -18,6 +19,8 @@ pub struct FakeS3 {
     pub addr: SocketAddr,
     pub mode: Arc<AtomicU8>,
     pub gets: Arc<AtomicU64>,
+    /// HEADs that asked for the checksum with the header bound to a presigned signature.
+    pub checksum_heads: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -28,21 +31,24 @@ impl FakeS3 {
         let addr = listener.local_addr().unwrap();
         let mode = Arc::new(AtomicU8::new(SERVE));
         let gets = Arc::new(AtomicU64::new(0));
+        let checksum_heads = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let crc64 = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, &data);
         let data = Arc::new(data);
         let (bucket, key) = (bucket.to_string(), key.to_string());
-        let (m, g, s) = (mode.clone(), gets.clone(), stop.clone());
+        let (m, g, h, s) = (mode.clone(), gets.clone(), checksum_heads.clone(), stop.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (m, g, s, data, bucket, key) = (m.clone(), g.clone(), s.clone(), data.clone(), bucket.clone(), key.clone());
-                std::thread::spawn(move || handle(conn, &m, &g, &s, &data, &bucket, &key));
+                let obj = Object { data: data.clone(), bucket: bucket.clone(), key: key.clone(), crc64 };
+                let (m, g, h, s) = (m.clone(), g.clone(), h.clone(), s.clone());
+                std::thread::spawn(move || handle(conn, &m, &g, &h, &s, &obj));
             }
         });
-        FakeS3 { addr, mode, gets, stop }
+        FakeS3 { addr, mode, gets, checksum_heads, stop }
     }
 
     pub fn set(&self, mode: u8) {
@@ -61,7 +67,33 @@ impl Drop for FakeS3 {
     }
 }
 
-fn handle(conn: TcpStream, mode: &AtomicU8, gets: &AtomicU64, stop: &AtomicBool, data: &[u8], bucket: &str, key: &str) {
+struct Object {
+    data: Arc<Vec<u8>>,
+    bucket: String,
+    key: String,
+    crc64: u64,
+}
+
+/// The answer to a HEAD of the object: its checksum when asked for, 412 on another etag.
+fn head(w: &mut TcpStream, obj: &Object, checksum_mode: bool, if_match: Option<&str>, query: &str, heads: &AtomicU64) {
+    use base64::Engine;
+    if if_match.is_some_and(|e| e.trim_matches('"') != "0123456789abcdef") {
+        let _ = write!(w, "HTTP/1.1 412 Precondition Failed\r\nContent-Length: 0\r\n\r\n");
+        return;
+    }
+    let mut extra = String::new();
+    if checksum_mode {
+        if query.contains("x-amz-checksum-mode") {
+            heads.fetch_add(1, Ordering::SeqCst);
+        }
+        let b64 = base64::engine::general_purpose::STANDARD.encode(obj.crc64.to_be_bytes());
+        extra = format!("x-amz-checksum-crc64nvme: {b64}\r\nx-amz-checksum-type: FULL_OBJECT\r\n");
+    }
+    let _ = write!(w, "HTTP/1.1 200 OK\r\nETag: \"0123456789abcdef\"\r\nLast-Modified: Mon, 01 Jan 2024 00:00:00 GMT\r\n{extra}Content-Length: {}\r\n\r\n", obj.data.len());
+}
+
+fn handle(conn: TcpStream, mode: &AtomicU8, gets: &AtomicU64, heads: &AtomicU64, stop: &AtomicBool, obj: &Object) {
+    let (data, bucket, key) = (&obj.data[..], obj.bucket.as_str(), obj.key.as_str());
     let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut w = conn;
@@ -73,6 +105,7 @@ fn handle(conn: TcpStream, mode: &AtomicU8, gets: &AtomicU64, stop: &AtomicBool,
         let mut parts = line.split_whitespace();
         let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
         let mut range: Option<(u64, u64)> = None;
+        let (mut checksum_mode, mut if_match) = (false, None);
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h).unwrap_or(0) == 0 {
@@ -83,6 +116,12 @@ fn handle(conn: TcpStream, mode: &AtomicU8, gets: &AtomicU64, stop: &AtomicBool,
                 break;
             }
             if let Some((name, value)) = h.split_once(':') {
+                if name.eq_ignore_ascii_case("x-amz-checksum-mode") {
+                    checksum_mode = value.trim().eq_ignore_ascii_case("enabled");
+                }
+                if name.eq_ignore_ascii_case("if-match") {
+                    if_match = Some(value.trim().to_string());
+                }
                 if name.eq_ignore_ascii_case("range") {
                     let v = value.trim().trim_start_matches("bytes=");
                     if let Some((a, b)) = v.split_once('-') {
@@ -99,6 +138,8 @@ fn handle(conn: TcpStream, mode: &AtomicU8, gets: &AtomicU64, stop: &AtomicBool,
                 data.len()
             );
             let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        } else if method == "HEAD" && path == obj_path {
+            head(&mut w, obj, checksum_mode, if_match.as_deref(), &query.to_ascii_lowercase(), heads);
         } else if method == "GET" && path == obj_path {
             gets.fetch_add(1, Ordering::SeqCst);
             while mode.load(Ordering::SeqCst) == HOLD && !stop.load(Ordering::SeqCst) {

@@ -168,18 +168,27 @@ pub fn bin() -> &'static str {
 impl Agent {
     /// Start `cachefs mount --source SOURCE` plus `extra` flags; waits until /readyz is 200.
     pub fn start(source: &str, extra: &[&str]) -> Agent {
+        Self::start_env(source, extra, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables for the agent process.
+    pub fn start_env(source: &str, extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let tmp = tempfile::tempdir().unwrap();
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let cache_dir = PathBuf::from(format!("/dev/shm/cachefs-test-{}-{n}", std::process::id()));
-        Self::start_with(source, extra, tmp.path().join("mnt"), cache_dir, tmp)
+        Self::start_full(source, extra, tmp.path().join("mnt"), cache_dir, tmp, env)
     }
 
     pub fn start_with(source: &str, extra: &[&str], mountpoint: PathBuf, cache_dir: PathBuf, tmp: tempfile::TempDir) -> Agent {
+        Self::start_full(source, extra, mountpoint, cache_dir, tmp, &[])
+    }
+
+    fn start_full(source: &str, extra: &[&str], mountpoint: PathBuf, cache_dir: PathBuf, tmp: tempfile::TempDir, env: &[(&str, &str)]) -> Agent {
         // The admin port was free when picked; another process (an outgoing connection of an
         // agent, say) can take it before the agent binds it: then start again on another.
         let mut tries = 0;
         loop {
-            match Self::try_start(source, extra, mountpoint.clone(), cache_dir.clone(), &tmp) {
+            match Self::try_start(source, extra, mountpoint.clone(), cache_dir.clone(), &tmp, env) {
                 Ok(mut a) => {
                     a._tmp = Some(tmp);
                     return a;
@@ -190,7 +199,7 @@ impl Agent {
         }
     }
 
-    fn try_start(source: &str, extra: &[&str], mountpoint: PathBuf, cache_dir: PathBuf, tmp: &tempfile::TempDir) -> Result<Agent, String> {
+    fn try_start(source: &str, extra: &[&str], mountpoint: PathBuf, cache_dir: PathBuf, tmp: &tempfile::TempDir, env: &[(&str, &str)]) -> Result<Agent, String> {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = tmp.path().join(format!("agent-{}.log", admin.port()));
         let logf = std::fs::File::create(&log).unwrap();
@@ -207,6 +216,7 @@ impl Agent {
         let child = Command::new(bin())
             .args(&args)
             .env("RUST_LOG", std::env::var("CACHEFS_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()

@@ -24,6 +24,9 @@ use tracing::{debug, warn};
 use crate::catalog::ObjectVersion;
 use crate::metrics::Metrics;
 
+pub mod checksum;
+pub use checksum::{Checksums, Crc64Kind, Lookup};
+
 /// Longest per-attempt timeout of one origin request (lowered to the read deadline if shorter).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// Timeout of listing the whole prefix.
@@ -79,12 +82,14 @@ pub struct Origin {
     metrics: Arc<Metrics>,
     description: String,
     request_timeout: Duration,
+    /// Whole-object checksums (S3-compatible origins only).
+    checksums: Option<Checksums>,
 }
 
 impl Origin {
     /// Wrap an already built store (tests use `InMemory`).
     pub fn new(store: Arc<dyn ObjectStore>, prefix: Path, concurrency: usize, metrics: Arc<Metrics>) -> Self {
-        Origin { description: format!("{store}/{prefix}"), store, prefix, limit: Semaphore::new(concurrency.max(1)), metrics, request_timeout: REQUEST_TIMEOUT }
+        Origin { description: format!("{store}/{prefix}"), store, prefix, limit: Semaphore::new(concurrency.max(1)), metrics, request_timeout: REQUEST_TIMEOUT, checksums: None }
     }
 
     /// Build from a source URL (`file://`, a bare path, `s3://`, `gs://`, `az://`, `http(s)://`)
@@ -96,9 +101,10 @@ impl Origin {
     /// Per-attempt timeout no longer than `limit` (the read deadline), at most [`REQUEST_TIMEOUT`].
     pub fn with_request_timeout(source: &str, options: &[(String, String)], concurrency: usize, metrics: Arc<Metrics>, limit: Duration) -> Result<Self, OriginError> {
         let t = limit.min(REQUEST_TIMEOUT).max(Duration::from_secs(1));
-        let (store, prefix) = build_store(source, options, t)?;
+        let (store, prefix, checksums) = build_store(source, options, t)?;
         let mut o = Origin::new(store, prefix, concurrency, metrics);
-        o.description = source.to_string();
+        o.checksums = checksums;
+        o.description = crate::redact::source(source);
         o.request_timeout = t;
         Ok(o)
     }
@@ -109,6 +115,19 @@ impl Origin {
 
     pub fn prefix(&self) -> &Path {
         &self.prefix
+    }
+
+    /// The CRC-64 this origin publishes for whole objects, if it publishes one.
+    pub fn crc64_kind(&self) -> Option<Crc64Kind> {
+        self.checksums.as_ref().map(|c| c.kind)
+    }
+
+    /// The whole-object checksum of `obj` as the origin publishes it (one request, bounded).
+    pub async fn published_checksum(&self, obj: &ObjectVersion) -> Result<Lookup, OriginError> {
+        let Some(c) = &self.checksums else { return Ok(Lookup::Unavailable("this kind of origin publishes no whole-object checksum".into())) };
+        let _permit = self.limit.acquire().await.map_err(|_| OriginError::Request("shutting down".into()))?;
+        self.metrics.origin_requests.inc();
+        c.lookup(obj).await
     }
 
     /// Every object under the prefix.
@@ -265,11 +284,13 @@ impl Sink for crate::cache::memory::Fill {
     }
 }
 
-fn build_store(source: &str, options: &[(String, String)], request_timeout: Duration) -> Result<(Arc<dyn ObjectStore>, Path), OriginError> {
+type Built = (Arc<dyn ObjectStore>, Path, Option<Checksums>);
+
+fn build_store(source: &str, options: &[(String, String)], request_timeout: Duration) -> Result<Built, OriginError> {
     use object_store::client::ClientConfigKey;
     use object_store::RetryConfig;
 
-    let bad = |m: &str| OriginError::BadUrl(source.to_string(), m.to_string());
+    let bad = |m: &str| OriginError::BadUrl(crate::redact::source(source), m.to_string());
     let url = if source.contains("://") {
         url::Url::parse(source).map_err(|e| bad(&e.to_string()))?
     } else {
@@ -293,6 +314,7 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
         }};
     }
 
+    let mut checksums = None;
     let store: Arc<dyn ObjectStore> = match scheme {
         ObjectStoreScheme::Local => {
             if !options.is_empty() {
@@ -303,7 +325,7 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
                 return Err(OriginError::NoDirectory(dir.display().to_string()));
             }
             let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(build)?;
-            return Ok((Arc::new(fs), Path::default()));
+            return Ok((Arc::new(fs), Path::default(), None));
         }
         ObjectStoreScheme::AmazonS3 => {
             use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
@@ -312,7 +334,11 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
                 .with_retry(retry)
                 .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), timeout)
                 .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout), "5s");
-            Arc::new(with_options!(b, AmazonS3ConfigKey, "s3").build().map_err(build)?)
+            let b = with_options!(b, AmazonS3ConfigKey, "s3");
+            let endpoint = b.get_config_value(&AmazonS3ConfigKey::Endpoint);
+            let s3 = Arc::new(b.build().map_err(build)?);
+            checksums = Some(Checksums::new(s3.clone(), endpoint.as_deref())?);
+            s3
         }
         ObjectStoreScheme::GoogleCloudStorage => {
             use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
@@ -341,7 +367,7 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
         _ => return Err(bad("unsupported scheme")),
     };
     let prefix = Path::parse(path.as_ref()).map_err(|e| bad(&e.to_string()))?;
-    Ok((store, prefix))
+    Ok((store, prefix, checksums))
 }
 
 #[cfg(test)]
@@ -384,17 +410,24 @@ mod tests {
 pub struct OriginSource {
     pub origin: Arc<Origin>,
     pub memory: Arc<crate::cache::MemoryTier>,
+    /// Told of every chunk stored, so a file assembled from peers is checked once whole.
+    pub verifier: Option<Arc<crate::cache::verify::Verifier>>,
 }
 
 impl OriginSource {
-    async fn fetch_chunk(&self, obj: &ObjectVersion, index: u64, range: Range<u64>) -> Result<crate::cache::Chunk, OriginError> {
+    async fn fetch_chunk(&self, obj: &Arc<ObjectVersion>, index: u64, range: Range<u64>) -> Result<crate::cache::Chunk, OriginError> {
         let Ok(Some(mut fill)) = self.memory.begin_fill(obj, index) else {
             return self.origin.get_range(obj, range).await.map(Into::into);
         };
         self.origin.get_range_into(obj, range, &mut fill).await?;
         let crc = fill.crc();
         match fill.commit(crc, crate::metrics::Tier::origin) {
-            Ok(bytes) => Ok(crate::cache::Chunk { bytes, stored: true }),
+            Ok(bytes) => {
+                if let Some(v) = &self.verifier {
+                    v.stored(obj);
+                }
+                Ok(crate::cache::Chunk { bytes, stored: true })
+            }
             Err(e) => Err(OriginError::Request(format!("storing the chunk: {e}"))),
         }
     }

@@ -1,6 +1,10 @@
 //! Admin HTTP: `GET /healthz` (alive), `GET /readyz` (200 only when mounted and serving),
 //! `GET /metrics` (Prometheus text), `GET /status` (JSON), `POST /warm` (load files into memory;
-//! the response streams one JSON line of progress at a time).
+//! the response streams one JSON line of progress at a time), `POST /drain` (manual drain).
+//! Who may call what is in [`guard`].
+
+pub mod guard;
+pub mod warm;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,7 +17,7 @@ use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::Reader;
-use crate::catalog::{Catalog, ObjectVersion};
+use crate::catalog::Catalog;
 use crate::metrics::Metrics;
 
 pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
@@ -31,12 +35,11 @@ pub struct AdminState {
     pub drain: Arc<crate::preempt::Drain>,
     /// Deadline of a manual drain.
     pub drain_timeout: std::time::Duration,
-}
-
-#[derive(serde::Deserialize)]
-struct WarmRequest {
-    /// A file or directory, relative to the mount root.
-    path: String,
+    /// Paths being warmed now (one job per path).
+    pub warm_jobs: Arc<warm::Jobs>,
+    /// Cancelled at shutdown: warm jobs stop.
+    pub stop: CancellationToken,
+    pub guard: Arc<guard::Guard>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -45,8 +48,9 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
-        .route("/warm", axum::routing::post(warm))
+        .route("/warm", axum::routing::post(warm::warm))
         .route("/drain", axum::routing::post(drain))
+        .layer(axum::middleware::from_fn_with_state(state.guard.clone(), guard::check))
         .with_state(state)
 }
 
@@ -64,53 +68,6 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn status(State(s): State<AdminState>) -> impl IntoResponse {
     Json((s.status)())
-}
-
-/// The files a warm request names: the file itself, or every file under the directory.
-fn files_under(catalog: &Catalog, path: &str) -> Vec<Arc<ObjectVersion>> {
-    let p = path.trim_matches('/');
-    if let Ok(o) = catalog.object_at(p) {
-        return vec![o];
-    }
-    let prefix = if p.is_empty() { String::new() } else { format!("{p}/") };
-    let mut v: Vec<_> = catalog.files().into_iter().filter(|o| o.key.starts_with(&prefix)).collect();
-    v.sort_by(|a, b| a.key.cmp(&b.key));
-    v
-}
-
-fn line(v: serde_json::Value) -> Result<bytes::Bytes, std::convert::Infallible> {
-    Ok(bytes::Bytes::from(format!("{v}\n")))
-}
-
-async fn warm(State(s): State<AdminState>, Json(req): Json<WarmRequest>) -> axum::response::Response {
-    let files = files_under(&s.catalog, &req.path);
-    if files.is_empty() {
-        let body = serde_json::json!({ "error": format!("{}: no such file or directory in the mount", req.path) });
-        return (StatusCode::NOT_FOUND, Json(body)).into_response();
-    }
-    let total: u64 = files.iter().map(|o| o.size).sum();
-    let (tx, rx) = tokio::sync::mpsc::channel::<serde_json::Value>(64);
-    let reader = s.reader.clone();
-    s.tasks.spawn(async move {
-        let _ = tx.send(serde_json::json!({ "total": total, "files": files.len() })).await;
-        let mut loaded = 0u64;
-        for obj in &files {
-            let progress_tx = tx.clone();
-            let r = reader
-                .load_all(obj, |n| {
-                    loaded += n;
-                    let _ = progress_tx.try_send(serde_json::json!({ "loaded": loaded }));
-                })
-                .await;
-            if let Err(e) = r {
-                let _ = tx.send(serde_json::json!({ "error": format!("{}: {e}", obj.key) })).await;
-                return;
-            }
-        }
-        let _ = tx.send(serde_json::json!({ "done": true, "loaded": loaded })).await;
-    });
-    let stream = futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), line);
-    ([(header::CONTENT_TYPE, "application/x-ndjson")], axum::body::Body::from_stream(stream)).into_response()
 }
 
 /// Start draining (once) and answer when drained.
@@ -139,9 +96,10 @@ pub mod client {
     }
 
     /// Send one HTTP/1.0 request; returns the status and a reader positioned at the body.
-    fn request(addr: SocketAddr, method: &str, path: &str, body: &str, read_timeout: Option<Duration>) -> Result<(u16, BufReader<TcpStream>), String> {
+    fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &str, read_timeout: Option<Duration>) -> Result<(u16, BufReader<TcpStream>), String> {
         let mut s = connect(addr, read_timeout)?;
-        write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
             .map_err(|e| e.to_string())?;
         let mut r = BufReader::new(s);
         let mut status_line = String::new();
@@ -157,15 +115,15 @@ pub mod client {
     }
 
     pub fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-        let (status, mut r) = request(addr, "GET", path, "", Some(Duration::from_secs(10)))?;
+        let (status, mut r) = request(addr, "GET", path, None, "", Some(Duration::from_secs(10)))?;
         let mut body = String::new();
         r.read_to_string(&mut body).map_err(|e| e.to_string())?;
         Ok((status, body))
     }
 
     /// POST and hand each line of the (streamed) answer to `on_line`.
-    pub fn post_lines(addr: SocketAddr, path: &str, body: &str, mut on_line: impl FnMut(u16, &str)) -> Result<u16, String> {
-        let (status, r) = request(addr, "POST", path, body, Some(Duration::from_secs(300)))?;
+    pub fn post_lines(addr: SocketAddr, path: &str, token: Option<&str>, body: &str, mut on_line: impl FnMut(u16, &str)) -> Result<u16, String> {
+        let (status, r) = request(addr, "POST", path, token, body, Some(Duration::from_secs(300)))?;
         for line in r.lines() {
             let line = line.map_err(|e| format!("the agent's answer broke off: {e}"))?;
             if !line.trim().is_empty() {
