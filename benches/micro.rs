@@ -1,5 +1,5 @@
 //! Criterion micro-benchmarks of the hot pieces: the memory tier's chunk index (lookup, insert,
-//! insert that evicts), crc32c of a chunk, rendezvous owner choice over 100 peers, and splitting
+//! insert that evicts), crc32c and crc64nvme of a chunk, combining 1000 chunk CRC-64s, rendezvous owner choice over 100 peers, and splitting
 //! a read into chunk pieces. `cargo bench --bench micro`.
 
 use std::sync::Arc;
@@ -53,6 +53,11 @@ fn checksum(c: &mut Criterion) {
     let mut g = c.benchmark_group("crc32c");
     g.throughput(Throughput::Bytes(chunk.len() as u64));
     g.bench_function("crc32c of an 8 MiB chunk", |b| b.iter(|| crc32c::crc32c(black_box(&chunk))));
+    // Kept per chunk beside the crc32c when the origin publishes whole-object CRC-64s.
+    g.bench_function("crc64nvme of an 8 MiB chunk", |b| b.iter(|| crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, black_box(&chunk))));
+    g.bench_function("combine 1000 chunk crc64s", |b| {
+        b.iter(|| (0..1000u64).fold(0u64, |acc, i| crc_fast::checksum_combine(crc_fast::CrcAlgorithm::Crc64Nvme, acc, black_box(i), 8 << 20)))
+    });
     g.finish();
 }
 

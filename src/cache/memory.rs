@@ -250,22 +250,23 @@ impl MemoryTier {
     }
 
     /// The CRC-64 of the whole of `obj`, combined from its chunks', if every chunk is present
-    /// and the tier keeps CRC-64s; and whether any chunk came from a peer.
+    /// and the tier keeps CRC-64s; and whether any chunk came from a peer. Costs about 0.3 ms
+    /// of CPU per chunk (outside any lock): call it off the async threads for large files.
     pub fn whole_crc64(&self, obj: &ObjectVersion) -> Option<(u64, bool)> {
         let alg = self.crc64?;
-        let f = self.existing(obj)?;
-        let slots = f.slots();
-        let mut acc = crc_fast::checksum(alg, &[]);
-        let mut from_peer = false;
-        for (i, s) in slots.iter().enumerate() {
-            if !s.present {
+        let (crcs, from_peer) = {
+            let f = self.existing(obj)?;
+            let slots = f.slots();
+            if !slots.iter().all(|s| s.present) {
                 return None;
             }
+            (slots.iter().map(|s| s.crc64).collect::<Vec<_>>(), slots.iter().any(|s| s.source == Some(Tier::peer)))
+        };
+        let whole = crcs.iter().enumerate().fold(crc_fast::checksum(alg, &[]), |acc, (i, c)| {
             let r = chunk_range(i as u64, obj.size, self.chunk_size);
-            acc = crc_fast::checksum_combine(alg, acc, s.crc64, r.end - r.start);
-            from_peer |= s.source == Some(Tier::peer);
-        }
-        Some((acc, from_peer))
+            crc_fast::checksum_combine(alg, acc, *c, r.end - r.start)
+        });
+        Some((whole, from_peer))
     }
 
     /// Drop every chunk of `obj` at once, pinned or read or not (its bytes are known bad).

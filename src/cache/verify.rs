@@ -141,7 +141,7 @@ impl Verifier {
 
     async fn check(self: &Arc<Self>, obj: &Arc<ObjectVersion>) {
         let published = self.origin.published_checksum(obj).await;
-        let Some((ours, _)) = self.memory.whole_crc64(obj) else {
+        let Some((ours, _)) = self.whole_crc64(obj).await else {
             // Evicted meanwhile, or this tier keeps no CRC-64s.
             let reason = if self.origin.crc64_kind().is_none() { "this kind of origin publishes no whole-object checksum" } else { "the file left memory before it could be checked" };
             return self.set(obj, Check::Unverified { reason: reason.into() });
@@ -155,6 +155,13 @@ impl Verifier {
             Ok(Lookup::Unavailable(reason)) => self.set(obj, Check::Unverified { reason }),
             Err(e) => self.set(obj, Check::Unverified { reason: format!("checksum lookup failed: {e}") }),
         }
+    }
+
+    /// [`MemoryTier::whole_crc64`] on a blocking thread (it takes CPU time in proportion to the
+    /// number of chunks).
+    async fn whole_crc64(&self, obj: &Arc<ObjectVersion>) -> Option<(u64, bool)> {
+        let (memory, obj) = (self.memory.clone(), obj.clone());
+        tokio::task::spawn_blocking(move || memory.whole_crc64(&obj)).await.ok().flatten()
     }
 
     /// The file does not match: drop it, distrust its suppliers, load it from the origin alone.
@@ -176,7 +183,7 @@ impl Verifier {
         info!(key = %obj.key, bytes = freed, "dropped the file's chunks");
         let Some(reader) = self.reader.get().and_then(Weak::upgrade) else { return };
         match reader.load_all(obj, |_| {}).await {
-            Ok(()) => match self.memory.whole_crc64(obj) {
+            Ok(()) => match self.whole_crc64(obj).await {
                 Some((again, _)) if again == theirs => self.set(obj, Check::Verified),
                 Some(_) => self.set(obj, Check::Unverified { reason: "the origin's own bytes differ from its checksum".into() }),
                 None => self.set(obj, Check::Unverified { reason: "reloaded from the origin, but it did not stay in memory".into() }),
