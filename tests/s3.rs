@@ -5,11 +5,20 @@ mod common;
 use common::weed::{s3_options, Weed};
 use common::*;
 
+/// Two SeaweedFS `mini` servers starting at once in one process get in each other's way (the
+/// second never listens): the tests here take turns.
+static ONE_WEED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_weed() -> std::sync::MutexGuard<'static, ()> {
+    ONE_WEED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mount_through_seaweedfs_s3() {
     if !fuse_available("mount_through_seaweedfs_s3") {
         return;
     }
+    let _turn = one_weed();
     let Some(weed) = Weed::start("models") else { return };
     let big = random_bytes((40 << 20) + 4321, 51);
     let small = random_bytes((1 << 20) + 3, 52);
@@ -62,4 +71,47 @@ async fn mount_through_seaweedfs_s3() {
     assert_ne!(out.status.code(), Some(0));
     assert!(err.starts_with("cachefs: error: cannot list the source s3://no-such-bucket/x"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// Two agents on SeaweedFS, the object uploaded with a CRC64NVME checksum: the file B assembles
+/// from A is checked against the checksum SeaweedFS publishes, and passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_from_a_peer_is_verified_against_seaweedfs_checksum() {
+    if !fuse_available("file_from_a_peer_is_verified_against_seaweedfs_checksum") {
+        return;
+    }
+    let _turn = one_weed();
+    let Some(weed) = Weed::start("models") else { return };
+    let data = random_bytes((10 << 20) + 99, 54);
+    weed.put_to(weed.checksum_store(), "llama/v.bin", data.clone()).await;
+    let (a_addr, b_addr) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let args = |listen: &str, peer: &str| {
+        let mut v: Vec<String> = ["--chunk-size", "1MiB", "--listen", listen, "--peers", peer].map(String::from).to_vec();
+        for (k, val) in s3_options(weed.s3_port) {
+            v.push("--source-option".into());
+            v.push(format!("{k}={val}"));
+        }
+        v
+    };
+    let (a_args, b_args) = (args(&a_addr, &b_addr), args(&b_addr, &a_addr));
+    let (a, b, got_a, got_b) = tokio::task::spawn_blocking(move || {
+        let a = Agent::start("s3://models/llama", &a_args.iter().map(String::as_str).collect::<Vec<_>>());
+        let got_a = std::fs::read(a.path("v.bin")).unwrap();
+        let b = Agent::start("s3://models/llama", &b_args.iter().map(String::as_str).collect::<Vec<_>>());
+        let got_b = std::fs::read(b.path("v.bin")).unwrap();
+        (a, b, got_a, got_b)
+    })
+    .await
+    .unwrap();
+    assert!(got_a == data && got_b == data);
+    assert!(b.metric("cachefs_read_bytes_total{tier=\"peer\"}") > 0.0, "B read nothing from A; log:\n{}", b.log_text());
+    let check = || {
+        let st: serde_json::Value = serde_json::from_str(&http_get(b.admin, "/status").unwrap().1).unwrap();
+        st["verification"]["files"].as_array().and_then(|f| f.iter().find(|f| f["key"] == "v.bin").cloned())
+    };
+    let ok = poll_until(std::time::Duration::from_secs(10), || check().is_some_and(|f| f["check"] != "pending" && f["check"] != "checking"));
+    assert!(ok, "{:?}", check());
+    assert_eq!(check().unwrap()["check"], "verified", "{:?}\n{}", check(), b.log_text());
+    assert_eq!(b.metric("cachefs_verify_failures_total"), 0.0);
+    drop(a);
 }

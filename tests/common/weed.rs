@@ -73,7 +73,17 @@ impl Weed {
     }
 
     pub fn store(&self) -> Arc<dyn ObjectStore> {
-        let mut b = AmazonS3Builder::new().with_bucket_name(&self.bucket);
+        self.store_with(AmazonS3Builder::new())
+    }
+
+    /// A store that uploads with a CRC64NVME checksum (SeaweedFS keeps it and answers HEADs
+    /// with `x-amz-checksum-mode: ENABLED` with it, as S3 does).
+    pub fn checksum_store(&self) -> Arc<dyn ObjectStore> {
+        self.store_with(AmazonS3Builder::new().with_checksum_algorithm(object_store::aws::Checksum::CRC64NVME))
+    }
+
+    fn store_with(&self, b: AmazonS3Builder) -> Arc<dyn ObjectStore> {
+        let mut b = b.with_bucket_name(&self.bucket);
         for (k, v) in s3_options(self.s3_port) {
             b = b.with_config(k.parse().unwrap(), v);
         }
@@ -82,8 +92,11 @@ impl Weed {
 
     /// Put an object, retrying while the server finishes starting (bucket creation is async).
     pub async fn put(&self, key: &str, data: Vec<u8>) {
+        self.put_to(self.store(), key, data).await
+    }
+
+    pub async fn put_to(&self, store: Arc<dyn ObjectStore>, key: &str, data: Vec<u8>) {
         use object_store::ObjectStoreExt;
-        let store = self.store();
         let path = object_store::path::Path::from(key);
         let mut last = None;
         for _ in 0..100 {
