@@ -18,7 +18,7 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use subtle::ConstantTimeEq;
 
 pub struct Guard {
@@ -90,7 +90,7 @@ pub async fn check(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Res
     match g.refuse(req.method(), req.uri().path(), req.headers()) {
         Some((code, msg)) => {
             tracing::warn!(path = %req.uri().path(), status = code.as_u16(), reason = %msg, "admin request refused");
-            (code, axum::Json(serde_json::json!({ "error": msg }))).into_response()
+            super::error_reply(code, msg)
         }
         None => next.run(req).await,
     }

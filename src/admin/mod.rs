@@ -20,6 +20,11 @@ use crate::cache::Reader;
 use crate::catalog::Catalog;
 use crate::metrics::Metrics;
 
+/// A refusal or failure answered as `{"error": msg}` with `code`.
+pub fn error_reply(code: StatusCode, msg: String) -> axum::response::Response {
+    (code, Json(serde_json::json!({ "error": msg }))).into_response()
+}
+
 pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 #[derive(Clone)]

@@ -61,18 +61,14 @@ fn line(v: serde_json::Value) -> Result<bytes::Bytes, std::convert::Infallible> 
     Ok(bytes::Bytes::from(format!("{v}\n")))
 }
 
-fn refuse(code: StatusCode, msg: String) -> axum::response::Response {
-    (code, Json(serde_json::json!({ "error": msg }))).into_response()
-}
-
 pub async fn warm(State(s): State<AdminState>, Json(req): Json<WarmRequest>) -> axum::response::Response {
     let path = req.path.trim_matches('/').to_string();
     let files = files_under(&s.catalog, &path);
     if files.is_empty() {
-        return refuse(StatusCode::NOT_FOUND, format!("{}: no such file or directory in the mount", req.path));
+        return super::error_reply(StatusCode::NOT_FOUND, format!("{}: no such file or directory in the mount", req.path));
     }
     let Some(claim) = s.warm_jobs.claim(&path) else {
-        return refuse(StatusCode::CONFLICT, format!("{}: already being warmed", req.path));
+        return super::error_reply(StatusCode::CONFLICT, format!("{}: already being warmed", req.path));
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<serde_json::Value>(64);
     let (reader, stop, detach) = (s.reader.clone(), s.stop.clone(), req.detach);
