@@ -598,25 +598,31 @@ impl MemoryTier {
     }
 
     /// Take least recently used chunks out of the index until the budget holds, passing over
-    /// pinned ones (they go back as most recently used: they are in use through an open file).
-    /// The caller punches their holes with [`MemoryTier::evict`], outside the index lock.
+    /// pinned ones (in use through an open file). If the budget cannot be met without them,
+    /// nothing is taken: evicting everything else would still not make room. The caller punches
+    /// the holes with [`MemoryTier::evict`], outside the index lock.
     fn choose_victims(&self, idx: &mut Index) -> Vec<(ChunkKey, u64)> {
+        let over = idx.used.saturating_sub(self.capacity);
+        if over == 0 {
+            return Vec::new();
+        }
         let pins = lock(&self.pins);
-        let mut victims = Vec::new();
-        let mut skipped = Vec::new();
-        while idx.used > self.capacity {
-            match idx.lru.pop_lru() {
-                Some((k, l)) if pins.contains_key(&k.object) => skipped.push((k, l)),
-                Some((k, l)) => {
-                    idx.used -= l;
-                    victims.push((k, l));
-                }
-                None => break,
+        let mut chosen = Vec::new();
+        let mut freed = 0;
+        for (k, l) in idx.lru.iter().rev() {
+            if freed >= over {
+                break;
+            }
+            if !pins.contains_key(&k.object) {
+                chosen.push(k.clone());
+                freed += l;
             }
         }
-        for (k, l) in skipped {
-            idx.lru.put(k, l);
+        if freed < over {
+            return Vec::new();
         }
+        let victims: Vec<(ChunkKey, u64)> = chosen.into_iter().filter_map(|k| idx.lru.pop_entry(&k)).collect();
+        idx.used -= victims.iter().map(|(_, l)| l).sum::<u64>();
         victims
     }
 
@@ -827,7 +833,11 @@ mod tests {
     use std::time::SystemTime;
 
     fn obj(size: u64) -> ObjectVersion {
-        ObjectVersion::new("f".into(), OPath::from("f"), Some("e".into()), None, size, SystemTime::UNIX_EPOCH)
+        obj_named("f", size)
+    }
+
+    fn obj_named(key: &str, size: u64) -> ObjectVersion {
+        ObjectVersion::new(key.into(), OPath::from(key), Some("e".into()), None, size, SystemTime::UNIX_EPOCH)
     }
 
     #[test]
@@ -881,6 +891,27 @@ mod tests {
         assert!(blocks * 512 <= 3 * 4096 + 4096, "blocks {blocks}");
         assert_eq!(tier.crc(&o, 4), Some(crc32c::crc32c(&data[4 * 4096..5 * 4096])));
         assert!(tier.insert(&o, 0, &data[..10], Tier::origin).is_err(), "wrong length is refused");
+    }
+
+    #[test]
+    fn pinned_files_do_not_wipe_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 4 * 4096, Arc::new(Metrics::new())).unwrap());
+        let (a, b, c) = (obj_named("a", 3 * 4096 + 2048), obj_named("b", 1024), obj_named("c", 4096));
+        for i in 0..4u64 {
+            let r = chunk_range(i, a.size, 4096);
+            assert!(tier.insert(&a, i, &vec![1u8; (r.end - r.start) as usize], Tier::origin).unwrap());
+        }
+        assert!(tier.insert(&b, 0, &[2u8; 1024], Tier::origin).unwrap());
+        assert!(tier.pin_if_complete(&a));
+        // Room for c needs 3072 bytes: evicting all of b (1024) would not make it.
+        assert!(!tier.insert(&c, 0, &[3u8; 4096], Tier::origin).unwrap());
+        assert!(tier.contains(&b, 0), "b was evicted for nothing");
+        assert_eq!(tier.used(), a.size + b.size);
+        // Unpinned, a's oldest chunk makes room.
+        tier.unpin(&a);
+        assert!(tier.insert(&c, 0, &[3u8; 4096], Tier::origin).unwrap());
+        assert!(!tier.contains(&a, 0) && tier.contains(&b, 0) && tier.contains(&c, 0));
     }
 
     #[test]

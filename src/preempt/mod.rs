@@ -275,8 +275,10 @@ struct DrainInfo {
     provider: Option<Provider>,
     instance_id: Option<String>,
     reason: Option<String>,
-    /// A cloud notice (can be withdrawn) rather than `cachefs drain` or SIGTERM.
+    /// A cloud notice (can be withdrawn) asked for this drain.
     from_notice: bool,
+    /// `cachefs drain` or SIGTERM asked for it too: a withdrawn notice does not end it.
+    manual: bool,
     notice_time: Option<DateTime<Utc>>,
     termination_time: Option<DateTime<Utc>>,
     deadline: Option<DateTime<Utc>>,
@@ -393,6 +395,8 @@ impl Drain {
             info.from_notice = true;
             info.notice_time = notice_time;
             info.termination_time = termination_time;
+        } else {
+            info.manual = true;
         }
         if self.state() != SERVING {
             if info.drained_by.is_none_or(|d| drained_by < d) {
@@ -461,10 +465,16 @@ impl Drain {
         self.report("drain_ready", &info);
     }
 
-    /// The provider withdrew the notice that started this drain: serve again.
+    /// The provider withdrew its notice: serve again, unless an operator or a signal asked for
+    /// the drain too (then it goes on, without the notice's times).
     pub fn cancel(self: &Arc<Self>) {
         let mut info = self.info();
         if self.state() == SERVING || !info.from_notice {
+            return;
+        }
+        if info.manual {
+            info!("the provider withdrew its notice; still draining, as an operator or a shutdown signal asked for it too");
+            (info.from_notice, info.notice_time, info.termination_time) = (false, None, None);
             return;
         }
         info.generation += 1;
@@ -676,6 +686,22 @@ mod tests {
         assert!(d.begin("manual", Duration::from_secs(5)));
         d.cancel();
         assert_ne!(d.state(), SERVING);
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_notice_does_not_cancel_an_operator_drain() {
+        let (d, _, ready) = drain();
+        assert!(d.begin("sigterm", Duration::from_secs(30)));
+        d.notice(Provider::Aws, Some(Utc::now() + chrono::Duration::seconds(120)), "spot interruption");
+        d.cancel();
+        assert_ne!(d.state(), SERVING, "SIGTERM asked for this drain: the notice's withdrawal does not end it");
+        assert!(!ready.load(Ordering::SeqCst));
+        // A notice alone is still withdrawn.
+        let (d, _, ready) = drain();
+        d.notice(Provider::Aws, None, "spot interruption");
+        d.cancel();
+        assert_eq!(d.state(), SERVING);
+        assert!(ready.load(Ordering::SeqCst));
     }
 
     #[tokio::test]
