@@ -217,6 +217,32 @@ pub struct MemoryTier {
     metrics: Arc<Metrics>,
     /// Each chunk's CRC-64 is kept in this algorithm (the origin's whole-object checksum).
     crc64: Option<crc_fast::CrcAlgorithm>,
+    /// Held (flock) for the tier's life: one agent per cache directory.
+    _lock: File,
+}
+
+/// Name of the lock file in the cache directory (it holds the owner's pid).
+pub const LOCK_FILE: &str = ".lock";
+
+/// Take the cache directory for this process, or say which process has it.
+fn lock_dir(dir: &Path) -> io::Result<File> {
+    use std::io::{Read, Seek, Write};
+    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join(LOCK_FILE))?;
+    // SAFETY: flock on an owned, open fd.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        let who = if pid.trim().is_empty() { String::new() } else { format!(" (pid {})", pid.trim()) };
+        return Err(io::Error::new(io::ErrorKind::WouldBlock, format!("it is in use by another cachefs agent{who}; give each agent its own --cache-dir")));
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    write!(f, "{}", std::process::id())?;
+    Ok(f)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -226,8 +252,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl MemoryTier {
     /// Open the tier in `dir` (created if missing). Files of an earlier run stay until
     /// [`MemoryTier::recover`] reuses or removes them.
+    /// Fails if another agent (process or tier) uses `dir`.
     pub fn new(dir: &Path, chunk_size: u64, capacity: u64, metrics: Arc<Metrics>) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let lock = lock_dir(dir)?;
         metrics.cache_capacity_bytes.set(capacity as i64);
         metrics.cache_bytes.set(0);
         Ok(MemoryTier {
@@ -239,6 +267,7 @@ impl MemoryTier {
             pins: Mutex::new(HashMap::new()),
             metrics,
             crc64: None,
+            _lock: lock,
         })
     }
 
@@ -891,6 +920,16 @@ mod tests {
         assert!(blocks * 512 <= 3 * 4096 + 4096, "blocks {blocks}");
         assert_eq!(tier.crc(&o, 4), Some(crc32c::crc32c(&data[4 * 4096..5 * 4096])));
         assert!(tier.insert(&o, 0, &data[..10], Tier::origin).is_err(), "wrong length is refused");
+    }
+
+    #[test]
+    fn one_tier_per_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = MemoryTier::new(dir.path(), 4096, 4096, Arc::new(Metrics::new())).unwrap();
+        let e = MemoryTier::new(dir.path(), 4096, 4096, Arc::new(Metrics::new())).err().expect("a second tier on one directory");
+        assert!(e.to_string().contains(&format!("in use by another cachefs agent (pid {})", std::process::id())), "{e}");
+        drop(first);
+        MemoryTier::new(dir.path(), 4096, 4096, Arc::new(Metrics::new())).expect("free again once the first is gone");
     }
 
     #[test]
