@@ -5,7 +5,10 @@
 //! - Each file is pinned to one [`ObjectVersion`] `(key, etag/version, size)`; a refresh that
 //!   sees a different etag or size replaces the pin with a new `Arc`, so new opens see the new
 //!   bytes while open handles keep the version they opened.
-//! - An inode number, once given to a path, stays with that path for the catalog's life.
+//! - An inode names one version of one file, never another: a changed object gets a new inode
+//!   (so the kernel's page cache and attributes of one version never serve another). An inode
+//!   that no longer names anything is [`Error::Stale`] (the kernel then looks the name up again).
+//!   Directories keep their inode for the catalog's life.
 //! - Directories come from `/` in keys; a key that is both a file and a directory prefix is shown
 //!   as the directory (the file is skipped with a warning).
 
@@ -155,25 +158,17 @@ impl Catalog {
             let name = o.key.rsplit_once('/').map(|(_, n)| n).unwrap_or(&o.key).to_string();
             match tree.by_path.get(&o.key).copied() {
                 Some(ino) => {
-                    if let Some(node) = tree.nodes.get_mut(&ino) {
-                        match &node.data {
-                            NodeData::File(old) if old.same_version(&o) => {}
-                            _ => {
-                                node.data = NodeData::File(Arc::new(o));
-                                changes.changed += 1;
-                            }
-                        }
+                    let same = matches!(tree.nodes.get(&ino).map(|n| &n.data), Some(NodeData::File(old)) if old.same_version(&o));
+                    if !same {
+                        // A new version, a new inode: the old one is retired (stale).
+                        let parent = tree.nodes.remove(&ino).map(|n| n.parent).unwrap_or(ROOT_INO);
+                        add_file(&mut tree, parent, name, o);
+                        changes.changed += 1;
                     }
                 }
                 None => {
-                    let ino = tree.next_ino;
-                    tree.next_ino += 1;
                     let parent = tree.by_path.get(&parent_path).copied().unwrap_or(ROOT_INO);
-                    tree.nodes.insert(ino, Node { parent, data: NodeData::File(Arc::new(o.clone())) });
-                    tree.by_path.insert(o.key.clone(), ino);
-                    if let Some(Node { data: NodeData::Dir { children }, .. }) = tree.nodes.get_mut(&parent) {
-                        children.insert(name, ino);
-                    }
+                    add_file(&mut tree, parent, name, o);
                     changes.added += 1;
                 }
             }
@@ -199,7 +194,7 @@ impl Catalog {
     }
 
     fn entry(&self, tree: &Tree, ino: u64) -> Result<Entry, Error> {
-        let node = tree.nodes.get(&ino).ok_or(Error::NotFound)?;
+        let node = node(tree, ino)?;
         Ok(match &node.data {
             NodeData::Dir { .. } => Entry { ino, kind: Kind::Dir, size: 0, mtime: tree.mtime.unwrap_or(self.started) },
             NodeData::File(o) => Entry { ino, kind: Kind::File, size: o.size, mtime: o.mtime },
@@ -208,7 +203,7 @@ impl Catalog {
 
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Entry, Error> {
         let tree = self.read();
-        let node = tree.nodes.get(&parent).ok_or(Error::NotFound)?;
+        let node = node(&tree, parent)?;
         match &node.data {
             NodeData::Dir { children } => {
                 let ino = *children.get(name).ok_or(Error::NotFound)?;
@@ -225,7 +220,7 @@ impl Catalog {
     /// Entries of a directory, `.` and `..` first, in a stable order.
     pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>, Error> {
         let tree = self.read();
-        let node = tree.nodes.get(&ino).ok_or(Error::NotFound)?;
+        let node = node(&tree, ino)?;
         let NodeData::Dir { children } = &node.data else { return Err(Error::NotDir) };
         let mut out = vec![
             DirEntry { ino, kind: Kind::Dir, name: ".".into() },
@@ -245,10 +240,9 @@ impl Catalog {
     /// The version a new open of `ino` gets.
     pub fn object(&self, ino: u64) -> Result<Arc<ObjectVersion>, Error> {
         let tree = self.read();
-        match tree.nodes.get(&ino).map(|n| &n.data) {
-            Some(NodeData::File(o)) => Ok(o.clone()),
-            Some(NodeData::Dir { .. }) => Err(Error::IsDir),
-            None => Err(Error::NotFound),
+        match &node(&tree, ino)?.data {
+            NodeData::File(o) => Ok(o.clone()),
+            NodeData::Dir { .. } => Err(Error::IsDir),
         }
     }
 
@@ -266,16 +260,33 @@ impl Catalog {
 
 }
 
+/// The node of `ino`: an inode given out before that names nothing now is stale.
+fn node(tree: &Tree, ino: u64) -> Result<&Node, Error> {
+    match tree.nodes.get(&ino) {
+        Some(n) => Ok(n),
+        None if ino > ROOT_INO && ino < tree.next_ino => Err(Error::Stale(format!("inode {ino}"))),
+        None => Err(Error::NotFound),
+    }
+}
+
+/// Give `o` a new inode under `parent` as `name` (replacing whatever the name pointed to).
+fn add_file(tree: &mut Tree, parent: u64, name: String, o: ObjectVersion) {
+    let ino = tree.next_ino;
+    tree.next_ino += 1;
+    tree.by_path.insert(o.key.clone(), ino);
+    tree.nodes.insert(ino, Node { parent, data: NodeData::File(Arc::new(o)) });
+    if let Some(Node { data: NodeData::Dir { children }, .. }) = tree.nodes.get_mut(&parent) {
+        children.insert(name, ino);
+    }
+}
+
 fn ensure_dir(tree: &mut Tree, path: &str) {
-    if tree.by_path.contains_key(path) {
-        if let Some(ino) = tree.by_path.get(path).copied() {
-            if let Some(node) = tree.nodes.get_mut(&ino) {
-                if matches!(node.data, NodeData::File(_)) {
-                    node.data = NodeData::Dir { children: BTreeMap::new() };
-                }
-            }
+    if let Some(ino) = tree.by_path.get(path).copied() {
+        if matches!(tree.nodes.get(&ino).map(|n| &n.data), Some(NodeData::Dir { .. })) {
+            return;
         }
-        return;
+        // A file became a directory: its inode is retired with it.
+        tree.nodes.remove(&ino);
     }
     let (parent_path, name) = path.rsplit_once('/').unwrap_or(("", path));
     let parent = tree.by_path.get(parent_path).copied().unwrap_or(ROOT_INO);
@@ -316,9 +327,16 @@ mod tests {
         let ch = c.apply(vec![v("a/b/c.bin", "2", 12), v("top", "1", 0)]);
         assert_eq!(ch, Changes { added: 0, changed: 1, removed: 1 });
         let f2 = c.lookup(b.ino, "c.bin").unwrap();
-        assert_eq!((f2.ino, f2.size), (f.ino, 12), "inode kept, new size");
+        assert_eq!(f2.size, 12);
+        assert_ne!(f2.ino, f.ino, "a new version gets a new inode");
         assert_eq!(old.size, 10, "an open handle keeps its version");
-        assert!(!c.object(f.ino).unwrap().same_version(&old));
+        assert!(!c.object(f2.ino).unwrap().same_version(&old));
+        assert!(matches!(c.getattr(f.ino), Err(Error::Stale(_))), "the old inode is stale");
+        assert!(matches!(c.object(f.ino), Err(Error::Stale(_))));
+        assert!(matches!(c.getattr(999_999), Err(Error::NotFound)));
+        // The same version again keeps the inode.
+        c.apply(vec![v("a/b/c.bin", "2", 12), v("top", "1", 0)]);
+        assert_eq!(c.lookup(b.ino, "c.bin").unwrap().ino, f2.ino);
         assert!(matches!(c.lookup(a.ino, "d.bin"), Err(Error::NotFound)));
         assert_eq!(c.object_at("/a/b/c.bin").unwrap().size, 12);
     }

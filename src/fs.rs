@@ -4,8 +4,9 @@
 //!
 //! # Contract
 //! - An open handle reads only the version it opened, for its whole life.
-//! - `open` tells whether the kernel may keep its page cache: yes unless the inode's version
-//!   changed since the previous open.
+//! - An inode is one version (see `catalog`), so the kernel may always keep its page cache.
+//! - An inode the catalog retired (its object changed) still answers `getattr` while a handle
+//!   of it is open.
 //! - Writes of any kind are `Error::ReadOnly`.
 
 use std::collections::HashMap;
@@ -39,7 +40,6 @@ struct Readahead {
 #[derive(Debug, Clone, Copy)]
 pub struct Opened {
     pub fh: u64,
-    pub keep_cache: bool,
     /// Every byte is in local memory now. A handle of a file that is not may bypass the kernel's
     /// page cache: its bytes land in the memory tier anyway, and a second copy there costs a
     /// page allocation and a copy per page on the miss path.
@@ -51,7 +51,6 @@ pub struct FsCore {
     reader: Arc<Reader>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
-    last_opened: Mutex<HashMap<u64, Arc<str>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -60,7 +59,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl FsCore {
     pub fn new(catalog: Arc<Catalog>, reader: Arc<Reader>) -> Self {
-        FsCore { catalog, reader, handles: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1), last_opened: Mutex::new(HashMap::new()) }
+        FsCore { catalog, reader, handles: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1) }
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {
@@ -76,7 +75,14 @@ impl FsCore {
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Entry, Error> {
-        self.catalog.getattr(ino)
+        match self.catalog.getattr(ino) {
+            Err(Error::Stale(why)) => {
+                let open = lock(&self.handles).values().find(|h| h.ino == ino).map(|h| h.obj.clone());
+                let o = open.ok_or(Error::Stale(why))?;
+                Ok(Entry { ino, kind: crate::catalog::Kind::File, size: o.size, mtime: o.mtime })
+            }
+            r => r,
+        }
     }
 
     pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>, Error> {
@@ -88,16 +94,10 @@ impl FsCore {
             return Err(Error::ReadOnly);
         }
         let obj = self.catalog.object(ino)?;
-        let keep_cache = {
-            let mut last = lock(&self.last_opened);
-            let same = last.get(&ino).is_none_or(|id| *id == obj.id);
-            last.insert(ino, obj.id.clone());
-            same
-        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let in_memory = self.reader.memory().is_complete(&obj);
         lock(&self.handles).insert(fh, Arc::new(Handle { ino, obj, ra: Mutex::new(Readahead::default()) }));
-        Ok(Opened { fh, keep_cache, in_memory })
+        Ok(Opened { fh, in_memory })
     }
 
     pub fn handle(&self, fh: u64) -> Result<Arc<Handle>, Error> {

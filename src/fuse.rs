@@ -227,12 +227,11 @@ impl Filesystem for CachefsFuse {
         match self.core.open(ino.0, write) {
             Ok(o) => {
                 let Some(reply) = self.open_passthrough(ino.0, o.fh, reply) else { return };
+                // An inode is one version: what the kernel cached of it stays true.
                 let f = if !o.in_memory && self.direct_io.load(Ordering::Relaxed) {
                     FopenFlags::FOPEN_DIRECT_IO
-                } else if o.keep_cache {
-                    FopenFlags::FOPEN_KEEP_CACHE
                 } else {
-                    FopenFlags::empty()
+                    FopenFlags::FOPEN_KEEP_CACHE
                 };
                 reply.opened(FileHandle(o.fh), f)
             }

@@ -257,18 +257,21 @@ async fn changed_object_new_opens_see_new_bytes_old_handles_never_mix() {
     let core = FsCore::new(r.catalog.clone(), r.reader.clone());
     let ino = r.catalog.lookup(cachefs::catalog::ROOT_INO, "m.bin").unwrap().ino;
     let old = core.open(ino, false).unwrap();
-    assert!(old.keep_cache);
     let h_old = core.handle(old.fh).unwrap();
     // The first chunk of the old version is cached; then the object changes at the origin.
     assert_eq!(&core.read(&h_old, 0, 1000).await.unwrap()[..], &v1[..1000]);
     r.store.put(&Path::from("models/m.bin"), Bytes::from(v2.clone()).into()).await.unwrap();
     let changes = r.catalog.apply(cachefs::agent::list_versions(&r.origin).await.unwrap());
     assert_eq!(changes.changed, 1);
-    // New open: new bytes, page cache not kept.
-    let new = core.open(ino, false).unwrap();
-    assert!(!new.keep_cache);
+    // The name now leads to a new inode; the old one is stale for opens, but still answers
+    // getattr with its own version's size while a handle of it is open.
+    assert!(matches!(core.open(ino, false), Err(Error::Stale(_))));
+    let new_ino = core.lookup(cachefs::catalog::ROOT_INO, "m.bin").unwrap().ino;
+    assert_ne!(new_ino, ino);
+    let new = core.open(new_ino, false).unwrap();
     let h_new = core.handle(new.fh).unwrap();
-    assert_eq!(core.getattr(ino).unwrap().size, v2.len() as u64);
+    assert_eq!(core.getattr(new_ino).unwrap().size, v2.len() as u64);
+    assert_eq!(core.getattr(ino).unwrap().size, v1.len() as u64);
     assert_eq!(&core.read(&h_new, 0, 310_000).await.unwrap()[..], &v2[..]);
     // Old handle: its cached chunk is still the old bytes; an uncached part is ESTALE, never v2.
     assert_eq!(&core.read(&h_old, 0, 1000).await.unwrap()[..], &v1[..1000]);
@@ -276,7 +279,9 @@ async fn changed_object_new_opens_see_new_bytes_old_handles_never_mix() {
         Err(Error::Stale(_)) => {}
         other => panic!("old handle must not see new bytes: {other:?}"),
     }
-    assert!(matches!(core.open(ino, true), Err(Error::ReadOnly)));
+    assert!(matches!(core.open(new_ino, true), Err(Error::ReadOnly)));
+    core.release(old.fh);
+    assert!(matches!(core.getattr(ino), Err(Error::Stale(_))), "no handle left: the old inode is gone");
 }
 
 #[tokio::test]

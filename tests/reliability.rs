@@ -46,3 +46,51 @@ fn a_second_agent_on_one_cache_dir_is_refused() {
     assert_eq!(a.metric("cachefs_origin_bytes_total"), origin_before);
     assert_eq!(a.metric("cachefs_cache_bytes"), data.len() as f64);
 }
+
+/// An object changed at the origin while a file of it is open: the open file keeps reading the
+/// old version, a new open reads the new one, interleaved, through the kernel's page cache (and
+/// with passthrough); each reports its own size. Two versions never mix.
+#[test]
+fn versions_never_mix_through_the_page_cache() {
+    if !fuse_available("versions_never_mix_through_the_page_cache") {
+        return;
+    }
+    use std::io::{Read, Seek, SeekFrom};
+    for mode in ["--no-passthrough", "--passthrough-default"] {
+        let src = tempfile::tempdir().unwrap();
+        let (v1, v2) = (random_bytes((8 << 20) + 333, 1401), random_bytes((6 << 20) + 4444, 1402));
+        let file = src.path().join("m.bin");
+        fs::write(&file, &v1).unwrap();
+        let mut args = vec!["--chunk-size", "1MiB", "--catalog-ttl", "1"];
+        if mode == "--no-passthrough" {
+            args.push(mode);
+        }
+        let a = Agent::start(&src.path().display().to_string(), &args);
+        // All of v1 in memory: opens from now on may keep the page cache.
+        assert!(fs::read(a.path("m.bin")).unwrap() == v1);
+        let mut old = fs::File::open(a.path("m.bin")).unwrap();
+        let mut head = vec![0u8; 4096];
+        old.read_exact(&mut head).unwrap();
+        assert!(head == v1[..4096]);
+
+        let tmp = src.path().join(".m.bin.tmp");
+        fs::write(&tmp, &v2).unwrap();
+        fs::rename(&tmp, &file).unwrap();
+        assert!(poll_until(Duration::from_secs(10), || fs::metadata(a.path("m.bin")).is_ok_and(|m| m.len() == v2.len() as u64)), "{mode}: the new version never showed");
+
+        let mut new = fs::File::open(a.path("m.bin")).unwrap();
+        let read_all = |f: &mut fs::File| {
+            let mut v = Vec::new();
+            f.seek(SeekFrom::Start(0)).unwrap();
+            f.read_to_end(&mut v).unwrap();
+            v
+        };
+        for round in 0..2 {
+            assert!(read_all(&mut new) == v2, "{mode} round {round}: the new open did not read the new version");
+            assert!(read_all(&mut old) == v1, "{mode} round {round}: the open file read bytes of another version");
+        }
+        assert_eq!(old.metadata().unwrap().len(), v1.len() as u64, "{mode}");
+        assert_eq!(new.metadata().unwrap().len(), v2.len() as u64, "{mode}");
+        assert!(fs::read(a.path("m.bin")).unwrap() == v2, "{mode}");
+    }
+}
