@@ -202,7 +202,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     let verifier = membership.as_ref().map(|m| Verifier::new(origin.clone(), memory.clone(), m.clone(), metrics.clone(), tasks.clone(), stop.clone()));
     let mut sources: Vec<Arc<dyn ChunkSource>> = Vec::new();
     if let (Some(m), Some(v)) = (&membership, &verifier) {
-        let peers = PeerSource::new(m.clone(), memory.clone(), draining.clone(), PeerTimeouts::default(), metrics.clone()).with_verifier(v.clone());
+        let peers = PeerSource::new(m.clone(), memory.clone(), draining.clone(), PeerTimeouts::within(cfg.read_timeout), metrics.clone()).with_verifier(v.clone());
         sources.push(Arc::new(peers));
     }
     sources.push(Arc::new(crate::origin::OriginSource { origin: origin.clone(), memory: memory.clone(), verifier: verifier.clone() }));

@@ -94,3 +94,88 @@ fn versions_never_mix_through_the_page_cache() {
         assert!(fs::read(a.path("m.bin")).unwrap() == v2, "{mode}");
     }
 }
+
+/// The status entry of the peer at `addr`.
+fn peer_status(a: &Agent, addr: &str) -> serde_json::Value {
+    let (_, body) = http_get(a.admin, "/status").expect("status");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["peers"].as_array().and_then(|ps| ps.iter().find(|p| p["addr"] == addr).cloned()).unwrap_or_default()
+}
+
+/// A peer that answers Hello and claims every chunk but stalls mid-stream: reads still answer
+/// with the right bytes within the read deadline (the peers' share of it runs out, the healthy
+/// origin answers), and the peer's Hellos do not put it back in use.
+#[test]
+fn a_stalling_peer_costs_no_read_while_the_origin_is_healthy() {
+    if !fuse_available("a_stalling_peer_costs_no_read_while_the_origin_is_healthy") {
+        return;
+    }
+    use common::fake_peer::{FakePeer, Misbehave};
+    let src = tempfile::tempdir().unwrap();
+    let data = random_bytes((6 << 20) + 999, 1501);
+    fs::write(src.path().join("m.bin"), &data).unwrap();
+    let source = src.path().display().to_string();
+    let fake = FakePeer::start(&source, 1 << 20, Misbehave::Stall);
+    let a = Agent::start(&source, &["--chunk-size", "1MiB", "--read-timeout", "4", "--peers", &fake.addr]);
+    assert_eq!(peer_status(&a, &fake.addr)["state"], "live", "the fake peer was not taken into use");
+
+    assert!(fs::read(a.path("m.bin")).unwrap() == data, "the read failed or returned wrong bytes; log:\n{}", a.log_text());
+    assert!(fake.reads.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the stalling peer was never asked");
+    assert_eq!(a.metric("cachefs_read_errors_total"), 0.0);
+    assert_eq!(a.metric("cachefs_origin_bytes_total"), data.len() as f64);
+
+    // Probes (every 2 s) answer; the data failure stands.
+    let hellos = fake.hellos.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(poll_until(Duration::from_secs(10), || fake.hellos.load(std::sync::atomic::Ordering::SeqCst) >= hellos + 2));
+    let st = peer_status(&a, &fake.addr);
+    assert!(st["data_failures"].as_u64().unwrap_or(0) >= 1, "a Hello cleared the data failure: {st}");
+}
+
+/// A chunk a peer asks this agent to fill is fetched from the origin, never forwarded to
+/// another peer (no chains, no cycles), even when another peer claims to hold it.
+#[test]
+fn a_fill_asked_for_by_a_peer_is_never_forwarded() {
+    if !fuse_available("a_fill_asked_for_by_a_peer_is_never_forwarded") {
+        return;
+    }
+    use cachefs::peer::proto::{peer_client::PeerClient, ReadChunkRequest};
+    use common::fake_peer::{FakePeer, Misbehave};
+    use std::sync::atomic::Ordering::SeqCst;
+    let src = tempfile::tempdir().unwrap();
+    let data = random_bytes((8 << 20) + 5, 1502);
+    fs::write(src.path().join("m.bin"), &data).unwrap();
+    let source = src.path().display().to_string();
+    let fake = FakePeer::start(&source, 1 << 20, Misbehave::Refuse);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let a = Agent::start(&source, &["--chunk-size", "1MiB", "--listen", &listen, "--peers", &fake.addr]);
+    // A local read: the agent asks the fake's inventory (and is refused the chunk).
+    let mut f = fs::File::open(a.path("m.bin")).unwrap();
+    let mut head = [0u8; 100];
+    std::io::Read::read_exact(&mut f, &mut head).unwrap();
+    assert!(head[..] == data[..100]);
+    let object = fake.seen.lock().unwrap().clone().expect("the agent never asked the fake peer's inventory");
+    // Readahead settles first (its fetches must not count for the fill below).
+    let mut last = -1.0;
+    assert!(poll_until(Duration::from_secs(10), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = a.metric("cachefs_origin_bytes_total");
+        std::mem::replace(&mut last, now) == now
+    }));
+    let reads_before = fake.reads.load(SeqCst);
+    let origin_before = a.metric("cachefs_origin_bytes_total");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let got = rt.block_on(async {
+        let mut c = PeerClient::connect(format!("http://{listen}")).await.unwrap();
+        let req = ReadChunkRequest { object: Some(object), index: 6, chunk_size: 1 << 20, allow_fill: true, protocol: cachefs::peer::PROTOCOL };
+        let mut s = c.read_chunk(req).await.expect("fill refused").into_inner();
+        let mut got = Vec::new();
+        while let Some(m) = s.message().await.unwrap() {
+            got.extend_from_slice(&m.data);
+        }
+        got
+    });
+    assert!(got[..] == data[6 << 20..7 << 20], "wrong bytes for the filled chunk");
+    assert_eq!(fake.reads.load(SeqCst), reads_before, "the fill was forwarded to another peer");
+    assert_eq!(a.metric("cachefs_origin_bytes_total") - origin_before, (1 << 20) as f64, "the fill did not come from the origin");
+}

@@ -43,11 +43,28 @@ pub struct PeerTimeouts {
     /// A chunk the owner may have to fetch from origin first.
     pub fill: Duration,
     pub inventory: Duration,
+    /// All the peer tier may spend on one chunk (every holder and the owner together) before
+    /// the origin is asked: the rest of the read deadline is the origin's.
+    pub budget: Duration,
 }
 
 impl Default for PeerTimeouts {
     fn default() -> Self {
-        PeerTimeouts { hit: Duration::from_secs(5), fill: Duration::from_secs(10), inventory: Duration::from_secs(2) }
+        Self::within(Duration::from_secs(crate::config::DEFAULT_READ_TIMEOUT_SECS))
+    }
+}
+
+impl PeerTimeouts {
+    /// Timeouts for reads that must answer within `read_timeout`: the peer tier gets at most
+    /// half of it, so a stalling peer never costs a read that the origin could answer.
+    pub fn within(read_timeout: Duration) -> Self {
+        let budget = read_timeout / 2;
+        PeerTimeouts {
+            hit: Duration::from_secs(5).min(budget),
+            fill: Duration::from_secs(10).min(budget),
+            inventory: Duration::from_secs(2).min(budget / 2),
+            budget,
+        }
     }
 }
 
@@ -255,6 +272,9 @@ impl PeerSource {
             return Err(PeerFetchError::Protocol(format!("short stream: {have} of {want} bytes")));
         }
         let chunk = sink.finish(crc);
+        if chunk.is_ok() {
+            self.membership.report_success(peer);
+        }
         match (&chunk, &self.verifier) {
             (Err(PeerFetchError::Checksum), _) => {
                 self.metrics.peer_checksum_errors.inc();
@@ -380,7 +400,13 @@ impl ChunkSource for PeerSource {
 
     fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, index: u64, range: Range<u64>, stage: &'a Stage) -> BoxFuture<'a, Result<Option<Chunk>, Error>> {
         Box::pin(async move {
-            let r = self.fetch_chunk(obj, index, range, stage).await;
+            let r = match tokio::time::timeout(self.timeouts.budget, self.fetch_chunk(obj, index, range, stage)).await {
+                Ok(r) => r,
+                Err(_) => {
+                    debug!(key = %obj.key, index, budget = ?self.timeouts.budget, "peers used up their share of the read deadline; asking the origin");
+                    Ok(None)
+                }
+            };
             stage.waiting_on_peer(false);
             r
         })

@@ -11,6 +11,9 @@
 //!   the named peer again, at once).
 //! - A peer whose source, chunk size or protocol differ from ours, or that answers with a node id
 //!   another address already answered with, is `incompatible`: never used, logged once.
+//! - A peer whose data request failed (error, stall, bad bytes) is not used for 1 s, doubling to
+//!   60 s, until a data request to it succeeds or it restarts (answers with a new node id); its
+//!   probes and Hellos do not end that.
 //! - [`Membership::live`] lists peers that answered, are compatible, are not this agent and are
 //!   not backed off. [`Membership::owner_candidates`] is `live` minus draining peers.
 
@@ -31,6 +34,9 @@ pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 pub const DNS_INTERVAL: Duration = Duration::from_secs(10);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Backoff of a peer that failed a data request: from 1 s, doubling, at most this. Only a
+/// data request that succeeds ends it (a peer that answers Hello may still stall on data).
+const MAX_DATA_BACKOFF: Duration = Duration::from_secs(60);
 /// Most peers learned from their own Hello.
 const MAX_LEARNED: usize = 1024;
 
@@ -54,8 +60,12 @@ pub struct PeerState {
     pub node_id: Option<String>,
     pub draining: bool,
     pub is_self: bool,
+    /// Probes failed in a row, and when to probe again.
     pub failures: u32,
     pub retry_at: Option<Instant>,
+    /// Data requests failed since the last that succeeded, and when to use the peer again.
+    pub data_failures: u32,
+    pub data_retry_at: Option<Instant>,
     pub last_error: Option<String>,
     /// It serves chunks on the raw data path (and we do not use TLS).
     pub raw: bool,
@@ -97,7 +107,8 @@ impl PeerHandle {
     fn usable(&self) -> bool {
         let s = self.state();
         let now = Instant::now();
-        s.node_id.is_some() && !s.is_self && s.incompatible.is_none() && s.retry_at.is_none_or(|t| now >= t) && s.distrusted_until.is_none_or(|t| now >= t)
+        let passed = |t: Option<Instant>| t.is_none_or(|t| now >= t);
+        s.node_id.is_some() && !s.is_self && s.incompatible.is_none() && passed(s.retry_at) && passed(s.data_retry_at) && passed(s.distrusted_until)
     }
 }
 
@@ -301,7 +312,30 @@ impl Membership {
         self.live().into_iter().filter(|p| !p.state().draining).collect()
     }
 
+    /// A data request to `peer` failed (error, stall, bad bytes): it is not used for a while,
+    /// whatever its probes and Hellos say, until a data request succeeds again.
     pub fn report_failure(&self, peer: &PeerHandle, error: &str) {
+        self.metrics.peer_errors.get_or_create(&crate::metrics::PeerLabel { peer: peer.addr.clone() }).inc();
+        peer.update(|s| {
+            s.data_failures += 1;
+            let backoff = (Duration::from_secs(1) * 2u32.saturating_pow(s.data_failures.min(8) - 1)).min(MAX_DATA_BACKOFF);
+            s.data_retry_at = Some(Instant::now() + backoff);
+            s.last_error = Some(error.to_string());
+        });
+    }
+
+    /// A data request to `peer` succeeded.
+    pub fn report_success(&self, peer: &PeerHandle) {
+        if peer.state().data_failures > 0 {
+            peer.update(|s| {
+                s.data_failures = 0;
+                s.data_retry_at = None;
+            });
+        }
+    }
+
+    /// A probe of `peer` failed.
+    fn probe_failed(&self, peer: &PeerHandle, error: &str) {
         self.metrics.peer_errors.get_or_create(&crate::metrics::PeerLabel { peer: peer.addr.clone() }).inc();
         peer.update(|s| {
             s.failures += 1;
@@ -334,7 +368,7 @@ impl Membership {
                 self.wake.notify_one();
                 return;
             }
-            self.report_failure(p, msg);
+            self.probe_failed(p, msg);
         };
         match tokio::time::timeout(PROBE_TIMEOUT * 2, p.client().hello(req)).await {
             Ok(Ok(r)) => {
@@ -349,6 +383,8 @@ impl Membership {
                 if incompatible.is_some() && was.incompatible != incompatible {
                     warn!(peer = %p.addr, node = %r.node_id, reason = incompatible.as_deref().unwrap_or(""), "peer is incompatible; it will not be used");
                 }
+                // Another node id: another process (restarted), whose data path has not failed yet.
+                let restarted = was.node_id.as_deref() != Some(r.node_id.as_str());
                 p.update(|s| {
                     s.incompatible = incompatible;
                     s.node_id = Some(r.node_id);
@@ -357,7 +393,12 @@ impl Membership {
                     s.raw = raw;
                     s.failures = 0;
                     s.retry_at = None;
-                    s.last_error = None;
+                    if restarted {
+                        (s.data_failures, s.data_retry_at) = (0, None);
+                    }
+                    if s.data_failures == 0 {
+                        s.last_error = None;
+                    }
                 });
             }
             Ok(Err(status)) => {
@@ -453,7 +494,7 @@ impl Membership {
                     } else {
                         "live"
                     };
-                    serde_json::json!({ "addr": p.addr, "node_id": s.node_id, "state": state, "failures": s.failures, "last_error": s.last_error, "reason": s.incompatible })
+                    serde_json::json!({ "addr": p.addr, "node_id": s.node_id, "state": state, "failures": s.failures, "data_failures": s.data_failures, "last_error": s.last_error, "reason": s.incompatible })
                 })
                 .collect(),
         )

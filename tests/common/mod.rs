@@ -313,5 +313,6 @@ impl Drop for Agent {
     }
 }
 pub mod fake_http;
+pub mod fake_peer;
 pub mod fake_s3;
 pub mod weed;
