@@ -340,10 +340,7 @@ pub fn read_token(flag: &str, p: &std::path::Path) -> Result<String, String> {
 
 /// Bytes the kernel reports as available (`MemAvailable`), if it can be read.
 pub fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    crate::memlimit::host_available(std::path::Path::new("/proc/meminfo"))
 }
 
 /// Merge flags over the config file over defaults, and validate.
@@ -356,20 +353,15 @@ pub fn resolve_mount(args: MountArgs) -> Result<MountConfig, String> {
     let mountpoint = args.mountpoint.or(file.mountpoint).ok_or("missing --mountpoint")?;
     let cache_dir = args.cache_dir.or(file.cache_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
 
-    let avail = available_memory();
-    let cache_size = match args.cache_size.or(file.cache_size) {
-        Some(s) => parse_size(&s).map_err(|e| format!("--cache-size: {e}"))?,
-        None => avail.map(|a| a / 2).ok_or("cannot read MemAvailable from /proc/meminfo: set --cache-size")?,
-    };
-    if let Some(a) = avail {
-        if cache_size > a {
-            return Err(format!(
-                "--cache-size {} is above the available memory ({}): the memory tier lives in RAM",
-                format_size(cache_size),
-                format_size(a)
-            ));
+    let limits = crate::memlimit::Limits::gather(&cache_dir);
+    let cache_size = match args.cache_size.or(file.cache_size).filter(|s| s.trim() != "auto") {
+        Some(s) => {
+            let size = parse_size(&s).map_err(|e| format!("--cache-size: {e}"))?;
+            limits.check(size)?;
+            size
         }
-    }
+        None => limits.default_cache_size().ok_or("cannot read MemAvailable from /proc/meminfo: set --cache-size")?,
+    };
     let chunk_size = match args.chunk_size.or(file.chunk_size) {
         Some(s) => parse_size(&s).map_err(|e| format!("--chunk-size: {e}"))?,
         None => DEFAULT_CHUNK_SIZE,

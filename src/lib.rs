@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod memlimit;
 pub mod metrics;
 pub mod origin;
 pub mod peer;

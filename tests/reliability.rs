@@ -179,3 +179,70 @@ fn a_fill_asked_for_by_a_peer_is_never_forwarded() {
     assert_eq!(fake.reads.load(SeqCst), reads_before, "the fill was forwarded to another peer");
     assert_eq!(a.metric("cachefs_origin_bytes_total") - origin_before, (1 << 20) as f64, "the fill did not come from the origin");
 }
+
+/// A small tmpfs mounted for one test (Docker's `/dev/shm` is 64 MiB), unmounted on drop.
+struct SmallTmpfs(tempfile::TempDir);
+
+impl SmallTmpfs {
+    fn new(size: &str) -> SmallTmpfs {
+        let d = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(d.path()).status().unwrap().success();
+        assert!(ok, "cannot mount a tmpfs");
+        SmallTmpfs(d)
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        lazy_unmount(self.0.path());
+    }
+}
+
+/// The default cache size fits the cache directory's filesystem, an explicit size it cannot hold
+/// is refused at start, and a filesystem that fills up under the agent lowers the budget: reads
+/// stay correct, chunks are evicted, nothing fails.
+#[test]
+fn the_cache_fits_a_small_tmpfs() {
+    if !fuse_available("the_cache_fits_a_small_tmpfs") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    let data = random_bytes((40 << 20) + 12345, 1601);
+    fs::write(src.path().join("m.bin"), &data).unwrap();
+    let source = src.path().display().to_string();
+
+    // Default size: within the 16 MiB tmpfs.
+    let shm = SmallTmpfs::new("16m");
+    let dir = shm.0.path().join("cache");
+    let a = Agent::start_with(&source, &["--chunk-size", "1MiB", "--cache-size", "auto"], tempfile::tempdir().unwrap().path().join("mnt"), dir.clone(), tempfile::tempdir().unwrap());
+    let cap = a.metric("cachefs_cache_capacity_bytes");
+    assert!(cap > 0.0 && cap <= (16 << 20) as f64, "default cache size {cap} does not fit the 16 MiB tmpfs");
+    assert!(fs::read(a.path("m.bin")).unwrap() == data);
+    assert!(a.metric("cachefs_evictions_total") > 0.0);
+    assert_eq!(a.metric("cachefs_read_errors_total"), 0.0);
+    drop(a);
+
+    // An explicit size the tmpfs cannot hold: a clear error at start.
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args(["mount", "--source", &source, "--cache-size", "1GiB"])
+        .args(["--mountpoint", &work.path().join("mnt").display().to_string()])
+        .args(["--cache-dir", &dir.display().to_string(), "--admin", &format!("127.0.0.1:{}", free_port())])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("free space of the cache directory's filesystem"), "stderr:\n{err}");
+
+    // The tmpfs fills up under a running agent: the budget comes down, reads stay right.
+    let a = Agent::start_with(&source, &["--chunk-size", "1MiB", "--cache-size", "12MiB"], work.path().join("mnt"), dir.clone(), tempfile::tempdir().unwrap());
+    fs::write(shm.0.path().join("someone-else.bin"), vec![7u8; 10 << 20]).unwrap();
+    for _ in 0..2 {
+        assert!(fs::read(a.path("m.bin")).unwrap() == data, "log:\n{}", a.log_text());
+    }
+    assert_eq!(a.metric("cachefs_read_errors_total"), 0.0);
+    let cap = a.metric("cachefs_cache_capacity_bytes");
+    assert!(cap < (12 << 20) as f64, "the budget was not lowered: {cap}");
+    assert!(a.metric("cachefs_cache_bytes") <= cap);
+    assert!(a.log_text().contains("filesystem is full"), "log:\n{}", a.log_text());
+}

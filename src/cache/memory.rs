@@ -208,7 +208,8 @@ struct Index {
 pub struct MemoryTier {
     dir: PathBuf,
     chunk_size: u64,
-    capacity: u64,
+    /// The byte budget; lowered if the cache filesystem fills up (ENOSPC) before it.
+    capacity: std::sync::atomic::AtomicU64,
     index: Mutex<Index>,
     files: Mutex<HashMap<Arc<str>, Arc<ObjFile>>>,
     /// Object versions whose chunks must not be evicted (open passthrough handles read the
@@ -261,7 +262,7 @@ impl MemoryTier {
         Ok(MemoryTier {
             dir: dir.to_path_buf(),
             chunk_size,
-            capacity,
+            capacity: capacity.into(),
             index: Mutex::new(Index { lru: LruCache::unbounded(), used: 0 }),
             files: Mutex::new(HashMap::new()),
             pins: Mutex::new(HashMap::new()),
@@ -333,7 +334,24 @@ impl MemoryTier {
     }
 
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The cache filesystem is full (ENOSPC) while a chunk of `len` reserved bytes was being
+    /// written: the budget becomes what is held without it (the filesystem is smaller than the
+    /// budget, or shared), and chunks are evicted to stay within it.
+    fn out_of_space(&self, len: u64) {
+        let victims = {
+            let mut idx = lock(&self.index);
+            let was = self.capacity();
+            let now = idx.used.saturating_sub(len).min(was);
+            self.capacity.store(now, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.cache_capacity_bytes.set(now as i64);
+            warn!(dir = %self.dir.display(), was = %crate::size::format_size(was), now = %crate::size::format_size(now), "the cache directory's filesystem is full: cache budget lowered (free space there, or give it a bigger tmpfs, and restart to raise it)");
+            self.choose_victims(&mut idx)
+        };
+        let kept = self.evict(victims);
+        put_back(&mut lock(&self.index), kept);
     }
 
     /// Bytes of chunks held now.
@@ -576,7 +594,7 @@ impl MemoryTier {
     pub fn begin_fill(self: &Arc<Self>, obj: &ObjectVersion, index: u64) -> io::Result<Option<Fill>> {
         let chunk = chunk_range(index, obj.size, self.chunk_size);
         let len = chunk.end - chunk.start;
-        if len > self.capacity || len == 0 {
+        if len > self.capacity() || len == 0 {
             return Ok(None);
         }
         let f = self.open_file(obj)?;
@@ -604,7 +622,7 @@ impl MemoryTier {
             let mut idx = lock(&self.index);
             idx.used += len;
             let victims = self.choose_victims(&mut idx);
-            let fits = idx.used <= self.capacity;
+            let fits = idx.used <= self.capacity();
             if !fits {
                 idx.used -= len;
             }
@@ -617,7 +635,7 @@ impl MemoryTier {
         let mut idx = lock(&self.index);
         put_back(&mut idx, kept);
         // `fits` false: the reservation was already given back above.
-        if fits && idx.used > self.capacity {
+        if fits && idx.used > self.capacity() {
             idx.used -= len;
             self.metrics.cache_bytes.set(idx.used as i64);
             return false;
@@ -631,7 +649,7 @@ impl MemoryTier {
     /// nothing is taken: evicting everything else would still not make room. The caller punches
     /// the holes with [`MemoryTier::evict`], outside the index lock.
     fn choose_victims(&self, idx: &mut Index) -> Vec<(ChunkKey, u64)> {
-        let over = idx.used.saturating_sub(self.capacity);
+        let over = idx.used.saturating_sub(self.capacity());
         if over == 0 {
             return Vec::new();
         }
@@ -753,7 +771,8 @@ impl Fill {
         }
         self.written += data.len() as u64;
         if self.staged.is_empty() && data.len() >= STAGE_BYTES {
-            return self.file.write_at(data, self.chunk.start + self.written - data.len() as u64);
+            let r = self.file.write_at(data, self.chunk.start + self.written - data.len() as u64);
+            return self.full(r);
         }
         if self.staged.capacity() == 0 {
             self.staged.reserve_exact(STAGE_BYTES);
@@ -769,10 +788,21 @@ impl Fill {
     fn flush(&mut self) -> io::Result<()> {
         if !self.staged.is_empty() {
             let at = self.chunk.start + self.written - self.staged.len() as u64;
-            self.file.write_at(&self.staged, at)?;
+            let r = self.file.write_at(&self.staged, at);
+            self.full(r)?;
             self.staged.clear();
         }
         Ok(())
+    }
+
+    /// A write that found the filesystem full lowers the tier's budget (see `out_of_space`).
+    fn full(&self, r: io::Result<()>) -> io::Result<()> {
+        if let Err(e) = &r {
+            if e.raw_os_error() == Some(libc::ENOSPC) && self.reserved {
+                self.tier.out_of_space(self.chunk.end - self.chunk.start);
+            }
+        }
+        r
     }
 
     /// Start the chunk over (a source retries from its start).

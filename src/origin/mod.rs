@@ -54,6 +54,9 @@ pub enum OriginError {
     Short { want: u64, got: u64 },
     #[error("origin request failed: {0}")]
     Request(String),
+    /// The bytes arrived but could not be kept here (memory tier full, say): not the origin's fault.
+    #[error("storing the bytes: {0}")]
+    Local(String),
 }
 
 impl OriginError {
@@ -214,7 +217,7 @@ impl Origin {
             return Err(OriginError::Request(format!("origin returned range {got:?}, wanted {range:?}")));
         }
         let want = range.end - range.start;
-        let put = |s: &mut dyn Sink, d: &[u8]| s.put(d).map_err(|e| OriginError::Request(format!("storing the bytes: {e}")));
+        let put = |s: &mut dyn Sink, d: &[u8]| s.put(d).map_err(|e| OriginError::Local(e.to_string()));
         match res.payload {
             // A local file: one read of exactly the range.
             object_store::GetResultPayload::File(..) => {
@@ -419,7 +422,17 @@ impl OriginSource {
         let Ok(Some(mut fill)) = self.memory.begin_fill(obj, index) else {
             return self.origin.get_range(obj, range).await.map(Into::into);
         };
-        self.origin.get_range_into(obj, range, &mut fill).await?;
+        match self.origin.get_range_into(obj, range.clone(), &mut fill).await {
+            Ok(()) => {}
+            // No room to keep it after all (the cache filesystem filled up): the reader still
+            // gets its bytes.
+            Err(OriginError::Local(e)) => {
+                warn!(key = %obj.key, index, error = %e, "cannot keep the chunk in the memory tier; serving it from a buffer");
+                drop(fill);
+                return self.origin.get_range(obj, range).await.map(Into::into);
+            }
+            Err(e) => return Err(e),
+        }
         let crc = fill.crc();
         match fill.commit(crc, crate::metrics::Tier::origin) {
             Ok(bytes) => {
