@@ -78,19 +78,19 @@ pub struct DirEntry {
     pub name: String,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum NodeData {
     Dir { children: BTreeMap<String, u64> },
     File(Arc<ObjectVersion>),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Node {
     parent: u64,
     data: NodeData,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Tree {
     nodes: HashMap<u64, Node>,
     by_path: HashMap<String, u64>,
@@ -106,8 +106,12 @@ pub struct Changes {
     pub removed: usize,
 }
 
+/// The tree is replaced whole by each refresh: lookups read the current one and never wait
+/// for a refresh to be built.
 pub struct Catalog {
-    tree: RwLock<Tree>,
+    tree: RwLock<Arc<Tree>>,
+    /// One refresh at a time.
+    applying: std::sync::Mutex<()>,
     started: SystemTime,
 }
 
@@ -122,17 +126,27 @@ impl Catalog {
         let mut tree = Tree { next_ino: ROOT_INO + 1, ..Default::default() };
         tree.nodes.insert(ROOT_INO, Node { parent: ROOT_INO, data: NodeData::Dir { children: BTreeMap::new() } });
         tree.by_path.insert(String::new(), ROOT_INO);
-        Catalog { tree: RwLock::new(tree), started: SystemTime::now() }
+        Catalog { tree: RwLock::new(Arc::new(tree)), applying: Default::default(), started: SystemTime::now() }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Tree> {
-        self.tree.read().unwrap_or_else(|p| p.into_inner())
+    fn read(&self) -> Arc<Tree> {
+        self.tree.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Replace the contents with `objects` (a full listing), keeping inode numbers by path.
     pub fn apply(&self, objects: Vec<ObjectVersion>) -> Changes {
+        let _one = self.applying.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tree = Tree::clone(&self.read());
+        let changes = apply_to(&mut tree, objects);
+        *self.tree.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tree);
+        changes
+    }
+}
+
+/// [`Catalog::apply`] on a private copy of the tree.
+fn apply_to(tree: &mut Tree, objects: Vec<ObjectVersion>) -> Changes {
+    {
         let mut changes = Changes::default();
-        let mut tree = self.tree.write().unwrap_or_else(|p| p.into_inner());
         // Which paths are directories in this listing.
         let mut dirs: HashSet<String> = HashSet::from([String::new()]);
         for o in &objects {
@@ -146,7 +160,7 @@ impl Catalog {
         let mut sorted_dirs: Vec<&String> = dirs.iter().collect();
         sorted_dirs.sort_by_key(|d| d.matches('/').count() + usize::from(!d.is_empty()));
         for d in sorted_dirs {
-            ensure_dir(&mut tree, d);
+            ensure_dir(tree, d);
         }
         for o in objects {
             if dirs.contains(&o.key) || o.key.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
@@ -162,13 +176,13 @@ impl Catalog {
                     if !same {
                         // A new version, a new inode: the old one is retired (stale).
                         let parent = tree.nodes.remove(&ino).map(|n| n.parent).unwrap_or(ROOT_INO);
-                        add_file(&mut tree, parent, name, o);
+                        add_file(tree, parent, name, o);
                         changes.changed += 1;
                     }
                 }
                 None => {
                     let parent = tree.by_path.get(&parent_path).copied().unwrap_or(ROOT_INO);
-                    add_file(&mut tree, parent, name, o);
+                    add_file(tree, parent, name, o);
                     changes.added += 1;
                 }
             }
@@ -192,7 +206,9 @@ impl Catalog {
         }
         changes
     }
+}
 
+impl Catalog {
     fn entry(&self, tree: &Tree, ino: u64) -> Result<Entry, Error> {
         let node = node(tree, ino)?;
         Ok(match &node.data {

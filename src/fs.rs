@@ -50,6 +50,8 @@ pub struct FsCore {
     catalog: Arc<Catalog>,
     reader: Arc<Reader>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    /// Open directories: the listing taken at `opendir`, paged through by `readdir`.
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     next_fh: AtomicU64,
 }
 
@@ -59,7 +61,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl FsCore {
     pub fn new(catalog: Arc<Catalog>, reader: Arc<Reader>) -> Self {
-        FsCore { catalog, reader, handles: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1) }
+        FsCore { catalog, reader, handles: Mutex::new(HashMap::new()), dirs: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1) }
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {
@@ -85,8 +87,25 @@ impl FsCore {
         }
     }
 
-    pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>, Error> {
-        self.catalog.readdir(ino)
+    /// Open directory `ino`: its entries are taken once, here (a directory of n entries costs
+    /// O(n) over all the `readdir` calls that page through it, and the pages agree).
+    pub fn opendir(&self, ino: u64) -> Result<u64, Error> {
+        let entries = Arc::new(self.catalog.readdir(ino)?);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.dirs).insert(fh, entries);
+        Ok(fh)
+    }
+
+    /// The entries of open directory `fh` (or, for an unknown handle, of `ino` now).
+    pub fn readdir(&self, ino: u64, fh: u64) -> Result<Arc<Vec<DirEntry>>, Error> {
+        match lock(&self.dirs).get(&fh) {
+            Some(e) => Ok(e.clone()),
+            None => self.catalog.readdir(ino).map(Arc::new),
+        }
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.dirs).remove(&fh);
     }
 
     pub fn open(&self, ino: u64, write: bool) -> Result<Opened, Error> {

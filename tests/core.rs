@@ -292,3 +292,28 @@ async fn zero_byte_file_and_reads_past_end() {
     assert!(r.reader.read(&r.obj("small"), 5, 4096).await.unwrap().is_empty());
     assert!(r.reader.read(&r.obj("small"), u64::MAX - 2, 4096).await.unwrap().is_empty());
 }
+
+/// A large directory is listed once per `opendir` and paged from that snapshot: a refresh that
+/// removes half of it meanwhile does not shift the pages of a listing in progress.
+#[tokio::test]
+async fn an_open_directory_pages_through_one_snapshot() {
+    let files: Vec<(String, Vec<u8>)> = (0..3000).map(|i| (format!("d/f{i:05}"), vec![1u8])).collect();
+    let refs: Vec<(&str, &[u8])> = files.iter().map(|(k, v)| (k.as_str(), v.as_slice())).collect();
+    let r = rig(&refs, 4096, 1 << 20, Duration::from_secs(5)).await;
+    let core = FsCore::new(r.catalog.clone(), r.reader.clone());
+    let d = core.lookup(cachefs::catalog::ROOT_INO, "d").unwrap().ino;
+    let fh = core.opendir(d).unwrap();
+    let first = core.readdir(d, fh).unwrap();
+    assert_eq!(first.len(), 3002);
+    // Half the files go away at the origin.
+    for i in (0..3000).step_by(2) {
+        r.store.delete(&Path::from(format!("models/d/f{i:05}"))).await.unwrap();
+    }
+    let changes = r.catalog.apply(cachefs::agent::list_versions(&r.origin).await.unwrap());
+    assert_eq!(changes.removed, 1500);
+    let later = core.readdir(d, fh).unwrap();
+    assert!(Arc::ptr_eq(&first, &later), "a listing in progress changed under its reader");
+    core.releasedir(fh);
+    let fh = core.opendir(d).unwrap();
+    assert_eq!(core.readdir(d, fh).unwrap().len(), 1502, "a new opendir sees the refresh");
+}

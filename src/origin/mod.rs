@@ -29,8 +29,9 @@ pub use checksum::{Checksums, Crc64Kind, Lookup};
 
 /// Longest per-attempt timeout of one origin request (lowered to the read deadline if shorter).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
-/// Timeout of listing the whole prefix.
-pub const LIST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for the next entry of a listing (a page of up to 1000 keys): a prefix of any
+/// size lists as long as its pages keep coming.
+pub const LIST_PAGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts for one ranged GET (the first try included).
 pub const ATTEMPTS: u32 = 3;
 
@@ -137,16 +138,16 @@ impl Origin {
     pub async fn list(&self) -> Result<Vec<ObjectMeta>, OriginError> {
         let _permit = self.limit.acquire().await.map_err(|_| OriginError::Request("shutting down".into()))?;
         let prefix = if self.prefix.as_ref().is_empty() { None } else { Some(&self.prefix) };
-        let fut = async {
-            let mut out = Vec::new();
-            let mut stream = self.store.list(prefix);
-            while let Some(item) = stream.next().await {
-                out.push(item.map_err(|e| map_err(self.prefix.as_ref(), e))?);
-            }
-            Ok(out)
-        };
         self.metrics.origin_requests.inc();
-        tokio::time::timeout(LIST_TIMEOUT, fut).await.map_err(|_| OriginError::Timeout(LIST_TIMEOUT))?
+        let mut out = Vec::new();
+        let mut stream = self.store.list(prefix);
+        loop {
+            let next = tokio::time::timeout(LIST_PAGE_TIMEOUT, stream.next()).await.map_err(|_| OriginError::Timeout(LIST_PAGE_TIMEOUT))?;
+            match next {
+                Some(item) => out.push(item.map_err(|e| map_err(self.prefix.as_ref(), e))?),
+                None => return Ok(out),
+            }
+        }
     }
 
     /// The key of `meta` relative to the prefix, `/`-separated.
