@@ -313,6 +313,7 @@ impl Drop for Agent {
     }
 }
 pub mod fake_http;
+pub mod fault_proxy;
 pub mod fake_peer;
 pub mod fake_s3;
 pub mod weed;
