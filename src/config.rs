@@ -299,8 +299,17 @@ impl MountConfig {
 fn read_file_config(path: &std::path::Path) -> Result<FileConfig, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+    file_config(&text, path)
+}
+
+/// Check the text of a config file named `name`: a one-line reason if it is not valid.
+pub fn parse_file_config(text: &str, name: &str) -> Result<(), String> {
+    file_config(text, std::path::Path::new(name)).map(|_| ())
+}
+
+fn file_config(text: &str, path: &std::path::Path) -> Result<FileConfig, String> {
     let table: toml::Table =
-        toml::from_str(&text).map_err(|e| format!("invalid config {}: {}", path.display(), one_line(&e.to_string())))?;
+        toml::from_str(text).map_err(|e| format!("invalid config {}: {}", path.display(), one_line(&e.to_string())))?;
     // Accept the flag spelling (`cache-size`) as well as `cache_size`.
     let normalized: toml::Table =
         table.into_iter().map(|(k, v)| (k.replace('-', "_"), v)).collect();

@@ -42,6 +42,11 @@ impl Versions {
         v
     }
 
+    /// Whether the version of `key` of this size is the newest uploaded.
+    fn is_latest(&self, key: &str, size: u64) -> bool {
+        self.0.lock().unwrap().get(key).and_then(|l| l.last()).is_some_and(|v| v.len() as u64 == size)
+    }
+
     fn by_size(&self, key: &str, size: u64) -> Option<Arc<Vec<u8>>> {
         self.0.lock().unwrap().get(key)?.iter().find(|v| v.len() as u64 == size).cloned()
     }
@@ -168,9 +173,20 @@ impl Soak {
                 if t.elapsed() > LATE {
                     self.tally.late.fetch_add(1, SeqCst);
                 }
-                if buf[..got] != want[off as usize..off as usize + got] || (got as u64) < len.min(size - off) {
+                if buf[..got] != want[off as usize..off as usize + got] {
                     self.tally.wrong.fetch_add(1, SeqCst);
                     self.tally.unexplained.lock().unwrap().push(format!("{key}@{off}+{len}: wrong bytes ({got} read)"));
+                } else if (got as u64) < len.min(size - off) {
+                    // The kernel split the read and a later part failed: an error, told as a short read.
+                    let why = if !self.versions.is_latest(key, size) { Some("object changed under an open file") } else { self.events.explain(t0, Instant::now(), i) };
+                    match why {
+                        Some(w) => self.tally.error(format!("short read ({w})")),
+                        None => {
+                            self.tally.error("short read (unexplained)".into());
+                            self.tally.unexplained.lock().unwrap().push(format!("agent {i} {key}@{off}+{len}: short read ({got} bytes)"));
+                        }
+                    }
+                    return Ok(n + got as u64);
                 }
                 n += got as u64;
             }
