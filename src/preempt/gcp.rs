@@ -48,15 +48,18 @@ impl Gcp {
     }
 
     fn signals(&self) -> Vec<Signal> {
-        let preempted = self.keys[0].value.as_deref() == Some("TRUE");
-        let terminate = self.keys[1].value.as_deref() == Some("TERMINATE_ON_HOST_MAINTENANCE");
-        let what = match (preempted, terminate) {
-            (true, _) => "instance preempted",
-            (false, true) => "terminate on host maintenance",
-            (false, false) => return vec![Signal::Clear],
-        };
-        vec![Signal::Termination { time: None, what: what.into(), event_id: None }]
+        interpret(self.keys[0].value.as_deref(), self.keys[1].value.as_deref())
     }
+}
+
+/// The signal in the last answers of `instance/preempted` and `instance/maintenance-event`.
+pub fn interpret(preempted: Option<&str>, maintenance: Option<&str>) -> Vec<Signal> {
+    let what = match (preempted.map(str::trim) == Some("TRUE"), maintenance.map(str::trim) == Some("TERMINATE_ON_HOST_MAINTENANCE")) {
+        (true, _) => "instance preempted",
+        (false, true) => "terminate on host maintenance",
+        (false, false) => return vec![Signal::Clear],
+    };
+    vec![Signal::Termination { time: None, what: what.into(), event_id: None }]
 }
 
 /// Ask for one key; with an ETag, wait until it changes.
