@@ -96,6 +96,11 @@ struct ObjFile {
     file: File,
     /// Append-only journal of present chunks (None if it could not be opened: no warm restart).
     journal: Mutex<Option<File>>,
+    /// Where the journal is, its header line, and lines appended since it was last written
+    /// whole: it is rewritten from the slots once it holds many more lines than chunks.
+    journal_path: PathBuf,
+    header_line: String,
+    journal_lines: std::sync::atomic::AtomicU64,
     slots: Mutex<Vec<Slot>>,
     /// A shared read-only mapping of the whole file, made on first use.
     map: std::sync::OnceLock<Option<Arc<memmap2::Mmap>>>,
@@ -128,8 +133,10 @@ impl AsRef<[u8]> for MapSlice {
 }
 
 impl ObjFile {
-    fn new(file: File, journal: Option<File>, slots: Vec<Slot>) -> Arc<Self> {
-        Arc::new(ObjFile { file, journal: Mutex::new(journal), slots: Mutex::new(slots), map: Default::default(), write: Mutex::new(()) })
+    fn new(file: File, journal: Option<File>, journal_path: PathBuf, header: &JournalHeader, slots: Vec<Slot>) -> Arc<Self> {
+        let header_line = serde_json::to_string(header).unwrap_or_default();
+        let journal_lines = (slots.iter().filter(|s| s.present).count() as u64).into();
+        Arc::new(ObjFile { file, journal: Mutex::new(journal), journal_path, header_line, journal_lines, slots: Mutex::new(slots), map: Default::default(), write: Mutex::new(()) })
     }
 
     /// Write `data` at `offset` of the file, one writer at a time.
@@ -181,11 +188,34 @@ impl ObjFile {
     /// Append one journal line; a failure only costs the warm restart of this chunk.
     fn journal(&self, line: &str) {
         use std::io::Write;
-        if let Some(j) = lock(&self.journal).as_mut() {
-            if let Err(e) = j.write_all(line.as_bytes()) {
-                warn!(error = %e, "cache journal write failed");
+        let mut journal = lock(&self.journal);
+        let Some(j) = journal.as_mut() else { return };
+        if let Err(e) = j.write_all(line.as_bytes()) {
+            warn!(error = %e, "cache journal write failed");
+        }
+        let lines = self.journal_lines.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let chunks = self.slots().len() as u64;
+        if lines > 2 * chunks + 64 {
+            match self.rewrite_journal() {
+                Ok(f) => *journal = Some(f),
+                Err(e) => warn!(error = %e, path = %self.journal_path.display(), "cannot compact the cache journal"),
             }
         }
+    }
+
+    /// Write the journal whole from the slots (to a temporary file renamed over it).
+    fn rewrite_journal(&self) -> io::Result<File> {
+        let mut body = format!("{}\n", self.header_line);
+        let mut n = 0;
+        for (i, s) in self.slots().iter().enumerate().filter(|(_, s)| s.present) {
+            body.push_str(&format!("+{i} {}\n", s.crc));
+            n += 1;
+        }
+        let tmp = self.journal_path.with_extension("journal.tmp");
+        std::fs::write(&tmp, body)?;
+        std::fs::rename(&tmp, &self.journal_path)?;
+        self.journal_lines.store(n, std::sync::atomic::Ordering::Relaxed);
+        OpenOptions::new().append(true).open(&self.journal_path)
     }
 }
 
@@ -396,7 +426,8 @@ impl MemoryTier {
         for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().to_string();
-            if (name.ends_with(DATA_SUFFIX) || name.ends_with(JOURNAL_SUFFIX)) && !keep.contains(&name) {
+            let ours = name.ends_with(DATA_SUFFIX) || name.ends_with(JOURNAL_SUFFIX) || name.ends_with(".journal.tmp");
+            if ours && !keep.contains(&name) {
                 std::fs::remove_file(entry.path())?;
                 r.removed_files += 1;
             }
@@ -464,6 +495,11 @@ impl MemoryTier {
             }
         }
         drop(map);
+        // Pages written before a crash but never journaled go back to the kernel.
+        for i in (0..n).filter(|i| slots.get(*i as usize).is_some_and(|s| !s.present)) {
+            let cr = chunk_range(i, obj.size, self.chunk_size);
+            punch(&file, cr.start, cr.end - cr.start);
+        }
         // Rewrite the journal with what is really there.
         let tmp = self.dir.join(format!("{}{JOURNAL_SUFFIX}.tmp", obj.id));
         {
@@ -477,7 +513,7 @@ impl MemoryTier {
         }
         std::fs::rename(&tmp, self.journal_path(obj))?;
         let journal = open_journal(&self.journal_path(obj), None).ok();
-        let f = ObjFile::new(file, journal, slots);
+        let f = ObjFile::new(file, journal, self.journal_path(obj), &self.header(obj), slots);
         lock(&self.files).insert(obj.id.clone(), f);
         let mut idx = lock(&self.index);
         for (i, _, len) in good {
@@ -509,7 +545,7 @@ impl MemoryTier {
             warn!(key = %obj.key, "cannot write the cache journal: this object's chunks will not survive a restart");
         }
         let n = chunk_count(obj.size, self.chunk_size) as usize;
-        let f = ObjFile::new(file, journal, vec![Slot::default(); n]);
+        let f = ObjFile::new(file, journal, self.journal_path(obj), &self.header(obj), vec![Slot::default(); n]);
         files.insert(obj.id.clone(), f.clone());
         Ok(f)
     }
@@ -950,6 +986,53 @@ mod tests {
         assert!(blocks * 512 <= 3 * 4096 + 4096, "blocks {blocks}");
         assert_eq!(tier.crc(&o, 4), Some(crc32c::crc32c(&data[4 * 4096..5 * 4096])));
         assert!(tier.insert(&o, 0, &data[..10], Tier::origin).is_err(), "wrong length is refused");
+    }
+
+    #[test]
+    fn the_journal_stays_small_and_recovery_reclaims_what_it_does_not_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = obj(4 * 4096);
+        {
+            let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 2 * 4096, Arc::new(Metrics::new())).unwrap());
+            // Thousands of fills and evictions of four chunks.
+            for round in 0..2000u64 {
+                let i = round % 4;
+                tier.insert(&o, i, &[i as u8; 4096], Tier::origin).unwrap();
+            }
+            let journal = std::fs::metadata(tier.journal_path(&o)).unwrap().len();
+            assert!(journal < 4096, "the journal grew to {journal} bytes");
+            // A crash: chunk 0's pages written but never journaled, a temporary journal left.
+            assert!(!tier.contains(&o, 0));
+            tier.files.lock().unwrap()[&o.id].file.write_all_at(&[9u8; 4096], 0).unwrap();
+            std::fs::write(dir.path().join(format!("{}.journal.tmp", o.id)), "torn").unwrap();
+        }
+        let tier = MemoryTier::new(dir.path(), 4096, 2 * 4096, Arc::new(Metrics::new())).unwrap();
+        let r = tier.recover(&[Arc::new(o.clone())]).unwrap();
+        assert_eq!(r.chunks, 2);
+        assert!(!dir.path().join(format!("{}.journal.tmp", o.id)).exists());
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(tier.file_path(&o)).unwrap());
+        assert!(blocks * 512 <= 2 * 4096, "unjournaled pages were kept: {blocks} blocks");
+        assert_eq!(tier.read(&o, 3, 0..4096).map(|(b, _)| b.to_vec()), Some(vec![3u8; 4096]));
+    }
+
+    #[test]
+    fn a_chunk_being_streamed_is_not_punched_or_refilled() {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 2 * 4096, Arc::new(Metrics::new())).unwrap());
+        let o = obj(4 * 4096);
+        tier.insert(&o, 0, &[1u8; 4096], Tier::origin).unwrap();
+        // A peer stream holds chunk 0's bytes (a view of the mapping, no copy).
+        let (streaming, crc) = tier.map_chunk(&o, 0).unwrap();
+        for i in 1..4u64 {
+            tier.insert(&o, i, &[i as u8 + 1; 4096], Tier::origin).unwrap();
+        }
+        assert!(tier.contains(&o, 0), "a chunk being streamed was evicted");
+        assert!(streaming.iter().all(|b| *b == 1) && crc == crc32c::crc32c(&[1u8; 4096]));
+        assert!(tier.used() <= tier.capacity());
+        drop(streaming);
+        tier.insert(&o, 1, &[2u8; 4096], Tier::origin).unwrap();
+        tier.insert(&o, 2, &[3u8; 4096], Tier::origin).unwrap();
+        assert!(!tier.contains(&o, 0), "once the stream is done the chunk can go");
     }
 
     #[test]
