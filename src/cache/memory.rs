@@ -36,6 +36,8 @@ pub const DATA_SUFFIX: &str = ".chunks";
 /// Suffix of each data file's journal: a JSON header line, then `+INDEX CRC` once a chunk is
 /// fully written and `-INDEX` once it is evicted. Replayed (and every chunk re-verified) at start.
 pub const JOURNAL_SUFFIX: &str = ".journal";
+/// Suffix of a journal being rewritten (renamed over the journal once whole).
+const JOURNAL_TMP_SUFFIX: &str = ".journal.tmp";
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct JournalHeader {
@@ -211,7 +213,7 @@ impl ObjFile {
             body.push_str(&format!("+{i} {}\n", s.crc));
             n += 1;
         }
-        let tmp = self.journal_path.with_extension("journal.tmp");
+        let tmp = self.journal_path.with_extension(JOURNAL_TMP_SUFFIX.trim_start_matches('.'));
         std::fs::write(&tmp, body)?;
         std::fs::rename(&tmp, &self.journal_path)?;
         self.journal_lines.store(n, std::sync::atomic::Ordering::Relaxed);
@@ -426,7 +428,7 @@ impl MemoryTier {
         for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().to_string();
-            let ours = name.ends_with(DATA_SUFFIX) || name.ends_with(JOURNAL_SUFFIX) || name.ends_with(".journal.tmp");
+            let ours = name.ends_with(DATA_SUFFIX) || name.ends_with(JOURNAL_SUFFIX) || name.ends_with(JOURNAL_TMP_SUFFIX);
             if ours && !keep.contains(&name) {
                 std::fs::remove_file(entry.path())?;
                 r.removed_files += 1;
@@ -500,20 +502,9 @@ impl MemoryTier {
             let cr = chunk_range(i, obj.size, self.chunk_size);
             punch(&file, cr.start, cr.end - cr.start);
         }
-        // Rewrite the journal with what is really there.
-        let tmp = self.dir.join(format!("{}{JOURNAL_SUFFIX}.tmp", obj.id));
-        {
-            use std::io::Write;
-            let mut j = open_journal(&tmp, Some(&self.header(obj)))?;
-            let mut body = String::new();
-            for (i, crc, _) in &good {
-                body.push_str(&format!("+{i} {crc}\n"));
-            }
-            j.write_all(body.as_bytes())?;
-        }
-        std::fs::rename(&tmp, self.journal_path(obj))?;
-        let journal = open_journal(&self.journal_path(obj), None).ok();
-        let f = ObjFile::new(file, journal, self.journal_path(obj), &self.header(obj), slots);
+        // The journal is rewritten with what is really there.
+        let f = ObjFile::new(file, None, self.journal_path(obj), &self.header(obj), slots);
+        *lock(&f.journal) = Some(f.rewrite_journal()?);
         lock(&self.files).insert(obj.id.clone(), f);
         let mut idx = lock(&self.index);
         for (i, _, len) in good {
