@@ -205,7 +205,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
         let peers = PeerSource::new(m.clone(), memory.clone(), draining.clone(), PeerTimeouts::within(cfg.read_timeout), metrics.clone()).with_verifier(v.clone());
         sources.push(Arc::new(peers));
     }
-    sources.push(Arc::new(crate::origin::OriginSource { origin: origin.clone(), memory: memory.clone(), verifier: verifier.clone() }));
+    sources.push(Arc::new(crate::origin::OriginSource::new(origin.clone(), memory.clone(), verifier.clone(), tasks.clone(), stop.clone())));
     let reader = Reader::new(
         memory.clone(),
         sources,

@@ -116,7 +116,7 @@ async fn rig(files: &[(&str, &[u8])], chunk: u64, capacity: u64, timeout: Durati
     catalog.apply(cachefs::agent::list_versions(&origin).await.unwrap());
     let dir = tempfile::tempdir().unwrap();
     let memory = Arc::new(MemoryTier::new(dir.path(), chunk, capacity, metrics.clone()).unwrap());
-    let sources: Vec<Arc<dyn ChunkSource>> = vec![Arc::new(cachefs::origin::OriginSource { origin: origin.clone(), memory: memory.clone(), verifier: None })];
+    let sources: Vec<Arc<dyn ChunkSource>> = vec![Arc::new(cachefs::origin::OriginSource::new(origin.clone(), memory.clone(), None, Default::default(), Default::default()))];
     let reader = Reader::new(memory, sources, ReaderOptions { chunk_size: chunk, read_timeout: timeout, readahead_budget: 4 * chunk }, metrics.clone());
     Rig { _dir: dir, store, k, metrics, catalog, origin, reader }
 }
@@ -211,8 +211,8 @@ async fn concurrent_cold_reads_make_one_get() {
 
 #[tokio::test]
 async fn server_ignoring_ranges_still_gives_exact_bytes() {
-    let src = data(200_000, 9);
-    let r = rig(&[("w", &src)], 32 << 10, 1 << 20, Duration::from_secs(10)).await;
+    let (src, other) = (data(200_000, 9), data(300_001, 10));
+    let r = rig(&[("w", &src), ("n", &other)], 32 << 10, 1 << 20, Duration::from_secs(10)).await;
     r.k.widen.store(true, Ordering::SeqCst);
     let o = r.obj("w");
     for (off, len) in [(0u64, 10u64), (40_000, 70_000), (199_990, 100)] {
@@ -222,11 +222,26 @@ async fn server_ignoring_ranges_still_gives_exact_bytes() {
     // Directly, too: the origin cuts the wanted bytes out of the whole object.
     let b = r.origin.get_range(&o, 5..17).await.unwrap();
     assert_eq!(&b[..], &src[5..17]);
-    // The HTTP stores refuse such an answer with an error: the origin streams the object instead.
+    // The HTTP stores refuse such an answer with an error, which the origin names...
     r.k.widen.store(false, Ordering::SeqCst);
     r.k.non_partial.store(true, Ordering::SeqCst);
-    let b = r.origin.get_range(&o, 150_000..150_100).await.unwrap();
-    assert_eq!(&b[..], &src[150_000..150_100]);
+    let e = r.origin.get_range(&o, 150_000..150_100).await.unwrap_err();
+    assert!(matches!(e, cachefs::origin::OriginError::RangeIgnored), "{e:?}");
+    // ...and the reader then streams the whole object once, filling every chunk it passes.
+    let n = r.obj("n");
+    let before = r.k.gets.load(Ordering::SeqCst);
+    let got = r.reader.read(&n, 100_000, 10).await.unwrap();
+    assert_eq!(&got[..], clamp(&other, 100_000, 10));
+    for i in 0..=3 {
+        assert!(r.reader.memory().contains(&n, i), "chunk {i} passed by the stream is not stored");
+    }
+    for (off, len) in [(0u64, 300_001u64), (299_000, 5_000), (7, 70_000)] {
+        let got = r.reader.read(&n, off, len).await.unwrap();
+        assert_eq!(&got[..], clamp(&other, off, len));
+    }
+    assert!(r.reader.memory().is_complete(&n));
+    let gets = r.k.gets.load(Ordering::SeqCst) - before;
+    assert!(gets <= 3, "{gets} GETs for one object of 10 chunks");
 }
 
 #[tokio::test]

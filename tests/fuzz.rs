@@ -161,7 +161,7 @@ fn peer_requests_get_an_answer_or_a_status() {
         let catalog = Arc::new(Catalog::new());
         catalog.apply(cachefs::agent::list_versions(&origin).await.unwrap());
         let memory = Arc::new(MemoryTier::new(dir.path(), chunk, 1 << 20, metrics.clone()).unwrap());
-        let sources: Vec<Arc<dyn ChunkSource>> = vec![Arc::new(cachefs::origin::OriginSource { origin, memory: memory.clone(), verifier: None })];
+        let sources: Vec<Arc<dyn ChunkSource>> = vec![Arc::new(cachefs::origin::OriginSource::new(origin, memory.clone(), None, Default::default(), Default::default()))];
         let reader = Reader::new(memory, sources, ReaderOptions { chunk_size: chunk, read_timeout: Duration::from_secs(5), readahead_budget: 4 * chunk }, metrics.clone());
         let compat = cachefs::peer::membership::Compat { chunk_size: chunk, source: "mem".into() };
         let membership = Arc::new(cachefs::peer::Membership::new("me".into(), compat, 0, vec![], None, None, None, metrics.clone()).unwrap());

@@ -184,15 +184,8 @@ fn failing_origin_gives_eio_in_bounded_time_then_retries() {
     let data = random_bytes(3 << 20, 31);
     let s3 = FakeS3::start("bkt", "p/f.bin", data.clone());
     s3.set(fake_s3::FAIL);
-    let endpoint = format!("endpoint={}", s3.endpoint());
-    let a = Agent::start(
-        "s3://bkt/p",
-        &[
-            "--source-option", &endpoint, "--source-option", "allow_http=true",
-            "--source-option", "access_key_id=test", "--source-option", "secret_access_key=test",
-            "--source-option", "region=us-east-1", "--read-timeout", "4", "--chunk-size", "1MiB",
-        ],
-    );
+    let args = s3.agent_args(&["--read-timeout", "4", "--chunk-size", "1MiB"]);
+    let a = Agent::start("s3://bkt/p", &fake_s3::strs(&args));
     let f = fs::File::open(a.path("f.bin")).unwrap();
     let mut buf = vec![0u8; 4096];
     // 500s: EIO after bounded retries.

@@ -621,23 +621,13 @@ fn draining_agent_finishes_its_transfer_and_gets_no_new_ones() {
     let meta_st = shared(AwsState { say: Say::Nothing, rebalance: false, tokens: vec![], unauthorized: 0 });
     let meta = fake_aws(meta_st.clone(), TokenMode::Required, at);
     let hook = Hook::start();
-    let opts = |ep: String| -> Vec<String> {
-        [
-            "--source-option", &format!("endpoint={ep}"), "--source-option", "allow_http=true",
-            "--source-option", "access_key_id=test", "--source-option", "secret_access_key=test",
-            "--source-option", "region=us-east-1", "--chunk-size", "1MiB",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
     let (a_port, b_port) = (free_port(), free_port());
     let (a_addr, b_addr) = (format!("127.0.0.1:{a_port}"), format!("127.0.0.1:{b_port}"));
-    let mut a_args = opts(s3a.endpoint());
+    let mut a_args = s3a.agent_args(&["--chunk-size", "1MiB"]);
     a_args.extend(["--listen", &a_addr, "--peers", &b_addr, "--preemption-provider", "aws", "--metadata-endpoint", &meta.url(), "--scheduler-webhook", &hook.url()].map(String::from));
     let a_args: Vec<&str> = a_args.iter().map(String::as_str).collect();
     let a = Agent::start("s3://bkt/p", &a_args);
-    let mut b_args = opts(s3b.endpoint());
+    let mut b_args = s3b.agent_args(&["--chunk-size", "1MiB"]);
     b_args.extend(["--listen", &b_addr, "--peers", &a_addr].map(String::from));
     let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
     let b = Agent::start("s3://bkt/p", &b_args);

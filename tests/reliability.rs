@@ -246,3 +246,38 @@ fn the_cache_fits_a_small_tmpfs() {
     assert!(a.metric("cachefs_cache_bytes") <= cap);
     assert!(a.log_text().contains("filesystem is full"), "log:\n{}", a.log_text());
 }
+
+/// An origin that answers every ranged GET with the whole object: a file read whole costs about
+/// its size in egress (one stream fills every chunk it passes), not its size times its chunk
+/// count; random reads afterwards come from memory; the bytes are right.
+#[test]
+fn an_origin_ignoring_range_is_streamed_once() {
+    use common::fake_s3::{self, FakeS3};
+    use std::os::unix::fs::FileExt;
+    if !fuse_available("an_origin_ignoring_range_is_streamed_once") {
+        return;
+    }
+    let data = random_bytes((48 << 20) + 4321, 1309);
+    let s3 = FakeS3::start("bkt", "p/m.bin", data.clone());
+    s3.set(fake_s3::IGNORE_RANGE);
+    let args = s3.agent_args(&["--chunk-size", "2MiB", "--no-passthrough"]);
+    let a = Agent::start("s3://bkt/p", &fake_s3::strs(&args));
+    let got = fs::read(a.path("m.bin")).unwrap_or_else(|e| panic!("{e}; log:\n{}", a.log_text()));
+    assert!(got == data, "wrong bytes; log:\n{}", a.log_text());
+    let sent = s3.sent.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("origin sent {sent} bytes for a {} byte file in {} GETs", data.len(), s3.gets.load(std::sync::atomic::Ordering::SeqCst));
+    // Reading chunk k from byte 0 each time would be about 12.5x the size (25 chunks).
+    assert!(sent < 2 * data.len() as u64, "origin sent {sent} bytes for a {} byte file; gets {}", data.len(), s3.gets.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(poll_until(Duration::from_secs(10), || a.metric("cachefs_cache_bytes") >= data.len() as f64), "not all chunks stored");
+    let before = s3.sent.load(std::sync::atomic::Ordering::SeqCst);
+    let f = fs::File::open(a.path("m.bin")).unwrap();
+    // SAFETY: a valid open descriptor; the kernel forgets its cached pages of the file.
+    unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let mut buf = vec![0u8; 300_000];
+    for i in 0..40u64 {
+        let off = (i * 7_919_113) % (data.len() as u64 - buf.len() as u64);
+        f.read_exact_at(&mut buf, off).unwrap();
+        assert!(buf[..] == data[off as usize..off as usize + buf.len()], "wrong bytes at {off}");
+    }
+    assert_eq!(s3.sent.load(std::sync::atomic::Ordering::SeqCst), before, "random reads went to the origin");
+}

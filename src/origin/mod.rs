@@ -19,12 +19,13 @@ use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectMeta, ObjectStore, ObjectStoreScheme};
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::catalog::ObjectVersion;
 use crate::metrics::Metrics;
 
 pub mod checksum;
+pub mod whole;
 pub use checksum::{Checksums, Crc64Kind, Lookup};
 
 /// Longest per-attempt timeout of one origin request (lowered to the read deadline if shorter).
@@ -58,6 +59,9 @@ pub enum OriginError {
     /// The bytes arrived but could not be kept here (memory tier full, say): not the origin's fault.
     #[error("storing the bytes: {0}")]
     Local(String),
+    /// The origin answered a ranged GET with the whole object (see [`whole`]).
+    #[error("origin ignored the Range of a GET")]
+    RangeIgnored,
 }
 
 impl OriginError {
@@ -70,10 +74,14 @@ fn one_line(s: impl std::fmt::Display) -> String {
     s.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// What `object_store` says (its error type is private) when a ranged GET got `200`.
+const NOT_PARTIAL: &str = "Received non-partial response when range requested";
+
 fn map_err(path: &str, e: object_store::Error) -> OriginError {
     match e {
         object_store::Error::NotFound { .. } => OriginError::NotFound(path.to_string()),
         object_store::Error::Precondition { .. } => OriginError::Changed(path.to_string()),
+        object_store::Error::Generic { source, .. } if source.to_string() == NOT_PARTIAL => OriginError::RangeIgnored,
         other => OriginError::Request(one_line(other)),
     }
 }
@@ -200,19 +208,11 @@ impl Origin {
         }
     }
 
-    /// One ranged GET into `sink`. A store that ignores the range (200 with the whole object) is
-    /// read from the start and only the wanted bytes are kept, stopping once they are in.
+    /// One ranged GET into `sink`. A store that answers with the whole object is
+    /// [`OriginError::RangeIgnored`]; one that answers a wider range has the wanted bytes cut out.
     async fn get_once(&self, obj: &ObjectVersion, range: Range<u64>, sink: &mut dyn Sink) -> Result<(), OriginError> {
-        let opts = GetOptions { if_match: obj.etag.clone(), version: obj.version.clone(), ..Default::default() };
-        let ranged = GetOptions { range: Some(GetRange::Bounded(range.clone())), ..opts.clone() };
-        let res = match self.store.get_opts(&obj.location, ranged).await {
-            Ok(r) => r,
-            Err(e) if e.to_string().contains("non-partial") => {
-                debug!(key = %obj.key, "origin ignored the range; streaming the object instead");
-                self.store.get_opts(&obj.location, opts).await.map_err(|e| map_err(&obj.key, e))?
-            }
-            Err(e) => return Err(map_err(&obj.key, e)),
-        };
+        let opts = GetOptions { if_match: obj.etag.clone(), version: obj.version.clone(), range: Some(GetRange::Bounded(range.clone())), ..Default::default() };
+        let res = self.store.get_opts(&obj.location, opts).await.map_err(|e| map_err(&obj.key, e))?;
         let got = res.range.clone();
         if got.start > range.start || got.end < range.end {
             return Err(OriginError::Request(format!("origin returned range {got:?}, wanted {range:?}")));
@@ -410,16 +410,41 @@ mod tests {
 }
 
 /// The origin as the last tier of the read path: chunks are written into the memory tier as
-/// they arrive when it has room for them, else returned in a buffer.
+/// they arrive when it has room for them, else returned in a buffer. From an origin that ignores
+/// `Range`, chunks come from one whole-object stream per object ([`whole`]).
 pub struct OriginSource {
-    pub origin: Arc<Origin>,
-    pub memory: Arc<crate::cache::MemoryTier>,
+    origin: Arc<Origin>,
+    memory: Arc<crate::cache::MemoryTier>,
     /// Told of every chunk stored, so a file assembled from peers is checked once whole.
-    pub verifier: Option<Arc<crate::cache::verify::Verifier>>,
+    verifier: Option<Arc<crate::cache::verify::Verifier>>,
+    whole: Arc<whole::WholeStreams>,
 }
 
 impl OriginSource {
+    /// Whole-object streams run on `tasks` and stop on `stop`.
+    pub fn new(
+        origin: Arc<Origin>,
+        memory: Arc<crate::cache::MemoryTier>,
+        verifier: Option<Arc<crate::cache::verify::Verifier>>,
+        tasks: tokio_util::task::TaskTracker,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        let whole = Arc::new(whole::WholeStreams::new(origin.clone(), memory.clone(), verifier.clone(), tasks, stop));
+        OriginSource { origin, memory, verifier, whole }
+    }
+
     async fn fetch_chunk(&self, obj: &Arc<ObjectVersion>, index: u64, range: Range<u64>) -> Result<crate::cache::Chunk, OriginError> {
+        if let Some(rx) = self.whole.join(obj, index) {
+            return rx.await.unwrap_or_else(|_| Err(OriginError::Request("the whole-object stream ended".into())));
+        }
+        let result = self.ranged(obj, index, range).await;
+        match result {
+            Err(OriginError::RangeIgnored) => self.whole.fetch(obj, index).await,
+            other => other,
+        }
+    }
+
+    async fn ranged(&self, obj: &Arc<ObjectVersion>, index: u64, range: Range<u64>) -> Result<crate::cache::Chunk, OriginError> {
         let Ok(Some(mut fill)) = self.memory.begin_fill(obj, index) else {
             return self.origin.get_range(obj, range).await.map(Into::into);
         };

@@ -14,11 +14,16 @@ pub const HANG: u8 = 1;
 pub const SERVE: u8 = 2;
 /// GETs wait while the mode stays HOLD, then are answered as the new mode says.
 pub const HOLD: u8 = 3;
+/// GETs are answered `200` with the whole object, whatever their `Range` (some HTTP servers and
+/// S3 gateways do this).
+pub const IGNORE_RANGE: u8 = 4;
 
 pub struct FakeS3 {
     pub addr: SocketAddr,
     pub mode: Arc<AtomicU8>,
     pub gets: Arc<AtomicU64>,
+    /// Body bytes of GET answers the client took (written into its connection).
+    pub sent: Arc<AtomicU64>,
     /// HEADs that asked for the checksum with the header bound to a presigned signature.
     pub checksum_heads: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -31,12 +36,13 @@ impl FakeS3 {
         let addr = listener.local_addr().unwrap();
         let mode = Arc::new(AtomicU8::new(SERVE));
         let gets = Arc::new(AtomicU64::new(0));
+        let sent = Arc::new(AtomicU64::new(0));
         let checksum_heads = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let crc64 = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, &data);
         let data = Arc::new(data);
         let (bucket, key) = (bucket.to_string(), key.to_string());
-        let (m, g, h, s) = (mode.clone(), gets.clone(), checksum_heads.clone(), stop.clone());
+        let (m, g, h, s) = (mode.clone(), Counters { gets: gets.clone(), sent: sent.clone() }, checksum_heads.clone(), stop.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
@@ -48,7 +54,7 @@ impl FakeS3 {
                 std::thread::spawn(move || handle(conn, &m, &g, &h, &s, &obj));
             }
         });
-        FakeS3 { addr, mode, gets, checksum_heads, stop }
+        FakeS3 { addr, mode, gets, sent, checksum_heads, stop }
     }
 
     pub fn set(&self, mode: u8) {
@@ -58,6 +64,22 @@ impl FakeS3 {
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// The agent flags that point an `s3://` source here, then `extra`.
+    pub fn agent_args(&self, extra: &[&str]) -> Vec<String> {
+        let mut v = Vec::new();
+        for o in [format!("endpoint={}", self.endpoint()), "allow_http=true".into(), "access_key_id=test".into(), "secret_access_key=test".into(), "region=us-east-1".into()] {
+            v.push("--source-option".to_string());
+            v.push(o);
+        }
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+}
+
+/// `args` as the `&[&str]` that `Agent::start` takes.
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 impl Drop for FakeS3 {
@@ -65,6 +87,23 @@ impl Drop for FakeS3 {
         self.stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(self.addr);
     }
+}
+
+#[derive(Clone)]
+struct Counters {
+    gets: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
+}
+
+/// Write a body in pieces, counting what the client took; false once the client went away.
+fn send_body(w: &mut TcpStream, body: &[u8], sent: &AtomicU64) -> bool {
+    for piece in body.chunks(256 << 10) {
+        if w.write_all(piece).is_err() {
+            return false;
+        }
+        sent.fetch_add(piece.len() as u64, Ordering::SeqCst);
+    }
+    true
 }
 
 struct Object {
@@ -92,7 +131,7 @@ fn head(w: &mut TcpStream, obj: &Object, checksum_mode: bool, if_match: Option<&
     let _ = write!(w, "HTTP/1.1 200 OK\r\nETag: \"0123456789abcdef\"\r\nLast-Modified: Mon, 01 Jan 2024 00:00:00 GMT\r\n{extra}Content-Length: {}\r\n\r\n", obj.data.len());
 }
 
-fn handle(conn: TcpStream, mode: &AtomicU8, gets: &AtomicU64, heads: &AtomicU64, stop: &AtomicBool, obj: &Object) {
+fn handle(conn: TcpStream, mode: &AtomicU8, counters: &Counters, heads: &AtomicU64, stop: &AtomicBool, obj: &Object) {
     let (data, bucket, key) = (&obj.data[..], obj.bucket.as_str(), obj.key.as_str());
     let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
     let mut reader = BufReader::new(conn.try_clone().unwrap());
@@ -141,7 +180,7 @@ fn handle(conn: TcpStream, mode: &AtomicU8, gets: &AtomicU64, heads: &AtomicU64,
         } else if method == "HEAD" && path == obj_path {
             head(&mut w, obj, checksum_mode, if_match.as_deref(), &query.to_ascii_lowercase(), heads);
         } else if method == "GET" && path == obj_path {
-            gets.fetch_add(1, Ordering::SeqCst);
+            counters.gets.fetch_add(1, Ordering::SeqCst);
             while mode.load(Ordering::SeqCst) == HOLD && !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -159,6 +198,16 @@ fn handle(conn: TcpStream, mode: &AtomicU8, gets: &AtomicU64, heads: &AtomicU64,
                     }
                     return;
                 }
+                IGNORE_RANGE => {
+                    let _ = write!(
+                        w,
+                        "HTTP/1.1 200 OK\r\nETag: \"0123456789abcdef\"\r\nLast-Modified: Mon, 01 Jan 2024 00:00:00 GMT\r\nContent-Length: {}\r\n\r\n",
+                        data.len()
+                    );
+                    if !send_body(&mut w, data, &counters.sent) {
+                        return;
+                    }
+                }
                 _ => {
                     let len = data.len() as u64;
                     let (a, b) = range.unwrap_or((0, len.saturating_sub(1)));
@@ -169,7 +218,9 @@ fn handle(conn: TcpStream, mode: &AtomicU8, gets: &AtomicU64, heads: &AtomicU64,
                         "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{len}\r\nETag: \"0123456789abcdef\"\r\nLast-Modified: Mon, 01 Jan 2024 00:00:00 GMT\r\nContent-Length: {}\r\n\r\n",
                         body.len()
                     );
-                    let _ = w.write_all(body);
+                    if !send_body(&mut w, body, &counters.sent) {
+                        return;
+                    }
                 }
             }
         } else {
