@@ -281,3 +281,25 @@ fn an_origin_ignoring_range_is_streamed_once() {
     }
     assert_eq!(s3.sent.load(std::sync::atomic::Ordering::SeqCst), before, "random reads went to the origin");
 }
+
+/// Keys that cannot be file paths here (`a//b`, `.` and `..` segments, control characters) are
+/// skipped with one warning; the rest of the listing, over several pages, is served.
+#[test]
+fn odd_keys_do_not_take_the_listing_down() {
+    use common::fake_s3::{self, FakeS3};
+    if !fuse_available("odd_keys_do_not_take_the_listing_down") {
+        return;
+    }
+    let data = random_bytes((3 << 20) + 5, 1311);
+    let odd = ["p/a//b.bin", "p/./x.bin", "p/c/../d.bin", "p/ctl\u{1}.bin", "p/e/./f.bin"];
+    let s3 = FakeS3::start_listing("bkt", "p/m.bin", data.clone(), &odd);
+    let args = s3.agent_args(&["--chunk-size", "1MiB"]);
+    let a = Agent::start("s3://bkt/p", &fake_s3::strs(&args));
+    assert!(fs::read(a.path("m.bin")).unwrap() == data);
+    let names: Vec<String> = fs::read_dir(&a.mountpoint).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, vec!["m.bin".to_string()], "the mount shows {names:?}");
+    let log = a.log_text();
+    let warnings: Vec<&str> = log.lines().filter(|l| l.contains("skipped object keys")).collect();
+    assert_eq!(warnings.len(), 1, "log:\n{log}");
+    assert!(warnings[0].contains("count=5") && warnings[0].contains("a//b.bin"), "{}", warnings[0]);
+}

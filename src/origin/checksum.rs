@@ -65,12 +65,7 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 impl Checksums {
     pub fn new(s3: Arc<object_store::aws::AmazonS3>, endpoint: Option<&str>) -> Result<Self, OriginError> {
         let oss = endpoint.and_then(|e| url::Url::parse(e).ok()).and_then(|u| u.host_str().map(|h| h.ends_with("aliyuncs.com"))).unwrap_or(false);
-        let client = reqwest::Client::builder()
-            .timeout(LOOKUP_TIMEOUT)
-            .connect_timeout(Duration::from_secs(5))
-            .no_proxy()
-            .build()
-            .map_err(|e| OriginError::Build(e.to_string()))?;
+        let client = super::http_client(LOOKUP_TIMEOUT)?;
         Ok(Checksums { s3, client, kind: if oss { Crc64Kind::Ecma } else { Crc64Kind::Nvme } })
     }
 

@@ -25,6 +25,7 @@ use crate::catalog::ObjectVersion;
 use crate::metrics::Metrics;
 
 pub mod checksum;
+pub mod s3list;
 pub mod whole;
 pub use checksum::{Checksums, Crc64Kind, Lookup};
 
@@ -70,6 +71,11 @@ impl OriginError {
     }
 }
 
+/// A plain HTTP client for the requests made beside the store (checksum HEADs, listing pages).
+fn http_client(timeout: Duration) -> Result<reqwest::Client, OriginError> {
+    reqwest::Client::builder().timeout(timeout).connect_timeout(Duration::from_secs(5)).no_proxy().build().map_err(|e| OriginError::Build(e.to_string()))
+}
+
 fn one_line(s: impl std::fmt::Display) -> String {
     s.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -96,12 +102,17 @@ pub struct Origin {
     request_timeout: Duration,
     /// Whole-object checksums (S3-compatible origins only).
     checksums: Option<Checksums>,
+    /// Our own listing, key by key (S3-compatible origins only; others list through the store).
+    lister: Option<s3list::S3Lister>,
+    /// Keys skipped by the last listing (warned about when it changes).
+    skipped: std::sync::atomic::AtomicUsize,
 }
 
 impl Origin {
     /// Wrap an already built store (tests use `InMemory`).
     pub fn new(store: Arc<dyn ObjectStore>, prefix: Path, concurrency: usize, metrics: Arc<Metrics>) -> Self {
-        Origin { description: format!("{store}/{prefix}"), store, prefix, limit: Semaphore::new(concurrency.max(1)), metrics, request_timeout: REQUEST_TIMEOUT, checksums: None }
+        let limit = Semaphore::new(concurrency.max(1));
+        Origin { description: format!("{store}/{prefix}"), store, prefix, limit, metrics, request_timeout: REQUEST_TIMEOUT, checksums: None, lister: None, skipped: Default::default() }
     }
 
     /// Build from a source URL (`file://`, a bare path, `s3://`, `gs://`, `az://`, `http(s)://`)
@@ -113,9 +124,10 @@ impl Origin {
     /// Per-attempt timeout no longer than `limit` (the read deadline), at most [`REQUEST_TIMEOUT`].
     pub fn with_request_timeout(source: &str, options: &[(String, String)], concurrency: usize, metrics: Arc<Metrics>, limit: Duration) -> Result<Self, OriginError> {
         let t = limit.min(REQUEST_TIMEOUT).max(Duration::from_secs(1));
-        let (store, prefix, checksums) = build_store(source, options, t)?;
-        let mut o = Origin::new(store, prefix, concurrency, metrics);
-        o.checksums = checksums;
+        let built = build_store(source, options, t)?;
+        let mut o = Origin::new(built.store, built.prefix, concurrency, metrics);
+        o.checksums = built.checksums;
+        o.lister = built.lister;
         o.description = crate::redact::source(source);
         o.request_timeout = t;
         Ok(o)
@@ -142,11 +154,16 @@ impl Origin {
         c.lookup(obj).await
     }
 
-    /// Every object under the prefix.
+    /// Every object under the prefix (keys that cannot be paths here are skipped, with a warning).
     pub async fn list(&self) -> Result<Vec<ObjectMeta>, OriginError> {
         let _permit = self.limit.acquire().await.map_err(|_| OriginError::Request("shutting down".into()))?;
-        let prefix = if self.prefix.as_ref().is_empty() { None } else { Some(&self.prefix) };
         self.metrics.origin_requests.inc();
+        if let Some(lister) = &self.lister {
+            let listing = lister.list(&self.prefix).await?;
+            self.warn_skipped(&listing.skipped);
+            return Ok(listing.objects);
+        }
+        let prefix = if self.prefix.as_ref().is_empty() { None } else { Some(&self.prefix) };
         let mut out = Vec::new();
         let mut stream = self.store.list(prefix);
         loop {
@@ -155,6 +172,14 @@ impl Origin {
                 Some(item) => out.push(item.map_err(|e| map_err(self.prefix.as_ref(), e))?),
                 None => return Ok(out),
             }
+        }
+    }
+
+    fn warn_skipped(&self, skipped: &[String]) {
+        let before = self.skipped.swap(skipped.len(), std::sync::atomic::Ordering::Relaxed);
+        if !skipped.is_empty() && skipped.len() != before {
+            let first: Vec<&String> = skipped.iter().take(5).collect();
+            warn!(count = skipped.len(), first = ?first, "skipped object keys that cannot be file paths (empty, '.' or '..' segments, control characters)");
         }
     }
 
@@ -288,7 +313,13 @@ impl Sink for crate::cache::memory::Fill {
     }
 }
 
-type Built = (Arc<dyn ObjectStore>, Path, Option<Checksums>);
+/// A store built from a source URL, with what only some kinds of store have.
+struct Built {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    checksums: Option<Checksums>,
+    lister: Option<s3list::S3Lister>,
+}
 
 fn build_store(source: &str, options: &[(String, String)], request_timeout: Duration) -> Result<Built, OriginError> {
     use object_store::client::ClientConfigKey;
@@ -318,7 +349,7 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
         }};
     }
 
-    let mut checksums = None;
+    let (mut checksums, mut lister) = (None, None);
     let store: Arc<dyn ObjectStore> = match scheme {
         ObjectStoreScheme::Local => {
             if !options.is_empty() {
@@ -329,7 +360,7 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
                 return Err(OriginError::NoDirectory(dir.display().to_string()));
             }
             let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(build)?;
-            return Ok((Arc::new(fs), Path::default(), None));
+            return Ok(Built { store: Arc::new(fs), prefix: Path::default(), checksums: None, lister: None });
         }
         ObjectStoreScheme::AmazonS3 => {
             use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
@@ -342,6 +373,7 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
             let endpoint = b.get_config_value(&AmazonS3ConfigKey::Endpoint);
             let s3 = Arc::new(b.build().map_err(build)?);
             checksums = Some(Checksums::new(s3.clone(), endpoint.as_deref())?);
+            lister = Some(s3list::S3Lister::new(s3.clone())?);
             s3
         }
         ObjectStoreScheme::GoogleCloudStorage => {
@@ -371,7 +403,7 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
         _ => return Err(bad("unsupported scheme")),
     };
     let prefix = Path::parse(path.as_ref()).map_err(|e| bad(&e.to_string()))?;
-    Ok((store, prefix, checksums))
+    Ok(Built { store, prefix, checksums, lister })
 }
 
 #[cfg(test)]

@@ -32,6 +32,11 @@ pub struct FakeS3 {
 impl FakeS3 {
     /// Serves `bucket` with the single object `key` holding `data`.
     pub fn start(bucket: &str, key: &str, data: Vec<u8>) -> FakeS3 {
+        Self::start_listing(bucket, key, data, &[])
+    }
+
+    /// [`FakeS3::start`], listing `odd` keys too (of 1 byte, listed only), two keys per page.
+    pub fn start_listing(bucket: &str, key: &str, data: Vec<u8>, odd: &[&str]) -> FakeS3 {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let mode = Arc::new(AtomicU8::new(SERVE));
@@ -42,6 +47,7 @@ impl FakeS3 {
         let crc64 = crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, &data);
         let data = Arc::new(data);
         let (bucket, key) = (bucket.to_string(), key.to_string());
+        let odd: Arc<Vec<String>> = Arc::new(odd.iter().map(|k| k.to_string()).collect());
         let (m, g, h, s) = (mode.clone(), Counters { gets: gets.clone(), sent: sent.clone() }, checksum_heads.clone(), stop.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -49,7 +55,7 @@ impl FakeS3 {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let obj = Object { data: data.clone(), bucket: bucket.clone(), key: key.clone(), crc64 };
+                let obj = Object { data: data.clone(), bucket: bucket.clone(), key: key.clone(), crc64, odd: odd.clone() };
                 let (m, g, h, s) = (m.clone(), g.clone(), h.clone(), s.clone());
                 std::thread::spawn(move || handle(conn, &m, &g, &h, &s, &obj));
             }
@@ -111,6 +117,32 @@ struct Object {
     bucket: String,
     key: String,
     crc64: u64,
+    odd: Arc<Vec<String>>,
+}
+
+/// A ListObjectsV2 answer: the object and the odd keys, two per page when there are odd keys,
+/// percent-encoded when asked for.
+fn listing(obj: &Object, query: &str) -> String {
+    let mut keys = vec![(obj.key.clone(), obj.data.len())];
+    keys.extend(obj.odd.iter().map(|k| (k.clone(), 1)));
+    let per_page = if obj.odd.is_empty() { 1000 } else { 2 };
+    let param = |name: &str| query.split('&').find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('='))).map(str::to_string);
+    let start: usize = param("continuation-token").and_then(|t| t.parse().ok()).unwrap_or(0);
+    let url = param("encoding-type").is_some_and(|e| e == "url");
+    let page = &keys[start.min(keys.len())..(start + per_page).min(keys.len())];
+    let more = start + per_page < keys.len();
+    let mut body = format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>{}</Name><KeyCount>{}</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>{more}</IsTruncated>", obj.bucket, page.len());
+    if url {
+        body.push_str("<EncodingType>url</EncodingType>");
+    }
+    if more {
+        body.push_str(&format!("<NextContinuationToken>{}</NextContinuationToken>", start + per_page));
+    }
+    for (k, size) in page {
+        let k = if url { k.bytes().map(|b| if b.is_ascii_alphanumeric() || b"/-_.".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect() } else { k.clone() };
+        body.push_str(&format!("<Contents><Key>{k}</Key><LastModified>2024-01-01T00:00:00.000Z</LastModified><ETag>&quot;0123456789abcdef&quot;</ETag><Size>{size}</Size><StorageClass>STANDARD</StorageClass></Contents>"));
+    }
+    body + "</ListBucketResult>"
 }
 
 /// The answer to a HEAD of the object: its checksum when asked for, 412 on another etag.
@@ -172,10 +204,7 @@ fn handle(conn: TcpStream, mode: &AtomicU8, counters: &Counters, heads: &AtomicU
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         let obj_path = format!("/{bucket}/{key}");
         if method == "GET" && path.trim_end_matches('/') == format!("/{bucket}") && query.contains("list-type=2") {
-            let body = format!(
-                "<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>{bucket}</Name><KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated><Contents><Key>{key}</Key><LastModified>2024-01-01T00:00:00.000Z</LastModified><ETag>&quot;0123456789abcdef&quot;</ETag><Size>{}</Size><StorageClass>STANDARD</StorageClass></Contents></ListBucketResult>",
-                data.len()
-            );
+            let body = listing(obj, query);
             let _ = write!(w, "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\n\r\n{body}", body.len());
         } else if method == "HEAD" && path == obj_path {
             head(&mut w, obj, checksum_mode, if_match.as_deref(), &query.to_ascii_lowercase(), heads);
