@@ -357,7 +357,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
 
     // Catalog refresh.
     {
-        let (origin, catalog, stop) = (origin.clone(), catalog.clone(), stop.clone());
+        let (origin, catalog, stop, core) = (origin.clone(), catalog.clone(), stop.clone(), core.clone());
         let ttl = cfg.catalog_ttl;
         tasks.spawn(
             async move {
@@ -374,6 +374,7 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
                             if ch.added + ch.changed + ch.removed > 0 {
                                 info!(added = ch.added, changed = ch.changed, removed = ch.removed, "catalog refreshed");
                             }
+                            core.retire(&ch.retired);
                         }
                         Err(e) => warn!(error = %e, "catalog refresh failed; keeping the previous listing"),
                     }

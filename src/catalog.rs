@@ -99,11 +99,13 @@ struct Tree {
 }
 
 /// What a refresh changed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Changes {
     pub added: usize,
     pub changed: usize,
     pub removed: usize,
+    /// Versions the catalog listed before and no longer does (changed or removed objects).
+    pub retired: Vec<Arc<ObjectVersion>>,
 }
 
 /// The tree is replaced whole by each refresh: lookups read the current one and never wait
@@ -136,11 +138,20 @@ impl Catalog {
     /// Replace the contents with `objects` (a full listing), keeping inode numbers by path.
     pub fn apply(&self, objects: Vec<ObjectVersion>) -> Changes {
         let _one = self.applying.lock().unwrap_or_else(|p| p.into_inner());
-        let mut tree = Tree::clone(&self.read());
-        let changes = apply_to(&mut tree, objects);
+        let before = self.read();
+        let mut tree = Tree::clone(&before);
+        let mut changes = apply_to(&mut tree, objects);
+        changes.retired = retired(&before, &tree);
         *self.tree.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(tree);
         changes
     }
+}
+
+/// The file versions of `before` that `after` no longer has.
+fn retired(before: &Tree, after: &Tree) -> Vec<Arc<ObjectVersion>> {
+    let files = |t: &Tree| -> Vec<Arc<ObjectVersion>> { t.nodes.values().filter_map(|n| if let NodeData::File(o) = &n.data { Some(o.clone()) } else { None }).collect() };
+    let now: HashSet<Arc<str>> = files(after).into_iter().map(|o| o.id.clone()).collect();
+    files(before).into_iter().filter(|o| !now.contains(&o.id)).collect()
 }
 
 /// [`Catalog::apply`] on a private copy of the tree.
@@ -327,7 +338,7 @@ mod tests {
     fn tree_and_refresh() {
         let c = Catalog::new();
         let ch = c.apply(vec![v("a/b/c.bin", "1", 10), v("a/d.bin", "1", 5), v("top", "1", 0)]);
-        assert_eq!(ch, Changes { added: 3, changed: 0, removed: 0 });
+        assert_eq!(ch, Changes { added: 3, changed: 0, removed: 0, retired: vec![] });
         let a = c.lookup(ROOT_INO, "a").unwrap();
         assert_eq!(a.kind, Kind::Dir);
         let b = c.lookup(a.ino, "b").unwrap();
@@ -341,7 +352,10 @@ mod tests {
 
         let old = c.object(f.ino).unwrap();
         let ch = c.apply(vec![v("a/b/c.bin", "2", 12), v("top", "1", 0)]);
-        assert_eq!(ch, Changes { added: 0, changed: 1, removed: 1 });
+        assert_eq!((ch.added, ch.changed, ch.removed), (0, 1, 1));
+        let mut retired: Vec<(&str, Option<&str>)> = ch.retired.iter().map(|o| (o.key.as_str(), o.etag.as_deref())).collect();
+        retired.sort();
+        assert_eq!(retired, vec![("a/b/c.bin", Some("1")), ("a/d.bin", Some("1"))]);
         let f2 = c.lookup(b.ino, "c.bin").unwrap();
         assert_eq!(f2.size, 12);
         assert_ne!(f2.ino, f.ino, "a new version gets a new inode");

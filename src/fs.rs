@@ -7,6 +7,8 @@
 //! - An inode is one version (see `catalog`), so the kernel may always keep its page cache.
 //! - An inode the catalog retired (its object changed) still answers `getattr` while a handle
 //!   of it is open.
+//! - A version the catalog no longer lists is forgotten by the memory tier once no handle of it
+//!   is open ([`FsCore::retire`]): no file, mapping or chunk of it outlives its last reader.
 //! - Writes of any kind are `Error::ReadOnly`.
 
 use std::collections::HashMap;
@@ -52,6 +54,8 @@ pub struct FsCore {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     /// Open directories: the listing taken at `opendir`, paged through by `readdir`.
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    /// Versions no longer listed that an open handle still reads (lock order: handles, then this).
+    retired: Mutex<HashMap<Arc<str>, Arc<ObjectVersion>>>,
     next_fh: AtomicU64,
 }
 
@@ -61,7 +65,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl FsCore {
     pub fn new(catalog: Arc<Catalog>, reader: Arc<Reader>) -> Self {
-        FsCore { catalog, reader, handles: Mutex::new(HashMap::new()), dirs: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1) }
+        FsCore { catalog, reader, handles: Mutex::new(HashMap::new()), dirs: Mutex::new(HashMap::new()), retired: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1) }
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {
@@ -124,7 +128,39 @@ impl FsCore {
     }
 
     pub fn release(&self, fh: u64) {
-        lock(&self.handles).remove(&fh);
+        let gone = {
+            let mut handles = lock(&self.handles);
+            let Some(h) = handles.remove(&fh) else { return };
+            if handles.values().any(|o| o.obj.id == h.obj.id) {
+                return;
+            }
+            lock(&self.retired).remove(&h.obj.id)
+        };
+        if let Some(v) = gone {
+            self.reader.memory().forget(&v);
+        }
+    }
+
+    /// Versions the catalog no longer lists (see [`crate::catalog::Changes::retired`]): each is
+    /// forgotten now, or when the last handle of it is released.
+    pub fn retire(&self, versions: &[Arc<ObjectVersion>]) {
+        let now: Vec<&Arc<ObjectVersion>> = {
+            let handles = lock(&self.handles);
+            let mut retired = lock(&self.retired);
+            versions
+                .iter()
+                .filter(|v| {
+                    let open = handles.values().any(|h| h.obj.id == v.id);
+                    if open {
+                        retired.insert(v.id.clone(), (*v).clone());
+                    }
+                    !open
+                })
+                .collect()
+        };
+        for v in now {
+            self.reader.memory().forget(v);
+        }
     }
 
     pub fn open_handles(&self) -> usize {

@@ -278,6 +278,8 @@ async fn changed_object_new_opens_see_new_bytes_old_handles_never_mix() {
     r.store.put(&Path::from("models/m.bin"), Bytes::from(v2.clone()).into()).await.unwrap();
     let changes = r.catalog.apply(cachefs::agent::list_versions(&r.origin).await.unwrap());
     assert_eq!(changes.changed, 1);
+    assert_eq!(changes.retired.len(), 1);
+    core.retire(&changes.retired);
     // The name now leads to a new inode; the old one is stale for opens, but still answers
     // getattr with its own version's size while a handle of it is open.
     assert!(matches!(core.open(ino, false), Err(Error::Stale(_))));
@@ -295,8 +297,22 @@ async fn changed_object_new_opens_see_new_bytes_old_handles_never_mix() {
         other => panic!("old handle must not see new bytes: {other:?}"),
     }
     assert!(matches!(core.open(new_ino, true), Err(Error::ReadOnly)));
+    let memory = r.reader.memory();
+    let old_file = memory.file_path(&h_old.obj);
+    assert!(old_file.exists() && memory.open_files() == 2, "the old version is forgotten while a handle reads it");
     core.release(old.fh);
     assert!(matches!(core.getattr(ino), Err(Error::Stale(_))), "no handle left: the old inode is gone");
+    // Its last reader gone, the old version leaves nothing behind: no file, no mapping, no chunk.
+    assert_eq!(memory.open_files(), 1);
+    assert!(!old_file.exists());
+    assert!(!memory.contains(&h_old.obj, 0));
+    assert_eq!(memory.used(), v2.len() as u64, "only the new version is held");
+    // A version removed while nobody has it open is forgotten at once.
+    r.store.delete(&Path::from("models/m.bin")).await.unwrap();
+    let changes = r.catalog.apply(cachefs::agent::list_versions(&r.origin).await.unwrap());
+    core.release(new.fh);
+    core.retire(&changes.retired);
+    assert_eq!((memory.open_files(), memory.used()), (0, 0));
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use lru::LruCache;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::chunk::{chunk_count, chunk_range, ChunkKey};
 use crate::catalog::ObjectVersion;
@@ -359,6 +359,27 @@ impl MemoryTier {
         }
         self.metrics.cache_bytes.set(idx.used as i64);
         freed
+    }
+
+    /// Forget `obj` wholly (a version no longer listed, with no file of it open): its chunks, its
+    /// pins, its cache file and journal, its mapping once the last view of it is gone. A later
+    /// fill of it starts afresh. Returns the bytes freed.
+    pub fn forget(&self, obj: &ObjectVersion) -> u64 {
+        let freed = self.drop_object(obj);
+        lock(&self.pins).remove(&obj.id);
+        if lock(&self.files).remove(&obj.id).is_some() {
+            for p in [self.file_path(obj), self.journal_path(obj)] {
+                if let Err(e) = std::fs::remove_file(&p) {
+                    debug!(path = %p.display(), error = %e, "cannot remove a forgotten cache file");
+                }
+            }
+        }
+        freed
+    }
+
+    /// Object versions with a cache file open here.
+    pub fn open_files(&self) -> usize {
+        lock(&self.files).len()
     }
 
     pub fn chunk_size(&self) -> u64 {

@@ -39,6 +39,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const MAX_DATA_BACKOFF: Duration = Duration::from_secs(60);
 /// Most peers learned from their own Hello.
 const MAX_LEARNED: usize = 1024;
+/// A learned peer that has answered no probe for this long is forgotten (a pod that went away);
+/// its next Hello teaches it again.
+pub const LEARNED_EXPIRY: Duration = Duration::from_secs(300);
 
 /// Adds the shared token to every request.
 #[derive(Clone)]
@@ -63,6 +66,8 @@ pub struct PeerState {
     /// Probes failed in a row, and when to probe again.
     pub failures: u32,
     pub retry_at: Option<Instant>,
+    /// Since when every probe has failed (`None`: the last one was answered).
+    pub down_since: Option<Instant>,
     /// Data requests failed since the last that succeeded, and when to use the peer again.
     pub data_failures: u32,
     pub data_retry_at: Option<Instant>,
@@ -267,6 +272,24 @@ impl Membership {
         }
     }
 
+    /// Forget learned peers that have answered no probe for `after`.
+    fn expire_learned(&self, after: Duration) {
+        let gone: Vec<String> = {
+            let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+            let down = |p: &PeerHandle| p.state().down_since.is_some_and(|t| t.elapsed() >= after);
+            let gone: Vec<String> = self.all().iter().filter(|p| learned.contains(&p.addr) && down(p)).map(|p| p.addr.clone()).collect();
+            learned.retain(|a| !gone.contains(a));
+            gone
+        };
+        if gone.is_empty() {
+            return;
+        }
+        info!(peers = ?gone, after = ?after, "forgot learned peers that stopped answering");
+        if let Err(e) = self.refresh_addresses() {
+            warn!(error = %e, "bad peer address");
+        }
+    }
+
     /// Keep handles for addresses still present, add new ones, drop vanished ones.
     fn set_addresses(&self, mut addrs: Vec<String>) -> Result<(), String> {
         addrs.sort();
@@ -338,6 +361,7 @@ impl Membership {
     fn probe_failed(&self, peer: &PeerHandle, error: &str) {
         self.metrics.peer_errors.get_or_create(&crate::metrics::PeerLabel { peer: peer.addr.clone() }).inc();
         peer.update(|s| {
+            s.down_since.get_or_insert_with(Instant::now);
             s.failures += 1;
             let backoff = (Duration::from_millis(250) * 2u32.saturating_pow(s.failures.min(8))).min(MAX_BACKOFF);
             s.retry_at = Some(Instant::now() + backoff);
@@ -393,6 +417,7 @@ impl Membership {
                     s.raw = raw;
                     s.failures = 0;
                     s.retry_at = None;
+                    s.down_since = None;
                     if restarted {
                         (s.data_failures, s.data_retry_at) = (0, None);
                     }
@@ -441,6 +466,7 @@ impl Membership {
                 last_dns = Instant::now();
             }
             self.probe_all().await;
+            self.expire_learned(LEARNED_EXPIRY);
         }
     }
 
@@ -498,5 +524,31 @@ impl Membership {
                 })
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A learned peer that stops answering is forgotten after the expiry, not kept forever.
+    #[tokio::test]
+    async fn a_learned_peer_that_went_away_is_forgotten() {
+        let compat = Compat { chunk_size: 1 << 20, source: "s3://b/p".into() };
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let m = Membership::new("self".into(), compat, 1, vec![], None, Some("secret".into()), None, metrics).unwrap();
+        // Nothing listens on the discard port of loopback: every probe fails.
+        let gone: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+        m.heard_from(gone, "pod-1");
+        assert_eq!(m.all().len(), 1);
+        m.probe_all().await;
+        assert!(m.all()[0].state().down_since.is_some());
+        m.expire_learned(LEARNED_EXPIRY);
+        assert_eq!(m.all().len(), 1, "forgotten before the expiry");
+        m.expire_learned(Duration::ZERO);
+        assert!(m.all().is_empty(), "a learned peer that went away is kept");
+        // Its next Hello teaches it again.
+        m.heard_from(gone, "pod-1");
+        assert_eq!(m.all().len(), 1);
     }
 }
