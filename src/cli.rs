@@ -36,7 +36,11 @@ pub fn status(admin: &str, json: bool) -> ExitCode {
     println!("state       {}", s(&st["drain_state"]));
     let d = &st["drain"];
     let provider = s(&d["provider"]);
-    println!("preemption  {}{}", if provider == "none" { "not watched".to_string() } else { provider }, d["instance_id"].as_str().map(|i| format!("  (instance {i})")).unwrap_or_default());
+    println!(
+        "preemption  {}{}",
+        if provider == "none" { "not watched".to_string() } else { provider },
+        d["instance_id"].as_str().map(|i| format!("  (instance {i})")).unwrap_or_default()
+    );
     if let Some(reason) = d["reason"].as_str() {
         println!(
             "drain       {reason}; termination {}, deadline {}, drained {}",
@@ -58,7 +62,12 @@ pub fn status(admin: &str, json: bool) -> ExitCode {
         format_size(n(&st["read_bytes"]["peer"])),
         format_size(n(&st["read_bytes"]["origin"]))
     );
-    println!("origin      {} in {} requests, {} errors", format_size(n(&st["origin"]["bytes"])), n(&st["origin"]["requests"]), n(&st["origin"]["errors"]));
+    println!(
+        "origin      {} in {} requests, {} errors",
+        format_size(n(&st["origin"]["bytes"])),
+        n(&st["origin"]["requests"]),
+        n(&st["origin"]["errors"])
+    );
     let peers = st["peers"].as_array().cloned().unwrap_or_default();
     if peers.is_empty() {
         println!("peers       none");
@@ -134,7 +143,11 @@ pub fn warm(admin: &str, token_file: Option<&std::path::Path>, detach: bool, pat
             }
         }
     }
-    if failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 pub fn drain(admin: &str, token_file: Option<&std::path::Path>) -> ExitCode {

@@ -24,7 +24,11 @@ pub const DEFAULT_READAHEAD_BUDGET: u64 = 256 << 20;
 pub const DEFAULT_FUSE_THREADS: usize = 4;
 
 #[derive(Debug, Parser)]
-#[command(name = "cachefs", version, about = "Node-local memory cache for model files: a read-only FUSE mount over memory, peers and object storage")]
+#[command(
+    name = "cachefs",
+    version,
+    about = "Node-local memory cache for model files: a read-only FUSE mount over memory, peers and object storage"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -297,8 +301,7 @@ impl MountConfig {
 }
 
 fn read_file_config(path: &std::path::Path) -> Result<FileConfig, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
     file_config(&text, path)
 }
 
@@ -311,11 +314,8 @@ fn file_config(text: &str, path: &std::path::Path) -> Result<FileConfig, String>
     let table: toml::Table =
         toml::from_str(text).map_err(|e| format!("invalid config {}: {}", path.display(), one_line(&e.to_string())))?;
     // Accept the flag spelling (`cache-size`) as well as `cache_size`.
-    let normalized: toml::Table =
-        table.into_iter().map(|(k, v)| (k.replace('-', "_"), v)).collect();
-    normalized
-        .try_into()
-        .map_err(|e: toml::de::Error| format!("invalid config {}: {}", path.display(), one_line(&e.to_string())))
+    let normalized: toml::Table = table.into_iter().map(|(k, v)| (k.replace('-', "_"), v)).collect();
+    normalized.try_into().map_err(|e: toml::de::Error| format!("invalid config {}: {}", path.display(), one_line(&e.to_string())))
 }
 
 fn check_host_port(flag: &str, v: &str) -> Result<(), String> {
@@ -379,14 +379,11 @@ pub fn resolve_mount(args: MountArgs) -> Result<MountConfig, String> {
         return Err(format!("--chunk-size {} is out of range: it must be between 1MiB and 64MiB", format_size(chunk_size)));
     }
     let admin_s = args.admin.or(file.admin).unwrap_or_else(|| DEFAULT_ADMIN.to_string());
-    let admin: SocketAddr =
-        admin_s.parse().map_err(|_| format!("--admin {admin_s:?} is not an address like 127.0.0.1:7071"))?;
+    let admin: SocketAddr = admin_s.parse().map_err(|_| format!("--admin {admin_s:?} is not an address like 127.0.0.1:7071"))?;
 
     let mut source_options: Vec<(String, String)> = file.source_options.unwrap_or_default().into_iter().collect();
     for kv in &args.source_option {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| format!("--source-option {kv:?} must be KEY=VALUE"))?;
+        let (k, v) = kv.split_once('=').ok_or_else(|| format!("--source-option {kv:?} must be KEY=VALUE"))?;
         source_options.retain(|(ek, _)| ek != k);
         source_options.push((k.trim().to_string(), v.to_string()));
     }
@@ -414,20 +411,21 @@ pub fn resolve_mount(args: MountArgs) -> Result<MountConfig, String> {
     }
     let peer_token = args.peer_token_file.or(file.peer_token_file).map(|p| read_token("--peer-token-file", &p)).transpose()?;
     let admin_token = args.admin_token_file.or(file.admin_token_file).map(|p| read_token("--admin-token-file", &p)).transpose()?;
-    let peer_tls = match (args.peer_tls_cert.or(file.peer_tls_cert), args.peer_tls_key.or(file.peer_tls_key), args.peer_tls_ca.or(file.peer_tls_ca)) {
-        (None, None, None) => None,
-        (Some(c), Some(k), Some(a)) => {
-            let read = |flag: &str, p: &PathBuf| -> Result<Vec<u8>, String> {
-                let b = std::fs::read(p).map_err(|e| format!("cannot read {flag} {}: {e}", p.display()))?;
-                if !String::from_utf8_lossy(&b).contains("-----BEGIN") {
-                    return Err(format!("{flag} {} is not a PEM file", p.display()));
-                }
-                Ok(b)
-            };
-            Some(PeerTls { cert: read("--peer-tls-cert", &c)?, key: read("--peer-tls-key", &k)?, ca: read("--peer-tls-ca", &a)? })
-        }
-        _ => return Err("peer TLS needs all of --peer-tls-cert, --peer-tls-key and --peer-tls-ca".into()),
-    };
+    let peer_tls =
+        match (args.peer_tls_cert.or(file.peer_tls_cert), args.peer_tls_key.or(file.peer_tls_key), args.peer_tls_ca.or(file.peer_tls_ca)) {
+            (None, None, None) => None,
+            (Some(c), Some(k), Some(a)) => {
+                let read = |flag: &str, p: &PathBuf| -> Result<Vec<u8>, String> {
+                    let b = std::fs::read(p).map_err(|e| format!("cannot read {flag} {}: {e}", p.display()))?;
+                    if !String::from_utf8_lossy(&b).contains("-----BEGIN") {
+                        return Err(format!("{flag} {} is not a PEM file", p.display()));
+                    }
+                    Ok(b)
+                };
+                Some(PeerTls { cert: read("--peer-tls-cert", &c)?, key: read("--peer-tls-key", &k)?, ca: read("--peer-tls-ca", &a)? })
+            }
+            _ => return Err("peer TLS needs all of --peer-tls-cert, --peer-tls-key and --peer-tls-ca".into()),
+        };
     let provider = Provider::parse(args.preemption_provider.or(file.preemption_provider).as_deref().unwrap_or("none"))?;
     let metadata_endpoint = match args.metadata_endpoint.or(file.metadata_endpoint) {
         Some(e) => Some(check_url("--metadata-endpoint", &e)?),
@@ -466,9 +464,18 @@ pub fn resolve_mount(args: MountArgs) -> Result<MountConfig, String> {
         admin_token,
         source_options,
         allow_other: args.allow_other || file.allow_other.unwrap_or(false),
-        catalog_ttl: Duration::from_secs(positive("catalog-ttl", args.catalog_ttl.or(file.catalog_ttl).unwrap_or(DEFAULT_CATALOG_TTL_SECS))?),
-        read_timeout: Duration::from_secs(positive("read-timeout", args.read_timeout.or(file.read_timeout).unwrap_or(DEFAULT_READ_TIMEOUT_SECS))?),
-        origin_concurrency: positive("origin-concurrency", args.origin_concurrency.or(file.origin_concurrency).unwrap_or(DEFAULT_ORIGIN_CONCURRENCY) as u64)? as usize,
+        catalog_ttl: Duration::from_secs(positive(
+            "catalog-ttl",
+            args.catalog_ttl.or(file.catalog_ttl).unwrap_or(DEFAULT_CATALOG_TTL_SECS),
+        )?),
+        read_timeout: Duration::from_secs(positive(
+            "read-timeout",
+            args.read_timeout.or(file.read_timeout).unwrap_or(DEFAULT_READ_TIMEOUT_SECS),
+        )?),
+        origin_concurrency: positive(
+            "origin-concurrency",
+            args.origin_concurrency.or(file.origin_concurrency).unwrap_or(DEFAULT_ORIGIN_CONCURRENCY) as u64,
+        )? as usize,
         readahead_budget,
         fuse_threads: positive("fuse-threads", args.fuse_threads.or(file.fuse_threads).unwrap_or(DEFAULT_FUSE_THREADS) as u64)? as usize,
         log_format,
@@ -491,7 +498,12 @@ mod tests {
     use super::*;
 
     fn args(src: &str) -> MountArgs {
-        MountArgs { source: Some(src.into()), mountpoint: Some("/tmp/x-cachefs-test".into()), cache_size: Some("64MiB".into()), ..Default::default() }
+        MountArgs {
+            source: Some(src.into()),
+            mountpoint: Some("/tmp/x-cachefs-test".into()),
+            cache_size: Some("64MiB".into()),
+            ..Default::default()
+        }
     }
 
     #[test]

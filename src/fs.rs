@@ -65,7 +65,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl FsCore {
     pub fn new(catalog: Arc<Catalog>, reader: Arc<Reader>) -> Self {
-        FsCore { catalog, reader, handles: Mutex::new(HashMap::new()), dirs: Mutex::new(HashMap::new()), retired: Mutex::new(HashMap::new()), next_fh: AtomicU64::new(1) }
+        FsCore {
+            catalog,
+            reader,
+            handles: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            retired: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {

@@ -48,7 +48,9 @@ impl Limits {
 
     /// Why `size` cannot be the memory tier's size here, if it cannot.
     pub fn check(&self, size: u64) -> Result<(), String> {
-        let over = |what: &str, room: u64| format!("--cache-size {} is above {what} ({}): the memory tier lives in RAM", format_size(size), format_size(room));
+        let over = |what: &str, room: u64| {
+            format!("--cache-size {} is above {what} ({}): the memory tier lives in RAM", format_size(size), format_size(room))
+        };
         if let Some(a) = self.host_available.filter(|a| size > *a) {
             return Err(over("the available memory", a));
         }

@@ -127,8 +127,16 @@ impl Metrics {
         registry.register(base(PASSTHROUGH_OPENS), "Opens answered with FUSE passthrough to the tmpfs file", m.passthrough_opens.clone());
         registry.register(base(PEER_ERRORS), "Failed requests to a peer, by peer address", m.peer_errors.clone());
         registry.register(base(PEER_CHECKSUM_ERRORS), "Chunks from peers rejected by their checksum", m.peer_checksum_errors.clone());
-        registry.register(base(VERIFY_FAILURES), "Files assembled from peers that failed the origin's whole-object checksum", m.verify_failures.clone());
-        registry.register(base(PREEMPTION_NOTICES), "Termination notices seen from the instance metadata service", m.preemption_notices.clone());
+        registry.register(
+            base(VERIFY_FAILURES),
+            "Files assembled from peers that failed the origin's whole-object checksum",
+            m.verify_failures.clone(),
+        );
+        registry.register(
+            base(PREEMPTION_NOTICES),
+            "Termination notices seen from the instance metadata service",
+            m.preemption_notices.clone(),
+        );
         registry.register(base(METADATA_ERRORS), "Metadata requests that failed or answered a malformed body", m.metadata_errors.clone());
         registry.register(base(WEBHOOK_DELIVERIES), "Scheduler webhook events delivered (2xx)", m.webhook_deliveries.clone());
         registry.register(base(WEBHOOK_FAILURES), "Scheduler webhook events given up on at their deadline", m.webhook_failures.clone());

@@ -63,8 +63,22 @@ fn bad_input_gives_one_clear_line() {
     let ep = format!("endpoint=http://127.0.0.1:{port}");
     let t = std::time::Instant::now();
     check(
-        &["--source", "s3://bucket/x", "--mountpoint", &mp, "--source-option", &ep, "--source-option", "allow_http=true",
-          "--source-option", "access_key_id=k", "--source-option", "secret_access_key=s", "--source-option", "region=us-east-1"],
+        &[
+            "--source",
+            "s3://bucket/x",
+            "--mountpoint",
+            &mp,
+            "--source-option",
+            &ep,
+            "--source-option",
+            "allow_http=true",
+            "--source-option",
+            "access_key_id=k",
+            "--source-option",
+            "secret_access_key=s",
+            "--source-option",
+            "region=us-east-1",
+        ],
         "cannot list the source",
     );
     assert!(t.elapsed() < std::time::Duration::from_secs(90));

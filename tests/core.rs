@@ -11,8 +11,8 @@ use futures::stream::BoxStream;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt, PutMultipartOptions,
+    PutOptions, PutPayload, PutResult,
 };
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -116,8 +116,14 @@ async fn rig(files: &[(&str, &[u8])], chunk: u64, capacity: u64, timeout: Durati
     catalog.apply(cachefs::agent::list_versions(&origin).await.unwrap());
     let dir = tempfile::tempdir().unwrap();
     let memory = Arc::new(MemoryTier::new(dir.path(), chunk, capacity, metrics.clone()).unwrap());
-    let sources: Vec<Arc<dyn ChunkSource>> = vec![Arc::new(cachefs::origin::OriginSource::new(origin.clone(), memory.clone(), None, Default::default(), Default::default()))];
-    let reader = Reader::new(memory, sources, ReaderOptions { chunk_size: chunk, read_timeout: timeout, readahead_budget: 4 * chunk }, metrics.clone());
+    let sources: Vec<Arc<dyn ChunkSource>> =
+        vec![Arc::new(cachefs::origin::OriginSource::new(origin.clone(), memory.clone(), None, Default::default(), Default::default()))];
+    let reader = Reader::new(
+        memory,
+        sources,
+        ReaderOptions { chunk_size: chunk, read_timeout: timeout, readahead_budget: 4 * chunk },
+        metrics.clone(),
+    );
     Rig { _dir: dir, store, k, metrics, catalog, origin, reader }
 }
 

@@ -35,10 +35,7 @@ fn one_line(e: impl std::fmt::Display) -> Result<(), TestCaseError> {
 
 /// A body that is sometimes arbitrary text, sometimes close to what the service sends.
 fn body(near: &'static [&'static str]) -> impl Strategy<Value = String> {
-    prop_oneof![
-        any::<String>(),
-        proptest::sample::select(near).prop_flat_map(|shape| proptest::string::string_regex(shape).unwrap()),
-    ]
+    prop_oneof![any::<String>(), proptest::sample::select(near).prop_flat_map(|shape| proptest::string::string_regex(shape).unwrap()),]
 }
 
 fn status() -> impl Strategy<Value = u16> {
@@ -161,10 +158,17 @@ fn peer_requests_get_an_answer_or_a_status() {
         let catalog = Arc::new(Catalog::new());
         catalog.apply(cachefs::agent::list_versions(&origin).await.unwrap());
         let memory = Arc::new(MemoryTier::new(dir.path(), chunk, 1 << 20, metrics.clone()).unwrap());
-        let sources: Vec<Arc<dyn ChunkSource>> = vec![Arc::new(cachefs::origin::OriginSource::new(origin, memory.clone(), None, Default::default(), Default::default()))];
-        let reader = Reader::new(memory, sources, ReaderOptions { chunk_size: chunk, read_timeout: Duration::from_secs(5), readahead_budget: 4 * chunk }, metrics.clone());
+        let sources: Vec<Arc<dyn ChunkSource>> =
+            vec![Arc::new(cachefs::origin::OriginSource::new(origin, memory.clone(), None, Default::default(), Default::default()))];
+        let reader = Reader::new(
+            memory,
+            sources,
+            ReaderOptions { chunk_size: chunk, read_timeout: Duration::from_secs(5), readahead_budget: 4 * chunk },
+            metrics.clone(),
+        );
         let compat = cachefs::peer::membership::Compat { chunk_size: chunk, source: "mem".into() };
-        let membership = Arc::new(cachefs::peer::Membership::new("me".into(), compat, 0, vec![], None, None, None, metrics.clone()).unwrap());
+        let membership =
+            Arc::new(cachefs::peer::Membership::new("me".into(), compat, 0, vec![], None, None, None, metrics.clone()).unwrap());
         let versions: Vec<ObjectRef> = catalog.files().iter().map(|o| cachefs::peer::object_ref(o)).collect();
         let s = cachefs::peer::PeerServer {
             catalog,
@@ -181,12 +185,12 @@ fn peer_requests_get_an_answer_or_a_status() {
     });
     let (server, versions) = server;
     let key = prop_oneof![Just("a.bin".to_string()), Just("d/b.bin".to_string()), "(\\.\\./|/|\\./|d//)?[a-z./]{0,8}", any::<String>()];
-    let object = (key, prop_oneof![Just(None), any::<String>().prop_map(Some)], any::<u64>(), any::<bool>()).prop_map(move |(k, etag, size, exact)| {
-        match versions.iter().find(|v| v.key == k) {
+    let object = (key, prop_oneof![Just(None), any::<String>().prop_map(Some)], any::<u64>(), any::<bool>()).prop_map(
+        move |(k, etag, size, exact)| match versions.iter().find(|v| v.key == k) {
             Some(v) if exact => v.clone(),
             _ => ObjectRef { key: k, etag: etag.unwrap_or_default(), version: String::new(), size: size % 20_000 },
-        }
-    });
+        },
+    );
     let req = (proptest::option::of(object), prop_oneof![Just(chunk), any::<u64>()], prop_oneof![0u64..4, any::<u64>()], any::<bool>());
     runner()
         .run(&req, |(object, chunk_size, index, allow_fill)| {

@@ -172,7 +172,8 @@ fn cache_smaller_than_file_still_reads_correctly() {
     assert!(a.metric("cachefs_evictions_total") > 0.0);
     assert_eq!(a.metric("cachefs_cache_capacity_bytes"), (24 << 20) as f64);
     // The tmpfs file really gave memory back: its allocated blocks stay within the budget.
-    let used: u64 = fs::read_dir(&a.cache_dir).unwrap().map(|e| std::os::unix::fs::MetadataExt::blocks(&e.unwrap().metadata().unwrap()) * 512).sum();
+    let used: u64 =
+        fs::read_dir(&a.cache_dir).unwrap().map(|e| std::os::unix::fs::MetadataExt::blocks(&e.unwrap().metadata().unwrap()) * 512).sum();
     assert!(used <= (24 << 20) + (4 << 20), "cache dir holds {used} bytes");
 }
 
@@ -229,7 +230,11 @@ fn python_safetensors_load_through_mount() {
     if !fuse_available("python_safetensors_load_through_mount") {
         return;
     }
-    let ok = std::process::Command::new("python3").args(["-c", "import safetensors.numpy, numpy"]).status().map(|s| s.success()).unwrap_or(false);
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import safetensors.numpy, numpy"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if !ok {
         let msg = "python3 with safetensors and numpy is missing (pip install safetensors numpy)";
         if std::env::var("CI").as_deref() == Ok("true") {
@@ -252,7 +257,12 @@ for k in want:
 print("OK", len(got))
 "#;
     let out = std::process::Command::new("python3")
-        .args(["-c", script, &src.path().join("models/model.safetensors").display().to_string(), &a.path("models/model.safetensors").display().to_string()])
+        .args([
+            "-c",
+            script,
+            &src.path().join("models/model.safetensors").display().to_string(),
+            &a.path("models/model.safetensors").display().to_string(),
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "python: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

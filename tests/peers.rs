@@ -150,7 +150,12 @@ impl proto::peer_server::Peer for CorruptPeer {
             .enumerate()
             .map(|(i, d)| {
                 let first = i == 0;
-                Ok(proto::ChunkData { offset: (i << 20) as u64, data: d.to_vec().into(), chunk_len: if first { (end - start) as u64 } else { 0 }, crc32c: if first { crc } else { 0 } })
+                Ok(proto::ChunkData {
+                    offset: (i << 20) as u64,
+                    data: d.to_vec().into(),
+                    chunk_len: if first { (end - start) as u64 } else { 0 },
+                    crc32c: if first { crc } else { 0 },
+                })
             })
             .collect();
         Ok(Response::new(Box::pin(futures::stream::iter(msgs))))
@@ -163,13 +168,26 @@ impl proto::peer_server::Peer for CorruptPeer {
             .objects
             .into_iter()
             .filter(|o| o.key == self.key)
-            .map(|o| proto::ObjectInventory { key: o.key, etag: o.etag, present: vec![0xffu8; n.div_ceil(8) as usize].into(), chunks: n, filling: Default::default() })
+            .map(|o| proto::ObjectInventory {
+                key: o.key,
+                etag: o.etag,
+                present: vec![0xffu8; n.div_ceil(8) as usize].into(),
+                chunks: n,
+                filling: Default::default(),
+            })
             .collect();
         Ok(Response::new(proto::InventoryResponse { objects, draining: false }))
     }
 
     async fn hello(&self, _r: Request<proto::HelloRequest>) -> Result<Response<proto::HelloResponse>, Status> {
-        Ok(Response::new(proto::HelloResponse { node_id: "corrupt-peer".into(), protocol: 1, draining: false, chunk_size: self.chunk, source: self.source.clone(), raw_data: false }))
+        Ok(Response::new(proto::HelloResponse {
+            node_id: "corrupt-peer".into(),
+            protocol: 1,
+            draining: false,
+            chunk_size: self.chunk,
+            source: self.source.clone(),
+            raw_data: false,
+        }))
     }
 
     async fn drain(&self, _r: Request<proto::DrainNotice>) -> Result<Response<proto::DrainAck>, Status> {
@@ -188,8 +206,15 @@ fn corrupted_chunk_from_a_peer_is_caught_and_fetched_elsewhere() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let fake_addr = listener.local_addr().unwrap().to_string();
-    let svc = proto::peer_server::PeerServer::new(CorruptPeer { data: data.clone(), key: "c.bin".into(), chunk: 8 << 20, source: src.path().display().to_string() });
-    rt.spawn(tonic::transport::Server::builder().add_service(svc).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+    let svc = proto::peer_server::PeerServer::new(CorruptPeer {
+        data: data.clone(),
+        key: "c.bin".into(),
+        chunk: 8 << 20,
+        source: src.path().display().to_string(),
+    });
+    rt.spawn(
+        tonic::transport::Server::builder().add_service(svc).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
     let c = Agent::start(&src.path().display().to_string(), &["--peers", &fake_addr]);
     let got = read_all(&c.path("c.bin"));
     assert!(got == *data, "corrupted bytes reached the reader");
@@ -273,11 +298,56 @@ fn make_certs(dir: &Path) {
         let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
         assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
-    run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=cachefs-test-ca"]);
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=cachefs-test-ca",
+    ]);
     std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n").unwrap();
     for n in ["a", "b"] {
-        run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", &format!("{n}.key"), "-out", &format!("{n}.csr"), "-subj", &format!("/CN=agent-{n}")]);
-        run(&["x509", "-req", "-in", &format!("{n}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", &format!("{n}.crt"), "-days", "2", "-extfile", "ext.cnf"]);
+        run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{n}.key"),
+            "-out",
+            &format!("{n}.csr"),
+            "-subj",
+            &format!("/CN=agent-{n}"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{n}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{n}.crt"),
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
     }
 }
 
@@ -301,7 +371,8 @@ fn mutual_tls_between_peers() {
 
     let (_, b_addr) = peer_port();
     let (bc, bk) = (p("b.crt"), p("b.key"));
-    let b = Agent::start(&s, &["--listen", &b_addr, "--peers", &a_addr, "--peer-tls-cert", &bc, "--peer-tls-key", &bk, "--peer-tls-ca", &ca]);
+    let b =
+        Agent::start(&s, &["--listen", &b_addr, "--peers", &a_addr, "--peer-tls-cert", &bc, "--peer-tls-key", &bk, "--peer-tls-ca", &ca]);
     assert_eq!(sha256_file(&b.path("x.bin")), want);
     assert_eq!(origin_bytes(&b), 0.0, "log:\n{}", b.log_text());
     assert_eq!(tier(&b, "peer"), (24 << 20) as f64);
@@ -318,7 +389,21 @@ fn mutual_tls_between_peers() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs all of --peer-tls-cert"));
     let out = std::process::Command::new(bin())
-        .args(["mount", "--source", &s, "--mountpoint", "/tmp/cachefs-never", "--cache-size", "16MiB", "--peer-tls-cert", &ac, "--peer-tls-key", &ak, "--peer-tls-ca", &s])
+        .args([
+            "mount",
+            "--source",
+            &s,
+            "--mountpoint",
+            "/tmp/cachefs-never",
+            "--cache-size",
+            "16MiB",
+            "--peer-tls-cert",
+            &ac,
+            "--peer-tls-key",
+            &ak,
+            "--peer-tls-ca",
+            &s,
+        ])
         .output()
         .unwrap();
     assert_ne!(out.status.code(), Some(0));
@@ -355,7 +440,10 @@ fn raw_data_path_refuses_bad_tokens_and_frames() {
     let tok = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(tok.path(), "raw-token\n").unwrap();
     let (_, a_addr) = peer_port();
-    let a = Agent::start(&src.path().display().to_string(), &["--listen", &a_addr, "--peer-token-file", &tok.path().display().to_string(), "--chunk-size", "4MiB"]);
+    let a = Agent::start(
+        &src.path().display().to_string(),
+        &["--listen", &a_addr, "--peer-token-file", &tok.path().display().to_string(), "--chunk-size", "4MiB"],
+    );
     assert!(read_all(&a.path("r.bin")) == data);
     let connect = |token: &[u8]| {
         let mut s = std::net::TcpStream::connect(&a_addr).unwrap();

@@ -54,7 +54,10 @@ fn fake_aliyun(say: Shared<Say>, at: DateTime<Utc>) -> FakeHttp {
             ("GET", "/latest/meta-data/instance-id") => Resp::new(200, "i-bp1aliyun0001"),
             ("GET", "/latest/meta-data/region-id") => Resp::new(200, "cn-hangzhou"),
             ("GET", "/latest/meta-data/instance/spot/termination-time") => match &*say.lock().unwrap() {
-                Say::Nothing => Resp::new(404, "<?xml version=\"1.0\" encoding=\"iso-8859-1\"?>\n<html><head><title>404 - Not Found</title></head></html>"),
+                Say::Nothing => Resp::new(
+                    404,
+                    "<?xml version=\"1.0\" encoding=\"iso-8859-1\"?>\n<html><head><title>404 - Not Found</title></head></html>",
+                ),
                 Say::Notice => Resp::new(200, rfc3339(at)),
                 Say::Bad(k) => bad(k),
             },
@@ -117,7 +120,9 @@ fn fake_aws(state: Shared<AwsState>, mode: TokenMode, at: DateTime<Utc>) -> Fake
                 Say::Notice => Resp::new(200, format!("{{\"action\": \"terminate\", \"time\": \"{}\"}}", rfc3339(at))),
                 Say::Bad(k) => bad(k),
             },
-            "/latest/meta-data/events/recommendations/rebalance" if st.rebalance => Resp::new(200, format!("{{\"noticeTime\": \"{}\"}}", rfc3339(at - chrono::Duration::seconds(60)))),
+            "/latest/meta-data/events/recommendations/rebalance" if st.rebalance => {
+                Resp::new(200, format!("{{\"noticeTime\": \"{}\"}}", rfc3339(at - chrono::Duration::seconds(60))))
+            }
             _ => Resp::new(404, ""),
         })
     })
@@ -180,7 +185,12 @@ fn fake_azure(state: Shared<AzureState>, at: DateTime<Utc>) -> FakeHttp {
                 Say::Bad(k) => bad(k),
             },
             ("POST", "/metadata/scheduledevents") => {
-                let state = st.admin.and_then(|a| http_get(a, "/status")).and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok()).map(|v| v["drain_state"].as_str().unwrap_or("").to_string()).unwrap_or_default();
+                let state = st
+                    .admin
+                    .and_then(|a| http_get(a, "/status"))
+                    .and_then(|(_, b)| serde_json::from_str::<Value>(&b).ok())
+                    .map(|v| v["drain_state"].as_str().unwrap_or("").to_string())
+                    .unwrap_or_default();
                 st.acks.push((r.body.clone(), state));
                 Resp::new(200, "")
             }
@@ -203,7 +213,12 @@ impl Hook {
         format!("{}/events", self.srv.url())
     }
     fn events(&self) -> Vec<(Instant, Value)> {
-        self.srv.requests().into_iter().filter(|r| r.method == "POST").map(|r| (r.at, serde_json::from_str(&r.body).expect("webhook body is JSON"))).collect()
+        self.srv
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "POST")
+            .map(|r| (r.at, serde_json::from_str(&r.body).expect("webhook body is JSON")))
+            .collect()
     }
     fn kinds(&self) -> Vec<String> {
         self.events().iter().map(|(_, e)| e["event"].as_str().unwrap_or("").to_string()).collect()
@@ -238,7 +253,16 @@ fn watch_args<'a>(provider: &'a str, endpoint: &'a str, hook: &'a str) -> Vec<&'
 }
 
 /// The agent reports the notice `flip` makes the fake give; returns seconds from flip to webhook.
-fn notice_is_reported(a: &Agent, hook: &Hook, checks: impl Fn() -> usize, flip: impl FnOnce(), provider: &str, instance: &str, termination: Option<DateTime<Utc>>, interval: f64) -> f64 {
+fn notice_is_reported(
+    a: &Agent,
+    hook: &Hook,
+    checks: impl Fn() -> usize,
+    flip: impl FnOnce(),
+    provider: &str,
+    instance: &str,
+    termination: Option<DateTime<Utc>>,
+    interval: f64,
+) -> f64 {
     // The watcher is polling and found nothing: still serving, nothing reported.
     assert!(poll_until(Duration::from_secs(15), || checks() >= 2), "the watcher never asked; log:\n{}", a.log_text());
     assert_eq!(ready(a), 200);
@@ -246,7 +270,8 @@ fn notice_is_reported(a: &Agent, hook: &Hook, checks: impl Fn() -> usize, flip: 
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
     flip();
-    let (t, ev) = hook.wait("preemption_notice", Duration::from_secs(15)).unwrap_or_else(|| panic!("no preemption_notice; log:\n{}", a.log_text()));
+    let (t, ev) =
+        hook.wait("preemption_notice", Duration::from_secs(15)).unwrap_or_else(|| panic!("no preemption_notice; log:\n{}", a.log_text()));
     let latency = (t - t0).as_secs_f64();
     eprintln!("MEASURED {provider}: notice -> webhook {latency:.3} s (poll interval {interval} s)");
     assert!(latency < interval + 2.5, "{provider}: the notice took {latency:.3} s to reach the webhook");
@@ -324,7 +349,9 @@ fn gcp_notice_drains_and_reports() {
     let (ep, url) = (meta.url(), hook.url());
     let a = Agent::start(&s, &watch_args("gcp", &ep, &url));
     // Long-polling: after the first plain read, requests wait for a change.
-    let long = || meta.requests().iter().filter(|r| r.path().ends_with("/preempted") && r.query("wait_for_change").as_deref() == Some("true")).count();
+    let long = || {
+        meta.requests().iter().filter(|r| r.path().ends_with("/preempted") && r.query("wait_for_change").as_deref() == Some("true")).count()
+    };
     let t0 = Instant::now();
     notice_is_reported(&a, &hook, || 1 + long(), || *say.lock().unwrap() = Say::Notice, "gcp", "4520031799277581759", None, 0.0);
     // Promptly means by the long poll, not by a stream of polls.
@@ -407,7 +434,12 @@ fn auto_detects_each_cloud_from_its_answers() {
     let mut agents = Vec::new();
     for (name, ep) in [("gcp", gcp.url()), ("aws", aws.url()), ("aliyun", ali.url()), ("azure", az.url())] {
         let a = Agent::start(&s, &watch_args("auto", &ep, &url));
-        assert!(poll_until(Duration::from_secs(10), || status(&a)["drain"]["provider"] == name), "auto on a {name} endpoint: {}\n{}", status(&a), a.log_text());
+        assert!(
+            poll_until(Duration::from_secs(10), || status(&a)["drain"]["provider"] == name),
+            "auto on a {name} endpoint: {}\n{}",
+            status(&a),
+            a.log_text()
+        );
         assert!(a.log_text().contains("cloud detected"), "{}", a.log_text());
         agents.push(a);
     }
@@ -435,7 +467,9 @@ fn aws_token_expiry_and_imdsv1_fallback() {
         let checks = || meta.count("/latest/meta-data/spot/instance-action");
         assert!(poll_until(Duration::from_secs(15), || checks() >= 4), "{mode:?}: {}", a.log_text());
         st.lock().unwrap().say = Say::Notice;
-        let (_, ev) = hook.wait("preemption_notice", Duration::from_secs(10)).unwrap_or_else(|| panic!("{mode:?}: no notice; log:\n{}", a.log_text()));
+        let (_, ev) = hook
+            .wait("preemption_notice", Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("{mode:?}: no notice; log:\n{}", a.log_text()));
         assert_eq!(ev["termination_time"], rfc3339(at));
         let st = st.lock().unwrap();
         match mode {
@@ -518,7 +552,13 @@ fn malformed_aliyun_answers_never_drain() {
     let meta = fake_aliyun(say.clone(), Utc::now() + chrono::Duration::minutes(5));
     let a = Agent::start(&s, &watch_args("aliyun", &meta.url(), &hook.url()));
     let bads = ["html", "2026-11-22 10:00:00", "500", "timeout"];
-    malformed_never_drains(&a, &hook, &|v| *say.lock().unwrap() = v, &|| meta.count("/latest/meta-data/instance/spot/termination-time"), &bads);
+    malformed_never_drains(
+        &a,
+        &hook,
+        &|v| *say.lock().unwrap() = v,
+        &|| meta.count("/latest/meta-data/instance/spot/termination-time"),
+        &bads,
+    );
 }
 
 #[test]
@@ -578,7 +618,12 @@ fn drain_command_and_sigterm_drive_the_same_machine() {
     let code = b.stop();
     assert_eq!(code, Some(0), "log:\n{}", b.log_text());
     // Reported before the process exited (the receiver already has it).
-    let ev = hook2.events().into_iter().find(|(_, e)| e["event"] == "drain_ready").map(|(_, e)| e).unwrap_or_else(|| panic!("no drain_ready on SIGTERM; log:\n{}", b.log_text()));
+    let ev = hook2
+        .events()
+        .into_iter()
+        .find(|(_, e)| e["event"] == "drain_ready")
+        .map(|(_, e)| e)
+        .unwrap_or_else(|| panic!("no drain_ready on SIGTERM; log:\n{}", b.log_text()));
     assert!(ev["reason"].as_str().unwrap().contains("shutdown signal"), "{ev}");
     let log = b.log_text();
     assert!(log.contains("draining") && log.contains("drain_ready"), "{log}");
@@ -592,7 +637,10 @@ fn drain_hook_gets_the_event_in_its_environment() {
     let (_src, s) = source();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("hook.out");
-    let cmd = format!("echo \"$CACHEFS_EVENT|$CACHEFS_PROVIDER|$CACHEFS_REASON|$CACHEFS_CACHED_BYTES|$AWS_SECRET_ACCESS_KEY\" >> {}", out.display());
+    let cmd = format!(
+        "echo \"$CACHEFS_EVENT|$CACHEFS_PROVIDER|$CACHEFS_REASON|$CACHEFS_CACHED_BYTES|$AWS_SECRET_ACCESS_KEY\" >> {}",
+        out.display()
+    );
     // The hook gets the event and PATH, not the agent's credentials.
     let a = Agent::start_env(&s, &["--drain-hook", &cmd], &[("AWS_SECRET_ACCESS_KEY", "hook-must-not-see-this")]);
     let st = std::process::Command::new(bin()).args(["drain", "--admin", &a.admin.to_string()]).status().unwrap();
@@ -624,7 +672,21 @@ fn draining_agent_finishes_its_transfer_and_gets_no_new_ones() {
     let (a_port, b_port) = (free_port(), free_port());
     let (a_addr, b_addr) = (format!("127.0.0.1:{a_port}"), format!("127.0.0.1:{b_port}"));
     let mut a_args = s3a.agent_args(&["--chunk-size", "1MiB"]);
-    a_args.extend(["--listen", &a_addr, "--peers", &b_addr, "--preemption-provider", "aws", "--metadata-endpoint", &meta.url(), "--scheduler-webhook", &hook.url()].map(String::from));
+    a_args.extend(
+        [
+            "--listen",
+            &a_addr,
+            "--peers",
+            &b_addr,
+            "--preemption-provider",
+            "aws",
+            "--metadata-endpoint",
+            &meta.url(),
+            "--scheduler-webhook",
+            &hook.url(),
+        ]
+        .map(String::from),
+    );
     let a_args: Vec<&str> = a_args.iter().map(String::as_str).collect();
     let a = Agent::start("s3://bkt/p", &a_args);
     let mut b_args = s3b.agent_args(&["--chunk-size", "1MiB"]);
@@ -632,7 +694,8 @@ fn draining_agent_finishes_its_transfer_and_gets_no_new_ones() {
     let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
     let b = Agent::start("s3://bkt/p", &b_args);
     for (x, name) in [(&a, "A"), (&b, "B")] {
-        let live = poll_until(Duration::from_secs(15), || status(x)["peers"].as_array().is_some_and(|p| p.iter().any(|p| p["state"] == "live")));
+        let live =
+            poll_until(Duration::from_secs(15), || status(x)["peers"].as_array().is_some_and(|p| p.iter().any(|p| p["state"] == "live")));
         assert!(live, "{name} sees no live peer: {}", status(x));
     }
 
@@ -656,7 +719,11 @@ fn draining_agent_finishes_its_transfer_and_gets_no_new_ones() {
     meta_st.lock().unwrap().say = Say::Notice;
     hook.wait("preemption_notice", Duration::from_secs(10)).expect("preemption_notice");
     assert_eq!(ready(&a), 503);
-    assert!(poll_until(Duration::from_secs(5), || status(&b)["peers"].as_array().unwrap().iter().any(|p| p["state"] == "draining")), "B was not told: {}", status(&b));
+    assert!(
+        poll_until(Duration::from_secs(5), || status(&b)["peers"].as_array().unwrap().iter().any(|p| p["state"] == "draining")),
+        "B was not told: {}",
+        status(&b)
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(status(&a)["drain"]["state"], "draining", "drained with a transfer in flight");
     assert!(!hook.kinds().contains(&"drain_ready".to_string()));

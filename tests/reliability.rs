@@ -76,7 +76,10 @@ fn versions_never_mix_through_the_page_cache() {
         let tmp = src.path().join(".m.bin.tmp");
         fs::write(&tmp, &v2).unwrap();
         fs::rename(&tmp, &file).unwrap();
-        assert!(poll_until(Duration::from_secs(10), || fs::metadata(a.path("m.bin")).is_ok_and(|m| m.len() == v2.len() as u64)), "{mode}: the new version never showed");
+        assert!(
+            poll_until(Duration::from_secs(10), || fs::metadata(a.path("m.bin")).is_ok_and(|m| m.len() == v2.len() as u64)),
+            "{mode}: the new version never showed"
+        );
 
         let mut new = fs::File::open(a.path("m.bin")).unwrap();
         let read_all = |f: &mut fs::File| {
@@ -167,7 +170,8 @@ fn a_fill_asked_for_by_a_peer_is_never_forwarded() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let got = rt.block_on(async {
         let mut c = PeerClient::connect(format!("http://{listen}")).await.unwrap();
-        let req = ReadChunkRequest { object: Some(object), index: 6, chunk_size: 1 << 20, allow_fill: true, protocol: cachefs::peer::PROTOCOL };
+        let req =
+            ReadChunkRequest { object: Some(object), index: 6, chunk_size: 1 << 20, allow_fill: true, protocol: cachefs::peer::PROTOCOL };
         let mut s = c.read_chunk(req).await.expect("fill refused").into_inner();
         let mut got = Vec::new();
         while let Some(m) = s.message().await.unwrap() {
@@ -186,7 +190,8 @@ struct SmallTmpfs(tempfile::TempDir);
 impl SmallTmpfs {
     fn new(size: &str) -> SmallTmpfs {
         let d = tempfile::tempdir().unwrap();
-        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(d.path()).status().unwrap().success();
+        let ok =
+            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(d.path()).status().unwrap().success();
         assert!(ok, "cannot mount a tmpfs");
         SmallTmpfs(d)
     }
@@ -214,7 +219,13 @@ fn the_cache_fits_a_small_tmpfs() {
     // Default size: within the 16 MiB tmpfs.
     let shm = SmallTmpfs::new("16m");
     let dir = shm.0.path().join("cache");
-    let a = Agent::start_with(&source, &["--chunk-size", "1MiB", "--cache-size", "auto"], tempfile::tempdir().unwrap().path().join("mnt"), dir.clone(), tempfile::tempdir().unwrap());
+    let a = Agent::start_with(
+        &source,
+        &["--chunk-size", "1MiB", "--cache-size", "auto"],
+        tempfile::tempdir().unwrap().path().join("mnt"),
+        dir.clone(),
+        tempfile::tempdir().unwrap(),
+    );
     let cap = a.metric("cachefs_cache_capacity_bytes");
     assert!(cap > 0.0 && cap <= (16 << 20) as f64, "default cache size {cap} does not fit the 16 MiB tmpfs");
     assert!(fs::read(a.path("m.bin")).unwrap() == data);
@@ -235,7 +246,13 @@ fn the_cache_fits_a_small_tmpfs() {
     assert!(!out.status.success() && err.contains("free space of the cache directory's filesystem"), "stderr:\n{err}");
 
     // The tmpfs fills up under a running agent: the budget comes down, reads stay right.
-    let a = Agent::start_with(&source, &["--chunk-size", "1MiB", "--cache-size", "12MiB"], work.path().join("mnt"), dir.clone(), tempfile::tempdir().unwrap());
+    let a = Agent::start_with(
+        &source,
+        &["--chunk-size", "1MiB", "--cache-size", "12MiB"],
+        work.path().join("mnt"),
+        dir.clone(),
+        tempfile::tempdir().unwrap(),
+    );
     fs::write(shm.0.path().join("someone-else.bin"), vec![7u8; 10 << 20]).unwrap();
     for _ in 0..2 {
         assert!(fs::read(a.path("m.bin")).unwrap() == data, "log:\n{}", a.log_text());
@@ -267,7 +284,12 @@ fn an_origin_ignoring_range_is_streamed_once() {
     let sent = s3.sent.load(std::sync::atomic::Ordering::SeqCst);
     eprintln!("origin sent {sent} bytes for a {} byte file in {} GETs", data.len(), s3.gets.load(std::sync::atomic::Ordering::SeqCst));
     // Reading chunk k from byte 0 each time would be about 12.5x the size (25 chunks).
-    assert!(sent < 2 * data.len() as u64, "origin sent {sent} bytes for a {} byte file; gets {}", data.len(), s3.gets.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(
+        sent < 2 * data.len() as u64,
+        "origin sent {sent} bytes for a {} byte file; gets {}",
+        data.len(),
+        s3.gets.load(std::sync::atomic::Ordering::SeqCst)
+    );
     assert!(poll_until(Duration::from_secs(10), || a.metric("cachefs_cache_bytes") >= data.len() as f64), "not all chunks stored");
     let before = s3.sent.load(std::sync::atomic::Ordering::SeqCst);
     let f = fs::File::open(a.path("m.bin")).unwrap();

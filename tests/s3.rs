@@ -109,7 +109,8 @@ async fn file_from_a_peer_is_verified_against_seaweedfs_checksum() {
         let st: serde_json::Value = serde_json::from_str(&http_get(b.admin, "/status").unwrap().1).unwrap();
         st["verification"]["files"].as_array().and_then(|f| f.iter().find(|f| f["key"] == "v.bin").cloned())
     };
-    let ok = poll_until(std::time::Duration::from_secs(10), || check().is_some_and(|f| f["check"] != "pending" && f["check"] != "checking"));
+    let ok =
+        poll_until(std::time::Duration::from_secs(10), || check().is_some_and(|f| f["check"] != "pending" && f["check"] != "checking"));
     assert!(ok, "{:?}", check());
     assert_eq!(check().unwrap()["check"], "verified", "{:?}\n{}", check(), b.log_text());
     assert_eq!(b.metric("cachefs_verify_failures_total"), 0.0);

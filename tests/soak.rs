@@ -26,7 +26,8 @@ const CHUNK: u64 = 1 << 20;
 const READ_TIMEOUT: u64 = 8;
 /// A read slower than this missed the deadline (the deadline plus scheduling slack).
 const LATE: Duration = Duration::from_secs(READ_TIMEOUT + 4);
-const MODELS: [(&str, u64); 4] = [("llama/model.safetensors", 24 << 20), ("llama/extra.bin", 16 << 20), ("llama/small.bin", 100 << 10), ("llama/tiny.txt", 3)];
+const MODELS: [(&str, u64); 4] =
+    [("llama/model.safetensors", 24 << 20), ("llama/extra.bin", 16 << 20), ("llama/small.bin", 100 << 10), ("llama/tiny.txt", 3)];
 
 /// Every version of every model ever uploaded: a version is known by its size (each differs).
 #[derive(Default)]
@@ -77,7 +78,9 @@ impl Events {
         let v = self.0.lock().unwrap();
         v.iter()
             .rev()
-            .find(|(a, b, what)| *a <= to && b.is_none_or(|b| b + slack >= from) && (!what.starts_with("agent") || what.ends_with(&agent.to_string())))
+            .find(|(a, b, what)| {
+                *a <= to && b.is_none_or(|b| b + slack >= from) && (!what.starts_with("agent") || what.ends_with(&agent.to_string()))
+            })
             .map(|e| e.2)
     }
 }
@@ -178,7 +181,11 @@ impl Soak {
                     self.tally.unexplained.lock().unwrap().push(format!("{key}@{off}+{len}: wrong bytes ({got} read)"));
                 } else if (got as u64) < len.min(size - off) {
                     // The kernel split the read and a later part failed: an error, told as a short read.
-                    let why = if !self.versions.is_latest(key, size) { Some("object changed under an open file") } else { self.events.explain(t0, Instant::now(), i) };
+                    let why = if !self.versions.is_latest(key, size) {
+                        Some("object changed under an open file")
+                    } else {
+                        self.events.explain(t0, Instant::now(), i)
+                    };
                     match why {
                         Some(w) => self.tally.error(format!("short read ({w})")),
                         None => {
@@ -249,7 +256,8 @@ fn chaos(s: &Soak, weed: &Weed, proxy: &FaultProxy, fake: &FakePeer, rt: &tokio:
                 s.events.end(e);
             }
             1 | 5 => {
-                let (f, what) = [(Fault::Http503, "origin 503"), (Fault::Reset, "origin resets"), (Fault::Stall, "origin stalls")][rng.gen_range(0..3)];
+                let (f, what) =
+                    [(Fault::Http503, "origin 503"), (Fault::Reset, "origin resets"), (Fault::Stall, "origin stalls")][rng.gen_range(0..3)];
                 let e = s.events.begin(what);
                 proxy.set(f);
                 std::thread::sleep(Duration::from_secs(rng.gen_range(2..6)));
@@ -289,11 +297,23 @@ fn run_soak(duration: Duration) {
     let work = tempfile::tempdir().unwrap();
     let slots: Vec<Slot> = (0..3)
         .map(|i| {
-            let mut args: Vec<String> = ["--chunk-size", "1MiB", "--cache-size", "24MiB", "--catalog-ttl", "2", "--read-timeout", &READ_TIMEOUT.to_string(), "--listen", &listens[i]]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-            let peers: Vec<String> = listens.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, l)| l.clone()).chain([fake.addr.clone()]).collect();
+            let mut args: Vec<String> = [
+                "--chunk-size",
+                "1MiB",
+                "--cache-size",
+                "24MiB",
+                "--catalog-ttl",
+                "2",
+                "--read-timeout",
+                &READ_TIMEOUT.to_string(),
+                "--listen",
+                &listens[i],
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let peers: Vec<String> =
+                listens.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, l)| l.clone()).chain([fake.addr.clone()]).collect();
             args.extend(["--peers".into(), peers.join(",")]);
             for (k, v) in s3_options(proxy.port) {
                 args.extend(["--source-option".into(), format!("{k}={v}")]);

@@ -58,7 +58,14 @@ impl proto::peer_server::Peer for ForgingPeer {
         let msgs: Vec<_> = forged
             .chunks(1 << 20)
             .enumerate()
-            .map(|(i, d)| Ok(proto::ChunkData { offset: (i << 20) as u64, data: d.to_vec().into(), chunk_len: if i == 0 { len as u64 } else { 0 }, crc32c: if i == 0 { crc } else { 0 } }))
+            .map(|(i, d)| {
+                Ok(proto::ChunkData {
+                    offset: (i << 20) as u64,
+                    data: d.to_vec().into(),
+                    chunk_len: if i == 0 { len as u64 } else { 0 },
+                    crc32c: if i == 0 { crc } else { 0 },
+                })
+            })
             .collect();
         Ok(Response::new(Box::pin(futures::stream::iter(msgs))))
     }
@@ -71,14 +78,27 @@ impl proto::peer_server::Peer for ForgingPeer {
             .map(|o| {
                 let n = o.size.div_ceil(self.chunk);
                 self.sizes.lock().unwrap().insert(o.key.clone(), o.size);
-                proto::ObjectInventory { key: o.key, etag: o.etag, present: vec![0xffu8; n.div_ceil(8) as usize].into(), chunks: n, filling: Default::default() }
+                proto::ObjectInventory {
+                    key: o.key,
+                    etag: o.etag,
+                    present: vec![0xffu8; n.div_ceil(8) as usize].into(),
+                    chunks: n,
+                    filling: Default::default(),
+                }
             })
             .collect();
         Ok(Response::new(proto::InventoryResponse { objects, draining: false }))
     }
 
     async fn hello(&self, _r: Request<proto::HelloRequest>) -> Result<Response<proto::HelloResponse>, Status> {
-        Ok(Response::new(proto::HelloResponse { node_id: self.node_id.clone(), protocol: 1, draining: false, chunk_size: self.chunk, source: self.source.clone(), raw_data: false }))
+        Ok(Response::new(proto::HelloResponse {
+            node_id: self.node_id.clone(),
+            protocol: 1,
+            draining: false,
+            chunk_size: self.chunk,
+            source: self.source.clone(),
+            raw_data: false,
+        }))
     }
 
     async fn drain(&self, _r: Request<proto::DrainNotice>) -> Result<Response<proto::DrainAck>, Status> {
@@ -101,7 +121,9 @@ fn start_forger(source: &str, chunk: u64) -> Forger {
     let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let peer = ForgingPeer { node_id: "forger".into(), chunk, source: source.into(), sizes: Default::default(), served: served.clone() };
     let svc = proto::peer_server::PeerServer::new(peer);
-    rt.spawn(tonic::transport::Server::builder().add_service(svc).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+    rt.spawn(
+        tonic::transport::Server::builder().add_service(svc).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
     Forger { addr: local.to_string(), port: local.port(), served, rt }
 }
 
@@ -234,7 +256,13 @@ fn http_raw(addr: std::net::SocketAddr, request_line: &str, headers: &[&str], bo
 
 fn s3_opts(endpoint: &str) -> Vec<String> {
     let mut v = Vec::new();
-    for o in [format!("endpoint={endpoint}"), "allow_http=true".into(), "access_key_id=AKIATESTKEY".into(), "secret_access_key=test-secret-value-77".into(), "region=us-east-1".into()] {
+    for o in [
+        format!("endpoint={endpoint}"),
+        "allow_http=true".into(),
+        "access_key_id=AKIATESTKEY".into(),
+        "secret_access_key=test-secret-value-77".into(),
+        "region=us-east-1".into(),
+    ] {
         v.push("--source-option".to_string());
         v.push(o);
     }
@@ -292,11 +320,17 @@ fn admin_posts_need_the_token_a_good_host_and_no_cross_site_marks() {
     let out = std::process::Command::new(bin()).args(["warm", "--admin", &a.admin.to_string(), "w.bin"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("admin token"), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = std::process::Command::new(bin()).args(["warm", "--admin", &a.admin.to_string(), "--admin-token-file", &tok_path, "w.bin"]).output().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["warm", "--admin", &a.admin.to_string(), "--admin-token-file", &tok_path, "w.bin"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = std::process::Command::new(bin()).args(["drain", "--admin", &a.admin.to_string()]).output().unwrap();
     assert!(!out.status.success());
-    let st = std::process::Command::new(bin()).args(["drain", "--admin", &a.admin.to_string(), "--admin-token-file", &tok_path]).status().unwrap();
+    let st = std::process::Command::new(bin())
+        .args(["drain", "--admin", &a.admin.to_string(), "--admin-token-file", &tok_path])
+        .status()
+        .unwrap();
     assert!(st.success());
     assert_eq!(http_get(a.admin, "/readyz").map(|r| r.0), Some(503));
 }
@@ -357,7 +391,12 @@ fn a_configured_peer_that_forges_bytes_is_caught_by_the_origin_checksum() {
     let _ = std::fs::read(c.path("v.bin")).unwrap();
     let forged = forger.served.load(std::sync::atomic::Ordering::SeqCst);
     assert!(forged > 0, "the forger was never asked: the test proves nothing");
-    assert!(poll_until(Duration::from_secs(20), || check_of(&c, "v.bin").is_some_and(|f| f["check"] == "verified")), "{}\n{}", status(&c), c.log_text());
+    assert!(
+        poll_until(Duration::from_secs(20), || check_of(&c, "v.bin").is_some_and(|f| f["check"] == "verified")),
+        "{}\n{}",
+        status(&c),
+        c.log_text()
+    );
     assert_eq!(c.metric("cachefs_verify_failures_total"), 1.0);
     assert!(s3.checksum_heads.load(std::sync::atomic::Ordering::SeqCst) >= 1, "the checksum was not asked for with a signed header");
     let f = check_of(&c, "v.bin").unwrap();
@@ -366,7 +405,10 @@ fn a_configured_peer_that_forges_bytes_is_caught_by_the_origin_checksum() {
     assert!(c.log_text().contains("fails the origin's checksum"), "{}", c.log_text());
 
     // Every later read has the origin's bytes, and the forger is not asked again.
-    let want = { use sha2::Digest; hex::encode(sha2::Sha256::digest(&data)) };
+    let want = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&data))
+    };
     assert_eq!(sha256_file(&c.path("v.bin")), want);
     assert_eq!(forger.served.load(std::sync::atomic::Ordering::SeqCst), forged);
 }

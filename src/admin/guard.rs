@@ -59,12 +59,19 @@ impl Guard {
         if h.contains_key(header::ORIGIN) || site.is_some_and(|s| s != "none" && s != "same-origin") {
             return Some((StatusCode::FORBIDDEN, "cross-site requests are refused".into()));
         }
-        let json = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.trim_start().starts_with("application/json"));
+        let json =
+            h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.trim_start().starts_with("application/json"));
         if !json {
             return Some((StatusCode::UNSUPPORTED_MEDIA_TYPE, "POST bodies must be application/json".into()));
         }
         let want = self.token.as_deref()?;
-        let got = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("").trim().as_bytes();
+        let got = h
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("")
+            .trim()
+            .as_bytes();
         if got.len() == want.len() && bool::from(got.ct_eq(want)) {
             None
         } else {
@@ -116,14 +123,31 @@ mod tests {
         let localhost = [("host", "localhost:7071"), ("content-type", "application/json"), ("authorization", "Bearer tok")];
         assert_eq!(g.refuse(&Method::POST, "/drain", &headers(&localhost)), None);
         let code = |h: &[(&str, &str)]| g.refuse(&Method::POST, "/drain", &headers(h)).map(|r| r.0);
-        assert_eq!(code(&[("host", "evil.example:7071"), ("content-type", "application/json"), ("authorization", "Bearer tok")]), Some(StatusCode::FORBIDDEN));
+        assert_eq!(
+            code(&[("host", "evil.example:7071"), ("content-type", "application/json"), ("authorization", "Bearer tok")]),
+            Some(StatusCode::FORBIDDEN)
+        );
         assert_eq!(code(&[("host", "127.0.0.1:7071"), ("content-type", "application/json")]), Some(StatusCode::UNAUTHORIZED));
-        assert_eq!(code(&[("host", "127.0.0.1:7071"), ("content-type", "application/json"), ("authorization", "Bearer tox")]), Some(StatusCode::UNAUTHORIZED));
-        assert_eq!(code(&[("host", "127.0.0.1:7071"), ("content-type", "text/plain"), ("authorization", "Bearer tok")]), Some(StatusCode::UNSUPPORTED_MEDIA_TYPE));
-        let cross = [("host", "127.0.0.1:7071"), ("origin", "https://evil.example"), ("content-type", "application/json"), ("authorization", "Bearer tok")];
+        assert_eq!(
+            code(&[("host", "127.0.0.1:7071"), ("content-type", "application/json"), ("authorization", "Bearer tox")]),
+            Some(StatusCode::UNAUTHORIZED)
+        );
+        assert_eq!(
+            code(&[("host", "127.0.0.1:7071"), ("content-type", "text/plain"), ("authorization", "Bearer tok")]),
+            Some(StatusCode::UNSUPPORTED_MEDIA_TYPE)
+        );
+        let cross = [
+            ("host", "127.0.0.1:7071"),
+            ("origin", "https://evil.example"),
+            ("content-type", "application/json"),
+            ("authorization", "Bearer tok"),
+        ];
         assert_eq!(code(&cross), Some(StatusCode::FORBIDDEN));
         // Reading /status needs a good Host, not the token; other GETs are open.
-        assert_eq!(g.refuse(&Method::GET, "/status", &headers(&[("host", "rebind.example:7071")])).map(|r| r.0), Some(StatusCode::FORBIDDEN));
+        assert_eq!(
+            g.refuse(&Method::GET, "/status", &headers(&[("host", "rebind.example:7071")])).map(|r| r.0),
+            Some(StatusCode::FORBIDDEN)
+        );
         assert_eq!(g.refuse(&Method::GET, "/status", &headers(&[("host", "127.0.0.1:7071")])), None);
         assert_eq!(g.refuse(&Method::GET, "/metrics", &headers(&[("host", "10.1.2.3:7071")])), None);
         let wild = Guard::new("0.0.0.0:7071".parse().unwrap(), None);

@@ -101,11 +101,22 @@ pub mod client {
     }
 
     /// Send one HTTP/1.0 request; returns the status and a reader positioned at the body.
-    fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: &str, read_timeout: Option<Duration>) -> Result<(u16, BufReader<TcpStream>), String> {
+    fn request(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+        read_timeout: Option<Duration>,
+    ) -> Result<(u16, BufReader<TcpStream>), String> {
         let mut s = connect(addr, read_timeout)?;
         let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
-            .map_err(|e| e.to_string())?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .map_err(|e| e.to_string())?;
         let mut r = BufReader::new(s);
         let mut status_line = String::new();
         r.read_line(&mut status_line).map_err(|e| format!("no answer from the agent: {e}"))?;
@@ -127,7 +138,13 @@ pub mod client {
     }
 
     /// POST and hand each line of the (streamed) answer to `on_line`.
-    pub fn post_lines(addr: SocketAddr, path: &str, token: Option<&str>, body: &str, mut on_line: impl FnMut(u16, &str)) -> Result<u16, String> {
+    pub fn post_lines(
+        addr: SocketAddr,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+        mut on_line: impl FnMut(u16, &str),
+    ) -> Result<u16, String> {
         let (status, r) = request(addr, "POST", path, token, body, Some(Duration::from_secs(300)))?;
         for line in r.lines() {
             let line = line.map_err(|e| format!("the agent's answer broke off: {e}"))?;

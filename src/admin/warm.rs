@@ -75,7 +75,11 @@ pub async fn warm(State(s): State<AdminState>, Json(req): Json<WarmRequest>) -> 
     s.tasks.spawn(async move {
         let _claim = claim;
         let gone = async {
-            if detach { std::future::pending::<()>().await } else { tx.closed().await }
+            if detach {
+                std::future::pending::<()>().await
+            } else {
+                tx.closed().await
+            }
         };
         tokio::select! {
             _ = run(reader, files, tx.clone()) => {}

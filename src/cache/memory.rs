@@ -18,8 +18,8 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -138,7 +138,16 @@ impl ObjFile {
     fn new(file: File, journal: Option<File>, journal_path: PathBuf, header: &JournalHeader, slots: Vec<Slot>) -> Arc<Self> {
         let header_line = serde_json::to_string(header).unwrap_or_default();
         let journal_lines = (slots.iter().filter(|s| s.present).count() as u64).into();
-        Arc::new(ObjFile { file, journal: Mutex::new(journal), journal_path, header_line, journal_lines, slots: Mutex::new(slots), map: Default::default(), write: Mutex::new(()) })
+        Arc::new(ObjFile {
+            file,
+            journal: Mutex::new(journal),
+            journal_path,
+            header_line,
+            journal_lines,
+            slots: Mutex::new(slots),
+            map: Default::default(),
+            write: Mutex::new(()),
+        })
     }
 
     /// Write `data` at `offset` of the file, one writer at a time.
@@ -170,7 +179,13 @@ impl ObjFile {
 
     /// [`ObjFile::view`] of a chunk that `admit` accepts (it may change the slot), decided under
     /// the slot lock together with registering the reader.
-    fn view_with(self: &Arc<Self>, index: u64, chunk: Range<u64>, within: Range<u64>, admit: impl FnOnce(&mut Slot) -> Option<()>) -> Option<(Bytes, Slot)> {
+    fn view_with(
+        self: &Arc<Self>,
+        index: u64,
+        chunk: Range<u64>,
+        within: Range<u64>,
+        admit: impl FnOnce(&mut Slot) -> Option<()>,
+    ) -> Option<(Bytes, Slot)> {
         let map = self.mapping()?;
         let (start, end) = (chunk.start + within.start, chunk.start + within.end);
         if within.end > chunk.end - chunk.start || end as usize > map.len() {
@@ -270,7 +285,10 @@ fn lock_dir(dir: &Path) -> io::Result<File> {
         let mut pid = String::new();
         let _ = f.read_to_string(&mut pid);
         let who = if pid.trim().is_empty() { String::new() } else { format!(" (pid {})", pid.trim()) };
-        return Err(io::Error::new(io::ErrorKind::WouldBlock, format!("it is in use by another cachefs agent{who}; give each agent its own --cache-dir")));
+        return Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("it is in use by another cachefs agent{who}; give each agent its own --cache-dir"),
+        ));
     }
     f.set_len(0)?;
     f.rewind()?;
@@ -549,10 +567,13 @@ impl MemoryTier {
         // A new version starts empty: whatever an earlier run left under this name is not trusted.
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(self.file_path(obj))?;
         file.set_len(obj.size)?;
-        let journal = match std::fs::remove_file(self.journal_path(obj)).or_else(|e| if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) }) {
-            Ok(()) => open_journal(&self.journal_path(obj), Some(&self.header(obj))).ok(),
-            Err(_) => None,
-        };
+        let journal =
+            match std::fs::remove_file(self.journal_path(obj))
+                .or_else(|e| if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+            {
+                Ok(()) => open_journal(&self.journal_path(obj), Some(&self.header(obj))).ok(),
+                Err(_) => None,
+            };
         if journal.is_none() {
             warn!(key = %obj.key, "cannot write the cache journal: this object's chunks will not survive a restart");
         }
@@ -921,12 +942,7 @@ fn put_back(idx: &mut Index, kept: Vec<(ChunkKey, u64)>) {
 fn punch(file: &File, offset: u64, len: u64) {
     // SAFETY: fallocate on an owned, open fd with in-range arguments has no memory effects.
     let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
+        libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as libc::off_t, len as libc::off_t)
     };
     if rc != 0 {
         warn!(error = %io::Error::last_os_error(), "punching a hole in the cache file failed");

@@ -42,7 +42,13 @@ use crate::metrics::{Metrics, Tier};
 /// says so while it does.
 pub trait ChunkSource: Send + Sync + 'static {
     fn tier(&self) -> Tier;
-    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, index: u64, range: Range<u64>, stage: &'a Stage) -> BoxFuture<'a, Result<Option<Chunk>, Error>>;
+    fn fetch<'a>(
+        &'a self,
+        obj: &'a Arc<ObjectVersion>,
+        index: u64,
+        range: Range<u64>,
+        stage: &'a Stage,
+    ) -> BoxFuture<'a, Result<Option<Chunk>, Error>>;
 }
 
 /// What a fetch in flight waits on. A peer asking this agent to fill a chunk joins the fetch in
@@ -428,4 +434,3 @@ impl Reader {
         }
     }
 }
-

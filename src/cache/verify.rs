@@ -38,7 +38,9 @@ pub enum Check {
     Verified,
     /// Failed; being loaded again from the origin alone.
     Refetching,
-    Unverified { reason: String },
+    Unverified {
+        reason: String,
+    },
 }
 
 impl Check {
@@ -76,7 +78,14 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    pub fn new(origin: Arc<Origin>, memory: Arc<MemoryTier>, membership: Arc<Membership>, metrics: Arc<Metrics>, tasks: TaskTracker, stop: CancellationToken) -> Arc<Self> {
+    pub fn new(
+        origin: Arc<Origin>,
+        memory: Arc<MemoryTier>,
+        membership: Arc<Membership>,
+        metrics: Arc<Metrics>,
+        tasks: TaskTracker,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
         Arc::new(Verifier { origin, memory, membership, metrics, reader: OnceLock::new(), files: Mutex::new(HashMap::new()), tasks, stop })
     }
 
@@ -101,7 +110,13 @@ impl Verifier {
             if files.len() >= MAX_FILES && !files.contains_key(&obj.id) {
                 files.retain(|_, f| f.check == Check::Pending || f.check == Check::Checking || f.origin_only);
             }
-            let f = files.entry(obj.id.clone()).or_insert_with(|| FileState { key: obj.key.clone(), suppliers: BTreeSet::new(), check: Check::Pending, origin_only: false, failures: 0 });
+            let f = files.entry(obj.id.clone()).or_insert_with(|| FileState {
+                key: obj.key.clone(),
+                suppliers: BTreeSet::new(),
+                check: Check::Pending,
+                origin_only: false,
+                failures: 0,
+            });
             f.suppliers.insert(addr.to_string());
             if f.check != Check::Checking && f.check != Check::Refetching {
                 f.check = Check::Pending;
@@ -143,7 +158,11 @@ impl Verifier {
         let published = self.origin.published_checksum(obj).await;
         let Some((ours, _)) = self.whole_crc64(obj).await else {
             // Evicted meanwhile, or this tier keeps no CRC-64s.
-            let reason = if self.origin.crc64_kind().is_none() { "this kind of origin publishes no whole-object checksum" } else { "the file left memory before it could be checked" };
+            let reason = if self.origin.crc64_kind().is_none() {
+                "this kind of origin publishes no whole-object checksum"
+            } else {
+                "the file left memory before it could be checked"
+            };
             return self.set(obj, Check::Unverified { reason: reason.into() });
         };
         match published {
@@ -204,7 +223,11 @@ impl Verifier {
             .collect();
         files.sort_by(|a, b| a["key"].as_str().cmp(&b["key"].as_str()));
         let kind = self.origin.crc64_kind().map(|k| k.name());
-        let note = if kind.is_none() { Some("this origin publishes no whole-object checksum: files assembled from peers are checked chunk by chunk only") } else { None };
+        let note = if kind.is_none() {
+            Some("this origin publishes no whole-object checksum: files assembled from peers are checked chunk by chunk only")
+        } else {
+            None
+        };
         serde_json::json!({ "checksum": kind, "note": note, "files": files })
     }
 }

@@ -64,7 +64,8 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Checksums {
     pub fn new(s3: Arc<object_store::aws::AmazonS3>, endpoint: Option<&str>) -> Result<Self, OriginError> {
-        let oss = endpoint.and_then(|e| url::Url::parse(e).ok()).and_then(|u| u.host_str().map(|h| h.ends_with("aliyuncs.com"))).unwrap_or(false);
+        let oss =
+            endpoint.and_then(|e| url::Url::parse(e).ok()).and_then(|u| u.host_str().map(|h| h.ends_with("aliyuncs.com"))).unwrap_or(false);
         let client = super::http_client(LOOKUP_TIMEOUT)?;
         Ok(Checksums { s3, client, kind: if oss { Crc64Kind::Ecma } else { Crc64Kind::Nvme } })
     }
@@ -80,8 +81,18 @@ impl Checksums {
         for (name, value) in &signed {
             opts = opts.with_signed_header(name.clone(), value.clone());
         }
-        let url = self.s3.signed_url_opts(Method::HEAD, &obj.location, Duration::from_secs(300), &opts).await.map_err(|e| OriginError::Request(e.to_string()))?;
-        let r = self.client.head(url).headers(signed).send().await.map_err(|e| OriginError::Request(format!("checksum lookup: {}", e.without_url())))?;
+        let url = self
+            .s3
+            .signed_url_opts(Method::HEAD, &obj.location, Duration::from_secs(300), &opts)
+            .await
+            .map_err(|e| OriginError::Request(e.to_string()))?;
+        let r = self
+            .client
+            .head(url)
+            .headers(signed)
+            .send()
+            .await
+            .map_err(|e| OriginError::Request(format!("checksum lookup: {}", e.without_url())))?;
         match r.status().as_u16() {
             200 => Ok(self.parse(r.headers())),
             404 => Err(OriginError::NotFound(obj.key.clone())),
@@ -92,7 +103,9 @@ impl Checksums {
 
     fn parse(&self, h: &HeaderMap) -> Lookup {
         match parse_headers(h) {
-            Lookup::Found(kind, _) if kind != self.kind => Lookup::Unavailable(format!("the origin publishes {} but this agent keeps {}", kind.name(), self.kind.name())),
+            Lookup::Found(kind, _) if kind != self.kind => {
+                Lookup::Unavailable(format!("the origin publishes {} but this agent keeps {}", kind.name(), self.kind.name()))
+            }
             other => other,
         }
     }

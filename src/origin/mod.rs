@@ -73,7 +73,12 @@ impl OriginError {
 
 /// A plain HTTP client for the requests made beside the store (checksum HEADs, listing pages).
 fn http_client(timeout: Duration) -> Result<reqwest::Client, OriginError> {
-    reqwest::Client::builder().timeout(timeout).connect_timeout(Duration::from_secs(5)).no_proxy().build().map_err(|e| OriginError::Build(e.to_string()))
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(5))
+        .no_proxy()
+        .build()
+        .map_err(|e| OriginError::Build(e.to_string()))
 }
 
 fn one_line(s: impl std::fmt::Display) -> String {
@@ -112,7 +117,17 @@ impl Origin {
     /// Wrap an already built store (tests use `InMemory`).
     pub fn new(store: Arc<dyn ObjectStore>, prefix: Path, concurrency: usize, metrics: Arc<Metrics>) -> Self {
         let limit = Semaphore::new(concurrency.max(1));
-        Origin { description: format!("{store}/{prefix}"), store, prefix, limit, metrics, request_timeout: REQUEST_TIMEOUT, checksums: None, lister: None, skipped: Default::default() }
+        Origin {
+            description: format!("{store}/{prefix}"),
+            store,
+            prefix,
+            limit,
+            metrics,
+            request_timeout: REQUEST_TIMEOUT,
+            checksums: None,
+            lister: None,
+            skipped: Default::default(),
+        }
     }
 
     /// Build from a source URL (`file://`, a bare path, `s3://`, `gs://`, `az://`, `http(s)://`)
@@ -122,7 +137,13 @@ impl Origin {
     }
 
     /// Per-attempt timeout no longer than `limit` (the read deadline), at most [`REQUEST_TIMEOUT`].
-    pub fn with_request_timeout(source: &str, options: &[(String, String)], concurrency: usize, metrics: Arc<Metrics>, limit: Duration) -> Result<Self, OriginError> {
+    pub fn with_request_timeout(
+        source: &str,
+        options: &[(String, String)],
+        concurrency: usize,
+        metrics: Arc<Metrics>,
+        limit: Duration,
+    ) -> Result<Self, OriginError> {
         let t = limit.min(REQUEST_TIMEOUT).max(Duration::from_secs(1));
         let built = build_store(source, options, t)?;
         let mut o = Origin::new(built.store, built.prefix, concurrency, metrics);
@@ -148,7 +169,9 @@ impl Origin {
 
     /// The whole-object checksum of `obj` as the origin publishes it (one request, bounded).
     pub async fn published_checksum(&self, obj: &ObjectVersion) -> Result<Lookup, OriginError> {
-        let Some(c) = &self.checksums else { return Ok(Lookup::Unavailable("this kind of origin publishes no whole-object checksum".into())) };
+        let Some(c) = &self.checksums else {
+            return Ok(Lookup::Unavailable("this kind of origin publishes no whole-object checksum".into()));
+        };
         let _permit = self.limit.acquire().await.map_err(|_| OriginError::Request("shutting down".into()))?;
         self.metrics.origin_requests.inc();
         c.lookup(obj).await
@@ -186,7 +209,11 @@ impl Origin {
     /// The key of `meta` relative to the prefix, `/`-separated.
     pub fn relative_key(&self, location: &Path) -> Option<String> {
         let parts: Vec<String> = location.prefix_match(&self.prefix)?.map(|p| p.as_ref().to_string()).collect();
-        if parts.is_empty() { None } else { Some(parts.join("/")) }
+        if parts.is_empty() {
+            None
+        } else {
+            Some(parts.join("/"))
+        }
     }
 
     /// Exactly the bytes `range` of `obj`, with retries.
@@ -236,7 +263,12 @@ impl Origin {
     /// One ranged GET into `sink`. A store that answers with the whole object is
     /// [`OriginError::RangeIgnored`]; one that answers a wider range has the wanted bytes cut out.
     async fn get_once(&self, obj: &ObjectVersion, range: Range<u64>, sink: &mut dyn Sink) -> Result<(), OriginError> {
-        let opts = GetOptions { if_match: obj.etag.clone(), version: obj.version.clone(), range: Some(GetRange::Bounded(range.clone())), ..Default::default() };
+        let opts = GetOptions {
+            if_match: obj.etag.clone(),
+            version: obj.version.clone(),
+            range: Some(GetRange::Bounded(range.clone())),
+            ..Default::default()
+        };
         let res = self.store.get_opts(&obj.location, opts).await.map_err(|e| map_err(&obj.key, e))?;
         let got = res.range.clone();
         if got.start > range.start || got.end < range.end {
@@ -332,8 +364,8 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
         let abs = std::path::absolute(source).map_err(|e| bad(&e.to_string()))?;
         url::Url::from_directory_path(&abs).map_err(|_| bad("not an absolute directory path"))?
     };
-    let (scheme, path) = ObjectStoreScheme::parse(&url)
-        .map_err(|_| bad("unknown scheme: use file://, a path, s3://, gs://, az://, http:// or https://"))?;
+    let (scheme, path) =
+        ObjectStoreScheme::parse(&url).map_err(|_| bad("unknown scheme: use file://, a path, s3://, gs://, az://, http:// or https://"))?;
     let retry = RetryConfig { max_retries: 2, retry_timeout: request_timeout, ..Default::default() };
     let timeout = format!("{}s", request_timeout.as_secs());
     let build = |e: object_store::Error| OriginError::Build(one_line(e));
@@ -394,10 +426,7 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
         }
         ObjectStoreScheme::Http => {
             let base = &url[..url::Position::BeforePath];
-            let b = object_store::http::HttpBuilder::new()
-                .with_url(base)
-                .with_retry(retry)
-                .with_config(ClientConfigKey::Timeout, timeout);
+            let b = object_store::http::HttpBuilder::new().with_url(base).with_retry(retry).with_config(ClientConfigKey::Timeout, timeout);
             Arc::new(with_options!(b, ClientConfigKey, "http").build().map_err(build)?)
         }
         _ => return Err(bad("unsupported scheme")),
@@ -509,7 +538,13 @@ impl crate::cache::ChunkSource for OriginSource {
         crate::metrics::Tier::origin
     }
 
-    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, index: u64, range: Range<u64>, _stage: &'a crate::cache::reader::Stage) -> futures::future::BoxFuture<'a, Result<Option<crate::cache::Chunk>, crate::Error>> {
+    fn fetch<'a>(
+        &'a self,
+        obj: &'a Arc<ObjectVersion>,
+        index: u64,
+        range: Range<u64>,
+        _stage: &'a crate::cache::reader::Stage,
+    ) -> futures::future::BoxFuture<'a, Result<Option<crate::cache::Chunk>, crate::Error>> {
         Box::pin(async move {
             match self.fetch_chunk(obj, index, range).await {
                 Ok(c) => Ok(Some(c)),

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::http::Method;
 use object_store::path::Path;
-use object_store::signer::{Signer, SignedUrlOptions};
+use object_store::signer::{SignedUrlOptions, Signer};
 use object_store::ObjectMeta;
 use serde::Deserialize;
 
@@ -70,7 +70,13 @@ impl S3Lister {
             for e in page.contents {
                 let key = if url_encoded { decode(&e.key) } else { e.key };
                 match Path::parse(&key) {
-                    Ok(location) => out.objects.push(ObjectMeta { location, last_modified: e.last_modified, size: e.size, e_tag: e.e_tag, version: None }),
+                    Ok(location) => out.objects.push(ObjectMeta {
+                        location,
+                        last_modified: e.last_modified,
+                        size: e.size,
+                        e_tag: e.e_tag,
+                        version: None,
+                    }),
                     Err(_) => out.skipped.push(key),
                 }
             }
@@ -108,15 +114,23 @@ impl S3Lister {
             query.push(("continuation-token", t));
         }
         let opts = SignedUrlOptions::new().with_query(query);
-        let url = self.s3.signed_url_opts(Method::GET, &Path::default(), Duration::from_secs(300), &opts).await.map_err(|e| Retry::No(OriginError::Request(super::one_line(e))))?;
+        let url = self
+            .s3
+            .signed_url_opts(Method::GET, &Path::default(), Duration::from_secs(300), &opts)
+            .await
+            .map_err(|e| Retry::No(OriginError::Request(super::one_line(e))))?;
         let transport = |e: reqwest::Error| Retry::Yes(OriginError::Request(format!("listing: {}", e.without_url())));
         let r = self.client.get(url).send().await.map_err(transport)?;
         let status = r.status().as_u16();
         let body = r.bytes().await.map_err(transport)?;
         match status {
-            200 => quick_xml::de::from_reader(&body[..]).map_err(|e| Retry::No(OriginError::Request(format!("listing: unreadable answer: {e}")))),
+            200 => quick_xml::de::from_reader(&body[..])
+                .map_err(|e| Retry::No(OriginError::Request(format!("listing: unreadable answer: {e}")))),
             500.. => Err(Retry::Yes(OriginError::Request(format!("listing: HTTP {status}")))),
-            _ => Err(Retry::No(OriginError::Request(format!("listing: HTTP {status}: {}", super::one_line(String::from_utf8_lossy(&body[..body.len().min(300)])))))),
+            _ => Err(Retry::No(OriginError::Request(format!(
+                "listing: HTTP {status}: {}",
+                super::one_line(String::from_utf8_lossy(&body[..body.len().min(300)]))
+            )))),
         }
     }
 }

@@ -122,7 +122,13 @@ enum Out {
 }
 
 impl WholeStreams {
-    pub fn new(origin: Arc<Origin>, memory: Arc<MemoryTier>, on_stored: Option<Arc<crate::cache::verify::Verifier>>, tasks: TaskTracker, stop: CancellationToken) -> Self {
+    pub fn new(
+        origin: Arc<Origin>,
+        memory: Arc<MemoryTier>,
+        on_stored: Option<Arc<crate::cache::verify::Verifier>>,
+        tasks: TaskTracker,
+        stop: CancellationToken,
+    ) -> Self {
         WholeStreams { origin, memory, streams: Mutex::new(HashMap::new()), on_stored, tasks, stop }
     }
 
@@ -192,8 +198,12 @@ impl WholeStreams {
             let mut got = 0;
             while got < len {
                 if pending.is_empty() {
-                    let next = tokio::time::timeout(origin.request_timeout, body.next()).await.map_err(|_| OriginError::Timeout(origin.request_timeout))?;
-                    pending = next.ok_or(OriginError::Short { want: obj.size, got: index * chunk_size + got })?.map_err(|e| map_err(&obj.key, e))?;
+                    let next = tokio::time::timeout(origin.request_timeout, body.next())
+                        .await
+                        .map_err(|_| OriginError::Timeout(origin.request_timeout))?;
+                    pending = next
+                        .ok_or(OriginError::Short { want: obj.size, got: index * chunk_size + got })?
+                        .map_err(|e| map_err(&obj.key, e))?;
                 }
                 let take = (len - got).min(pending.len() as u64) as usize;
                 out = self.put(out, &pending[..take], obj, index);

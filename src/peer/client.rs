@@ -100,7 +100,11 @@ impl Inventory {
 
     /// Usable peers whose answer has bit `index` set in `pick(answer)`, sorted by node id.
     fn with_bit(&self, usable: &[Arc<PeerHandle>], index: u64, pick: impl Fn(&Answer) -> &Bytes) -> Vec<Arc<PeerHandle>> {
-        let mut out: Vec<_> = usable.iter().filter(|p| p.node_id().and_then(|n| self.answers.get(&n)).is_some_and(|a| bit(pick(a), index))).cloned().collect();
+        let mut out: Vec<_> = usable
+            .iter()
+            .filter(|p| p.node_id().and_then(|n| self.answers.get(&n)).is_some_and(|a| bit(pick(a), index)))
+            .cloned()
+            .collect();
         out.sort_by_key(|p| p.node_id());
         out
     }
@@ -135,7 +139,9 @@ impl Sink {
     fn finish(self, crc: u32) -> Result<Chunk, PeerFetchError> {
         match self {
             Sink::File(f) if f.crc() != crc => Err(PeerFetchError::Checksum),
-            Sink::File(f) => f.commit(crc, Tier::peer).map(|bytes| Chunk { bytes, stored: true }).map_err(|e| PeerFetchError::Local(e.to_string())),
+            Sink::File(f) => {
+                f.commit(crc, Tier::peer).map(|bytes| Chunk { bytes, stored: true }).map_err(|e| PeerFetchError::Local(e.to_string()))
+            }
             Sink::Heap(b) if crc32c::crc32c(&b) != crc => Err(PeerFetchError::Checksum),
             Sink::Heap(b) => Ok(b.freeze().into()),
         }
@@ -170,7 +176,13 @@ enum PeerFetchError {
 }
 
 impl PeerSource {
-    pub fn new(membership: Arc<Membership>, memory: Arc<MemoryTier>, draining: Arc<AtomicBool>, timeouts: PeerTimeouts, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        membership: Arc<Membership>,
+        memory: Arc<MemoryTier>,
+        draining: Arc<AtomicBool>,
+        timeouts: PeerTimeouts,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let chunk_size = memory.chunk_size();
         PeerSource { membership, memory, chunk_size, draining, timeouts, metrics, inventories: Mutex::new(HashMap::new()), verifier: None }
     }
@@ -231,7 +243,10 @@ impl PeerSource {
                 Ok(Ok(resp)) => {
                     let o = resp.into_inner().objects.into_iter().find(|o| o.key == obj.key);
                     // Not listed: the peer has another version (or none): it holds nothing of ours.
-                    Some(o.map(|o| Answer { present: o.present, filling: o.filling }).unwrap_or(Answer { present: Bytes::new(), filling: Bytes::new() }))
+                    Some(
+                        o.map(|o| Answer { present: o.present, filling: o.filling })
+                            .unwrap_or(Answer { present: Bytes::new(), filling: Bytes::new() }),
+                    )
                 }
                 // Not a reason to back the peer off: data requests decide that.
                 Ok(Err(status)) => {
@@ -258,14 +273,25 @@ impl PeerSource {
     }
 
     /// Stream chunk `index` from `peer` into the memory tier (or a buffer) and verify it.
-    async fn read_from(&self, peer: &PeerHandle, obj: &Arc<ObjectVersion>, index: u64, want: u64, allow_fill: bool) -> Result<Chunk, PeerFetchError> {
+    async fn read_from(
+        &self,
+        peer: &PeerHandle,
+        obj: &Arc<ObjectVersion>,
+        index: u64,
+        want: u64,
+        allow_fill: bool,
+    ) -> Result<Chunk, PeerFetchError> {
         let limit = if allow_fill { self.timeouts.fill } else { self.timeouts.hit };
         let req = ReadChunkRequest { object: Some(object_ref(obj)), index, chunk_size: self.chunk_size, allow_fill, protocol: PROTOCOL };
         let mut sink = match self.memory.begin_fill(obj, index) {
             Ok(Some(f)) => Sink::File(f),
             _ => Sink::Heap(BytesMut::with_capacity(want as usize)),
         };
-        let received = if peer.state().raw { self.receive_raw(peer, req, want, &mut sink).boxed() } else { self.receive_grpc(peer, req, limit, want, &mut sink).boxed() };
+        let received = if peer.state().raw {
+            self.receive_raw(peer, req, want, &mut sink).boxed()
+        } else {
+            self.receive_grpc(peer, req, limit, want, &mut sink).boxed()
+        };
         let crc = tokio::time::timeout(limit, received).await.map_err(|_| PeerFetchError::Timeout)??;
         let have = sink.written();
         if have != want {
@@ -286,7 +312,14 @@ impl PeerSource {
     }
 
     /// The chunk over gRPC into `sink`; returns the crc32c the peer sent.
-    async fn receive_grpc(&self, peer: &PeerHandle, req: ReadChunkRequest, limit: Duration, want: u64, sink: &mut Sink) -> Result<u32, PeerFetchError> {
+    async fn receive_grpc(
+        &self,
+        peer: &PeerHandle,
+        req: ReadChunkRequest,
+        limit: Duration,
+        want: u64,
+        sink: &mut Sink,
+    ) -> Result<u32, PeerFetchError> {
         let mut req = tonic::Request::new(req);
         req.set_timeout(limit);
         let status = |s: tonic::Status| PeerFetchError::Status(s.code(), s.message().to_string());
@@ -325,7 +358,15 @@ impl PeerSource {
     }
 
     /// Try `peers` in turn, starting at `first` (consecutive chunks spread over them).
-    async fn try_peers(&self, peers: &[Arc<PeerHandle>], first: usize, obj: &Arc<ObjectVersion>, index: u64, want: u64, allow_fill: bool) -> Option<Chunk> {
+    async fn try_peers(
+        &self,
+        peers: &[Arc<PeerHandle>],
+        first: usize,
+        obj: &Arc<ObjectVersion>,
+        index: u64,
+        want: u64,
+        allow_fill: bool,
+    ) -> Option<Chunk> {
         let n = peers.len();
         for k in 0..n {
             let p = &peers[(first + k) % n];
@@ -398,7 +439,13 @@ impl ChunkSource for PeerSource {
         Tier::peer
     }
 
-    fn fetch<'a>(&'a self, obj: &'a Arc<ObjectVersion>, index: u64, range: Range<u64>, stage: &'a Stage) -> BoxFuture<'a, Result<Option<Chunk>, Error>> {
+    fn fetch<'a>(
+        &'a self,
+        obj: &'a Arc<ObjectVersion>,
+        index: u64,
+        range: Range<u64>,
+        stage: &'a Stage,
+    ) -> BoxFuture<'a, Result<Option<Chunk>, Error>> {
         Box::pin(async move {
             let r = match tokio::time::timeout(self.timeouts.budget, self.fetch_chunk(obj, index, range, stage)).await {
                 Ok(r) => r,

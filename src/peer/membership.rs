@@ -113,7 +113,12 @@ impl PeerHandle {
         let s = self.state();
         let now = Instant::now();
         let passed = |t: Option<Instant>| t.is_none_or(|t| now >= t);
-        s.node_id.is_some() && !s.is_self && s.incompatible.is_none() && passed(s.retry_at) && passed(s.data_retry_at) && passed(s.distrusted_until)
+        s.node_id.is_some()
+            && !s.is_self
+            && s.incompatible.is_none()
+            && passed(s.retry_at)
+            && passed(s.data_retry_at)
+            && passed(s.distrusted_until)
     }
 }
 
@@ -209,7 +214,8 @@ impl Membership {
 
     fn handle(&self, addr: &str) -> Result<PeerHandle, String> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| format!("invalid peer address {addr:?}: {e}"))?;
+        let mut endpoint =
+            Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| format!("invalid peer address {addr:?}: {e}"))?;
         if let Some(tls) = &self.tls {
             endpoint = endpoint.tls_config(tls.clone()).map_err(|e| format!("peer TLS: {e}"))?;
         }
@@ -382,7 +388,8 @@ impl Membership {
 
     /// Probe one peer with Hello.
     async fn probe(&self, p: &Arc<PeerHandle>) {
-        let mut req = tonic::Request::new(HelloRequest { node_id: self.self_id.clone(), protocol: PROTOCOL, listen_port: self.listen_port as u32 });
+        let mut req =
+            tonic::Request::new(HelloRequest { node_id: self.self_id.clone(), protocol: PROTOCOL, listen_port: self.listen_port as u32 });
         req.set_timeout(PROBE_TIMEOUT);
         let started = Instant::now();
         let failed = |msg: &str| {
@@ -439,7 +446,10 @@ impl Membership {
 
     /// Another address already answered with `node_id` (first come keeps it).
     fn duplicate(&self, p: &PeerHandle, node_id: &str) -> Option<String> {
-        let other = self.all().into_iter().find(|o| o.addr != p.addr && o.state().incompatible.is_none() && o.node_id().as_deref() == Some(node_id))?;
+        let other = self
+            .all()
+            .into_iter()
+            .find(|o| o.addr != p.addr && o.state().incompatible.is_none() && o.node_id().as_deref() == Some(node_id))?;
         Some(format!("node id {node_id} already answers at {}", other.addr))
     }
 

@@ -117,7 +117,11 @@ async fn serve_conn(mut s: TcpStream, server: &PeerServer, token: Option<&Vec<u8
     s.read_exact(&mut got).await?;
     if let Some(want) = token {
         if !(got.len() == want.len() && bool::from(got.as_slice().ct_eq(want.as_slice()))) {
-            let h = RawChunkHeader { code: tonic::Code::Unauthenticated as u32, message: "missing or wrong peer token".into(), ..Default::default() };
+            let h = RawChunkHeader {
+                code: tonic::Code::Unauthenticated as u32,
+                message: "missing or wrong peer token".into(),
+                ..Default::default()
+            };
             write_frame(&mut s, &h).await?;
             return Ok(());
         }
@@ -138,7 +142,10 @@ async fn serve_conn(mut s: TcpStream, server: &PeerServer, token: Option<&Vec<u8
                     server.metrics.peer_sent_bytes.inc_by(bytes.len() as u64);
                     Ok::<_, std::io::Error>(())
                 }
-                Err(st) => write_frame(&mut s, &RawChunkHeader { code: st.code() as u32, message: st.message().to_string(), ..Default::default() }).await,
+                Err(st) => {
+                    write_frame(&mut s, &RawChunkHeader { code: st.code() as u32, message: st.message().to_string(), ..Default::default() })
+                        .await
+                }
             }
         });
         match answer.await {

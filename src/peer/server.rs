@@ -24,7 +24,9 @@ use tracing::debug;
 
 use super::membership::Membership;
 use super::proto::peer_server::Peer;
-use super::proto::{ChunkData, DrainAck, DrainNotice, HelloRequest, HelloResponse, InventoryRequest, InventoryResponse, ObjectInventory, ReadChunkRequest};
+use super::proto::{
+    ChunkData, DrainAck, DrainNotice, HelloRequest, HelloResponse, InventoryRequest, InventoryResponse, ObjectInventory, ReadChunkRequest,
+};
 use super::{bitmap, same_version, MESSAGE_BYTES, PROTOCOL, TOKEN_HEADER};
 use crate::cache::chunk::{chunk_count, chunk_range};
 use crate::cache::Reader;
@@ -238,7 +240,9 @@ pub async fn serve(
     if let Some(t) = tls {
         use tonic::transport::{Certificate, Identity, ServerTlsConfig};
         // Mutual TLS: peers must present a certificate that chains to the CA.
-        builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(&t.cert, &t.key)).client_ca_root(Certificate::from_pem(&t.ca)))?;
+        builder = builder.tls_config(
+            ServerTlsConfig::new().identity(Identity::from_pem(&t.cert, &t.key)).client_ca_root(Certificate::from_pem(&t.ca)),
+        )?;
     }
     builder
         .concurrency_limit_per_connection(64)

@@ -48,11 +48,13 @@ pub fn interpret_action(status: u16, body: &str) -> Result<Option<Signal>, Watch
     match status {
         404 => Ok(None),
         200 => {
-            let a: InstanceAction = serde_json::from_str(body).map_err(|e| WatchError::Malformed(format!("instance-action {:?}: {e}", snippet(body))))?;
+            let a: InstanceAction =
+                serde_json::from_str(body).map_err(|e| WatchError::Malformed(format!("instance-action {:?}: {e}", snippet(body))))?;
             if !matches!(a.action.as_str(), "stop" | "terminate" | "hibernate") {
                 return Err(WatchError::Malformed(format!("instance-action has an unknown action {:?}", a.action)));
             }
-            let t = parse_time(&a.time).ok_or_else(|| WatchError::Malformed(format!("instance-action time {:?} is not RFC 3339", a.time)))?;
+            let t =
+                parse_time(&a.time).ok_or_else(|| WatchError::Malformed(format!("instance-action time {:?} is not RFC 3339", a.time)))?;
             Ok(Some(Signal::Termination { time: Some(t), what: format!("spot instance-action {}", a.action), event_id: None }))
         }
         s => Err(WatchError::Status(s)),
@@ -64,8 +66,10 @@ pub fn interpret_rebalance(status: u16, body: &str) -> Result<Option<Signal>, Wa
     match status {
         404 => Ok(None),
         200 => {
-            let r: Rebalance = serde_json::from_str(body).map_err(|e| WatchError::Malformed(format!("rebalance {:?}: {e}", snippet(body))))?;
-            let t = parse_time(&r.notice_time).ok_or_else(|| WatchError::Malformed(format!("rebalance noticeTime {:?} is not RFC 3339", r.notice_time)))?;
+            let r: Rebalance =
+                serde_json::from_str(body).map_err(|e| WatchError::Malformed(format!("rebalance {:?}: {e}", snippet(body))))?;
+            let t = parse_time(&r.notice_time)
+                .ok_or_else(|| WatchError::Malformed(format!("rebalance noticeTime {:?} is not RFC 3339", r.notice_time)))?;
             Ok(Some(Signal::Rebalance { time: Some(t) }))
         }
         s => Err(WatchError::Status(s)),
@@ -90,7 +94,12 @@ impl Watcher for Aws {
         let a = self.auth.get(&self.meta, "/latest/meta-data/spot/instance-action").await?;
         let mut out: Vec<Signal> = interpret_action(a.status, &a.body)?.into_iter().collect();
         // The hint is secondary: its failures are logged, never hide a termination notice.
-        match self.auth.get(&self.meta, "/latest/meta-data/events/recommendations/rebalance").await.and_then(|a| interpret_rebalance(a.status, &a.body)) {
+        match self
+            .auth
+            .get(&self.meta, "/latest/meta-data/events/recommendations/rebalance")
+            .await
+            .and_then(|a| interpret_rebalance(a.status, &a.body))
+        {
             Ok(s) => out.extend(s),
             Err(e) => warn!(error = %e, "rebalance recommendation check failed"),
         }

@@ -62,7 +62,9 @@ fn parse_not_before(s: &str) -> Result<Option<DateTime<Utc>>, WatchError> {
     if s.trim().is_empty() {
         return Ok(None);
     }
-    DateTime::parse_from_rfc2822(s.trim()).map(|t| Some(t.with_timezone(&Utc))).map_err(|_| WatchError::Malformed(format!("NotBefore {s:?} is not an RFC 1123 time")))
+    DateTime::parse_from_rfc2822(s.trim())
+        .map(|t| Some(t.with_timezone(&Utc)))
+        .map_err(|_| WatchError::Malformed(format!("NotBefore {s:?} is not an RFC 1123 time")))
 }
 
 /// The signal in one scheduled-events document, for the VM named `vm`.
@@ -70,12 +72,17 @@ pub fn interpret(status: u16, body: &str, vm: &str) -> Result<Vec<Signal>, Watch
     if status != 200 {
         return Err(WatchError::Status(status));
     }
-    let doc: Document = serde_json::from_str(body).map_err(|e| WatchError::Malformed(format!("scheduledevents {:?}: {e}", snippet(body))))?;
+    let doc: Document =
+        serde_json::from_str(body).map_err(|e| WatchError::Malformed(format!("scheduledevents {:?}: {e}", snippet(body))))?;
     for ev in &doc.events {
         let ours = ev.resources.iter().any(|r| r.eq_ignore_ascii_case(vm));
         if ours && matches!(ev.event_type.as_str(), "Preempt" | "Terminate") {
             let time = parse_not_before(&ev.not_before)?;
-            return Ok(vec![Signal::Termination { time, what: format!("scheduled event {} {}", ev.event_type, ev.event_id), event_id: Some(ev.event_id.clone()) }]);
+            return Ok(vec![Signal::Termination {
+                time,
+                what: format!("scheduled event {} {}", ev.event_type, ev.event_id),
+                event_id: Some(ev.event_id.clone()),
+            }]);
         }
     }
     Ok(vec![Signal::Clear])
@@ -104,7 +111,12 @@ impl Watcher for Azure {
 
     async fn acknowledge(&mut self, event_id: &str) {
         let body = serde_json::json!({ "StartRequests": [{ "EventId": event_id }] }).to_string();
-        let req = self.meta.request(Method::POST, EVENTS).header("Metadata", "true").header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
+        let req = self
+            .meta
+            .request(Method::POST, EVENTS)
+            .header("Metadata", "true")
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
         match self.meta.send(req).await {
             Ok(a) if a.status == 200 => info!(event_id, "acknowledged the scheduled event (StartRequests)"),
             Ok(a) => warn!(event_id, status = a.status, "acknowledging the scheduled event failed"),

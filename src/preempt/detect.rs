@@ -35,7 +35,9 @@ async fn answers(p: Provider, endpoint: Option<&str>) -> bool {
             .await
             .is_ok_and(|a| ok(&a) && a.headers.get("Metadata-Flavor").is_some_and(|v| v == "Google")),
         Provider::Azure => meta
-            .send(meta.request(Method::GET, "/metadata/instance/compute/name?api-version=2021-02-01&format=text").header("Metadata", "true"))
+            .send(
+                meta.request(Method::GET, "/metadata/instance/compute/name?api-version=2021-02-01&format=text").header("Metadata", "true"),
+            )
             .await
             .is_ok_and(|a| ok(&a)),
         Provider::None | Provider::Auto => false,

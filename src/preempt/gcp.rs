@@ -38,7 +38,12 @@ impl Gcp {
             interval: if interval.is_zero() { Duration::from_secs(2) } else { interval },
             keys: [
                 Key { name: "preempted", allowed: &["TRUE", "FALSE"], value: None, etag: None },
-                Key { name: "maintenance-event", allowed: &["NONE", "MIGRATE_ON_HOST_MAINTENANCE", "TERMINATE_ON_HOST_MAINTENANCE"], value: None, etag: None },
+                Key {
+                    name: "maintenance-event",
+                    allowed: &["NONE", "MIGRATE_ON_HOST_MAINTENANCE", "TERMINATE_ON_HOST_MAINTENANCE"],
+                    value: None,
+                    etag: None,
+                },
             ],
         })
     }
@@ -76,7 +81,12 @@ async fn fetch(meta: &Meta, key: &Key, wait: bool) -> Result<(String, Option<Str
     if !key.allowed.contains(&v.as_str()) {
         return Err(WatchError::Malformed(format!("{} is {:?}, expected one of {:?}", key.name, snippet(&v), key.allowed)));
     }
-    let etag = a.headers.get(reqwest::header::ETAG).and_then(|e| e.to_str().ok()).filter(|e| e.bytes().all(|b| b.is_ascii_alphanumeric())).map(str::to_string);
+    let etag = a
+        .headers
+        .get(reqwest::header::ETAG)
+        .and_then(|e| e.to_str().ok())
+        .filter(|e| e.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .map(str::to_string);
     Ok((v, etag))
 }
 

@@ -320,7 +320,14 @@ fn safety_margin(window: Duration) -> Duration {
 
 impl Drain {
     pub fn new(parts: DrainParts, reporter: Reporter, tasks: TaskTracker) -> Arc<Drain> {
-        Arc::new(Drain { state: watch::Sender::new(SERVING), info: Mutex::default(), metrics: parts.metrics.clone(), parts, reporter, tasks })
+        Arc::new(Drain {
+            state: watch::Sender::new(SERVING),
+            info: Mutex::default(),
+            metrics: parts.metrics.clone(),
+            parts,
+            reporter,
+            tasks,
+        })
     }
 
     pub fn state(&self) -> u8 {
@@ -387,7 +394,14 @@ impl Drain {
         self.start(reason.to_string(), false, None, None, deadline)
     }
 
-    fn start(self: &Arc<Self>, reason: String, from_notice: bool, notice_time: Option<DateTime<Utc>>, termination_time: Option<DateTime<Utc>>, deadline: DateTime<Utc>) -> bool {
+    fn start(
+        self: &Arc<Self>,
+        reason: String,
+        from_notice: bool,
+        notice_time: Option<DateTime<Utc>>,
+        termination_time: Option<DateTime<Utc>>,
+        deadline: DateTime<Utc>,
+    ) -> bool {
         let window = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
         let drained_by = Instant::now() + window.saturating_sub(safety_margin(window));
         let mut info = self.info();
@@ -485,7 +499,8 @@ impl Drain {
         crate::systemd::status("serving (preemption notice withdrawn)");
         info!("drain cancelled: serving again");
         self.report("drain_cancelled", &info);
-        *info = DrainInfo { provider: info.provider, instance_id: info.instance_id.clone(), generation: info.generation, ..Default::default() };
+        *info =
+            DrainInfo { provider: info.provider, instance_id: info.instance_id.clone(), generation: info.generation, ..Default::default() };
         drop(info);
         if let Some(m) = self.parts.membership.clone() {
             self.tasks.spawn(async move { m.announce_drain(false).await });
@@ -607,10 +622,20 @@ mod tests {
 
     #[test]
     fn aws_answers() {
-        assert_eq!(aws::interpret_action(404, "{\"action\": \"terminate\", \"time\": \"2017-09-18T08:22:00Z\"}").unwrap(), None, "status, not body");
+        assert_eq!(
+            aws::interpret_action(404, "{\"action\": \"terminate\", \"time\": \"2017-09-18T08:22:00Z\"}").unwrap(),
+            None,
+            "status, not body"
+        );
         let s = aws::interpret_action(200, r#"{"action": "terminate", "time": "2017-09-18T08:22:00Z"}"#).unwrap();
         assert!(matches!(s, Some(Signal::Termination { time, .. }) if time == t("2017-09-18T08:22:00Z")));
-        for bad in [r#"{"action": "terminate", "time": "2017-09-18T08:22"#, "<html></html>", "", r#"{"action": "explode", "time": "2017-09-18T08:22:00Z"}"#, r#"{"action": "stop", "time": "18/09/2017"}"#] {
+        for bad in [
+            r#"{"action": "terminate", "time": "2017-09-18T08:22"#,
+            "<html></html>",
+            "",
+            r#"{"action": "explode", "time": "2017-09-18T08:22:00Z"}"#,
+            r#"{"action": "stop", "time": "18/09/2017"}"#,
+        ] {
             assert!(matches!(aws::interpret_action(200, bad), Err(WatchError::Malformed(_))), "{bad}");
         }
         let r = aws::interpret_rebalance(200, r#"{"noticeTime": "2020-10-27T08:22:00Z"}"#).unwrap();
@@ -623,11 +648,19 @@ mod tests {
         let none = r#"{"DocumentIncarnation": 1, "Events": []}"#;
         assert_eq!(azure::interpret(200, none, "vm-a").unwrap(), vec![Signal::Clear]);
         let ev = |ty: &str, res: &str, nb: &str| {
-            format!(r#"{{"DocumentIncarnation": 2, "Events": [{{"EventId": "E1", "EventType": "{ty}", "ResourceType": "VirtualMachine", "Resources": ["{res}"], "EventStatus": "Scheduled", "NotBefore": "{nb}", "Description": "", "EventSource": "Platform", "DurationInSeconds": -1}}]}}"#)
+            format!(
+                r#"{{"DocumentIncarnation": 2, "Events": [{{"EventId": "E1", "EventType": "{ty}", "ResourceType": "VirtualMachine", "Resources": ["{res}"], "EventStatus": "Scheduled", "NotBefore": "{nb}", "Description": "", "EventSource": "Platform", "DurationInSeconds": -1}}]}}"#
+            )
         };
         let s = azure::interpret(200, &ev("Preempt", "vm-a", "Mon, 19 Sep 2016 18:29:47 GMT"), "vm-a").unwrap();
-        assert!(matches!(&s[..], [Signal::Termination { time, event_id: Some(id), .. }] if *time == t("2016-09-19T18:29:47Z") && id == "E1"));
-        assert_eq!(azure::interpret(200, &ev("Preempt", "vm-b", "Mon, 19 Sep 2016 18:29:47 GMT"), "vm-a").unwrap(), vec![Signal::Clear], "another VM's event");
+        assert!(
+            matches!(&s[..], [Signal::Termination { time, event_id: Some(id), .. }] if *time == t("2016-09-19T18:29:47Z") && id == "E1")
+        );
+        assert_eq!(
+            azure::interpret(200, &ev("Preempt", "vm-b", "Mon, 19 Sep 2016 18:29:47 GMT"), "vm-a").unwrap(),
+            vec![Signal::Clear],
+            "another VM's event"
+        );
         assert_eq!(azure::interpret(200, &ev("Reboot", "vm-a", ""), "vm-a").unwrap(), vec![Signal::Clear]);
         let started = azure::interpret(200, &ev("Terminate", "vm-a", ""), "vm-a").unwrap();
         assert!(matches!(&started[..], [Signal::Termination { time: None, .. }]));

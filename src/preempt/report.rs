@@ -31,7 +31,13 @@ impl Reporter {
         Reporter { queues: Vec::new(), pending: Arc::new(AtomicUsize::new(0)) }
     }
 
-    pub fn start(webhooks: &[String], hook: Option<&str>, metrics: Arc<Metrics>, tasks: &TaskTracker, stop: CancellationToken) -> Result<Reporter, String> {
+    pub fn start(
+        webhooks: &[String],
+        hook: Option<&str>,
+        metrics: Arc<Metrics>,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Result<Reporter, String> {
         let pending = Arc::new(AtomicUsize::new(0));
         let mut queues = Vec::new();
         if !webhooks.is_empty() {
@@ -45,7 +51,9 @@ impl Reporter {
                 let (tx, rx) = mpsc::unbounded_channel();
                 queues.push(tx);
                 let (client, url2, metrics, pending, stop) = (client.clone(), url.clone(), metrics.clone(), pending.clone(), stop.clone());
-                tasks.spawn(deliver_webhooks(client, url2, rx, metrics, pending, stop).instrument(tracing::info_span!("webhook", url = %url)));
+                tasks.spawn(
+                    deliver_webhooks(client, url2, rx, metrics, pending, stop).instrument(tracing::info_span!("webhook", url = %url)),
+                );
             }
         }
         if let Some(cmd) = hook {
@@ -76,7 +84,14 @@ impl Reporter {
     }
 }
 
-async fn deliver_webhooks(client: reqwest::Client, url: String, mut rx: mpsc::UnboundedReceiver<Queued>, metrics: Arc<Metrics>, pending: Arc<AtomicUsize>, stop: CancellationToken) {
+async fn deliver_webhooks(
+    client: reqwest::Client,
+    url: String,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
+    metrics: Arc<Metrics>,
+    pending: Arc<AtomicUsize>,
+    stop: CancellationToken,
+) {
     loop {
         let (event, deadline) = tokio::select! {
             _ = stop.cancelled() => return,

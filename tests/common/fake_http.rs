@@ -137,7 +137,8 @@ fn serve(conn: TcpStream, log: &Mutex<Vec<Req>>, stop: &AtomicBool, handler: &Ha
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        let req = Req { method, target, headers, body: String::from_utf8_lossy(&body).into_owned(), at: Instant::now(), wall: SystemTime::now() };
+        let req =
+            Req { method, target, headers, body: String::from_utf8_lossy(&body).into_owned(), at: Instant::now(), wall: SystemTime::now() };
         log.lock().unwrap().push(req.clone());
         let end = Instant::now() + Duration::from_secs(90);
         let resp = loop {

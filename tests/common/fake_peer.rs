@@ -74,7 +74,13 @@ impl Peer for Svc {
             .into_iter()
             .map(|o| {
                 let chunks = o.size.div_ceil(self.chunk_size);
-                ObjectInventory { key: o.key, etag: o.etag, present: vec![0xff; chunks.div_ceil(8) as usize].into(), chunks, filling: Default::default() }
+                ObjectInventory {
+                    key: o.key,
+                    etag: o.etag,
+                    present: vec![0xff; chunks.div_ceil(8) as usize].into(),
+                    chunks,
+                    filling: Default::default(),
+                }
             })
             .collect();
         Ok(Response::new(InventoryResponse { objects, draining: false }))
@@ -117,7 +123,15 @@ impl FakePeer {
         let addr = listener.local_addr().unwrap().to_string();
         let (mode, hellos, reads) = (Arc::new(AtomicU8::new(mode as u8)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let seen = Arc::new(std::sync::Mutex::new(None));
-        let svc = Svc { chunk_size, source: source.to_string(), node_id: format!("fake-{addr}"), mode: mode.clone(), hellos: hellos.clone(), reads: reads.clone(), seen: seen.clone() };
+        let svc = Svc {
+            chunk_size,
+            source: source.to_string(),
+            node_id: format!("fake-{addr}"),
+            mode: mode.clone(),
+            hellos: hellos.clone(),
+            reads: reads.clone(),
+            seen: seen.clone(),
+        };
         rt.spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             let _ = tonic::transport::Server::builder().add_service(PeerServer::new(svc)).serve_with_incoming(incoming).await;

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,7 +74,13 @@ impl FakeS3 {
     /// The agent flags that point an `s3://` source here, then `extra`.
     pub fn agent_args(&self, extra: &[&str]) -> Vec<String> {
         let mut v = Vec::new();
-        for o in [format!("endpoint={}", self.endpoint()), "allow_http=true".into(), "access_key_id=test".into(), "secret_access_key=test".into(), "region=us-east-1".into()] {
+        for o in [
+            format!("endpoint={}", self.endpoint()),
+            "allow_http=true".into(),
+            "access_key_id=test".into(),
+            "secret_access_key=test".into(),
+            "region=us-east-1".into(),
+        ] {
             v.push("--source-option".to_string());
             v.push(o);
         }
@@ -139,7 +145,13 @@ fn listing(obj: &Object, query: &str) -> String {
         body.push_str(&format!("<NextContinuationToken>{}</NextContinuationToken>", start + per_page));
     }
     for (k, size) in page {
-        let k = if url { k.bytes().map(|b| if b.is_ascii_alphanumeric() || b"/-_.".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect() } else { k.clone() };
+        let k = if url {
+            k.bytes()
+                .map(|b| if b.is_ascii_alphanumeric() || b"/-_.".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+                .collect()
+        } else {
+            k.clone()
+        };
         body.push_str(&format!("<Contents><Key>{k}</Key><LastModified>2024-01-01T00:00:00.000Z</LastModified><ETag>&quot;0123456789abcdef&quot;</ETag><Size>{size}</Size><StorageClass>STANDARD</StorageClass></Contents>"));
     }
     body + "</ListBucketResult>"

@@ -122,7 +122,11 @@ pub fn write_safetensors(p: &Path, seed: u64) {
     header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     let mut off = 0usize;
     for (name, dt, shape) in &tensors {
-        let size = match *dt { "F32" => 4, "F16" => 2, _ => 8 } * shape.iter().product::<usize>();
+        let size = match *dt {
+            "F32" => 4,
+            "F16" => 2,
+            _ => 8,
+        } * shape.iter().product::<usize>();
         header.insert(name.clone(), serde_json::json!({"dtype": dt, "shape": shape, "data_offsets": [off, off + size]}));
         off += size;
     }
@@ -183,7 +187,14 @@ impl Agent {
         Self::start_full(source, extra, mountpoint, cache_dir, tmp, &[])
     }
 
-    fn start_full(source: &str, extra: &[&str], mountpoint: PathBuf, cache_dir: PathBuf, tmp: tempfile::TempDir, env: &[(&str, &str)]) -> Agent {
+    fn start_full(
+        source: &str,
+        extra: &[&str],
+        mountpoint: PathBuf,
+        cache_dir: PathBuf,
+        tmp: tempfile::TempDir,
+        env: &[(&str, &str)],
+    ) -> Agent {
         // The admin port was free when picked; another process (an outgoing connection of an
         // agent, say) can take it before the agent binds it: then start again on another.
         let mut tries = 0;
@@ -199,15 +210,27 @@ impl Agent {
         }
     }
 
-    fn try_start(source: &str, extra: &[&str], mountpoint: PathBuf, cache_dir: PathBuf, tmp: &tempfile::TempDir, env: &[(&str, &str)]) -> Result<Agent, String> {
+    fn try_start(
+        source: &str,
+        extra: &[&str],
+        mountpoint: PathBuf,
+        cache_dir: PathBuf,
+        tmp: &tempfile::TempDir,
+        env: &[(&str, &str)],
+    ) -> Result<Agent, String> {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = tmp.path().join(format!("agent-{}.log", admin.port()));
         let logf = std::fs::File::create(&log).unwrap();
         let mut args: Vec<String> = vec![
-            "mount".into(), "--source".into(), source.into(),
-            "--mountpoint".into(), mountpoint.display().to_string(),
-            "--cache-dir".into(), cache_dir.display().to_string(),
-            "--admin".into(), admin.to_string(),
+            "mount".into(),
+            "--source".into(),
+            source.into(),
+            "--mountpoint".into(),
+            mountpoint.display().to_string(),
+            "--cache-dir".into(),
+            cache_dir.display().to_string(),
+            "--admin".into(),
+            admin.to_string(),
         ];
         if !extra.iter().any(|a| *a == "--cache-size") {
             args.extend(["--cache-size".into(), "1GiB".into()]);
@@ -313,7 +336,7 @@ impl Drop for Agent {
     }
 }
 pub mod fake_http;
-pub mod fault_proxy;
 pub mod fake_peer;
 pub mod fake_s3;
+pub mod fault_proxy;
 pub mod weed;

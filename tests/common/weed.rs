@@ -61,7 +61,16 @@ impl Weed {
             "-admin.ui=false".into(),
             "-webdav=false".into(),
         ];
-        for flag in ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc"] {
+        for flag in [
+            "master.port",
+            "master.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "admin.port",
+            "admin.port.grpc",
+        ] {
             args.push(format!("-{flag}={}", free_port()));
         }
         let log = std::fs::File::create(dir.path().join("weed.log")).unwrap();
