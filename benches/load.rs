@@ -7,7 +7,7 @@
 //! the tmpfs reference; medians of `--runs`) and writes `target/bench/load.json`.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod common;
 
 use std::io::{Read, Write};
@@ -106,7 +106,7 @@ fn write_model(p: &Path, target: u64) -> (u64, usize) {
         off += n;
     }
     let mut hb = serde_json::to_vec(&header).unwrap();
-    while hb.len() % 8 != 0 {
+    while !hb.len().is_multiple_of(8) {
         hb.push(b' ');
     }
     let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(p).unwrap());

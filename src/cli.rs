@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use crate::admin::client;
+use crate::agent::status::Status;
 use crate::config::admin_addr;
 use crate::size::format_size;
 
@@ -11,71 +12,63 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn fetch_status(admin: &str) -> Result<serde_json::Value, String> {
+fn status_json(admin: &str) -> Result<String, String> {
     let addr = admin_addr(admin)?;
     let (code, body) = client::get(addr, "/status")?;
     if code != 200 {
         return Err(format!("the agent answered /status with HTTP {code}"));
     }
-    serde_json::from_str(&body).map_err(|e| format!("the agent's /status is not JSON: {e}"))
+    Ok(body)
+}
+
+fn fetch_status(admin: &str) -> Result<Status, String> {
+    serde_json::from_str(&status_json(admin)?).map_err(|e| format!("the agent's /status is not what this cachefs reads: {e}"))
 }
 
 pub fn status(admin: &str, json: bool) -> ExitCode {
-    let st = match fetch_status(admin) {
-        Ok(s) => s,
-        Err(e) => return fail(e),
-    };
     if json {
-        println!("{st}");
-        return ExitCode::SUCCESS;
+        return match status_json(admin) {
+            Ok(body) => {
+                println!("{}", body.trim_end());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        };
     }
-    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
-    println!("mount       {}  ({})", s(&st["mountpoint"]), if st["ready"].as_bool() == Some(true) { "ready" } else { "not ready" });
-    println!("source      {}", s(&st["source"]));
-    println!("state       {}", s(&st["drain_state"]));
-    let d = &st["drain"];
-    let provider = s(&d["provider"]);
-    println!(
-        "preemption  {}{}",
-        if provider == "none" { "not watched".to_string() } else { provider },
-        d["instance_id"].as_str().map(|i| format!("  (instance {i})")).unwrap_or_default()
-    );
-    if let Some(reason) = d["reason"].as_str() {
-        println!(
-            "drain       {reason}; termination {}, deadline {}, drained {}",
-            s(&d["termination_time"]),
-            s(&d["deadline"]),
-            s(&d["drained_time"])
-        );
+    match fetch_status(admin) {
+        Ok(st) => {
+            print_status(&st);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
-    println!("files       {}  (open handles: {})", n(&st["files"]), n(&st["open_handles"]));
-    println!(
-        "cache       {} of {}  (chunk {})",
-        format_size(n(&st["cache"]["used_bytes"])),
-        format_size(n(&st["cache"]["capacity_bytes"])),
-        format_size(n(&st["cache"]["chunk_size"]))
-    );
-    println!(
-        "read        memory {}  peer {}  origin {}",
-        format_size(n(&st["read_bytes"]["memory"])),
-        format_size(n(&st["read_bytes"]["peer"])),
-        format_size(n(&st["read_bytes"]["origin"]))
-    );
-    println!(
-        "origin      {} in {} requests, {} errors",
-        format_size(n(&st["origin"]["bytes"])),
-        n(&st["origin"]["requests"]),
-        n(&st["origin"]["errors"])
-    );
-    let peers = st["peers"].as_array().cloned().unwrap_or_default();
-    if peers.is_empty() {
+}
+
+fn print_status(st: &Status) {
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    println!("mount       {}  ({})", st.mountpoint, if st.ready { "ready" } else { "not ready" });
+    println!("source      {}", st.source);
+    println!("state       {}", st.drain_state);
+    let d = &st.drain;
+    let watched = if d.provider == "none" { "not watched".to_string() } else { d.provider.clone() };
+    println!("preemption  {watched}{}", d.instance_id.as_ref().map(|i| format!("  (instance {i})")).unwrap_or_default());
+    if let Some(reason) = &d.reason {
+        let (t, dl, dr) = (or_dash(&d.termination_time), or_dash(&d.deadline), or_dash(&d.drained_time));
+        println!("drain       {reason}; termination {t}, deadline {dl}, drained {dr}");
+    }
+    println!("files       {}  (open handles: {})", st.files, st.open_handles);
+    let c = &st.cache;
+    println!("cache       {} of {}  (chunk {})", format_size(c.used_bytes), format_size(c.capacity_bytes), format_size(c.chunk_size));
+    let r = &st.read_bytes;
+    println!("read        memory {}  peer {}  origin {}", format_size(r.memory), format_size(r.peer), format_size(r.origin));
+    let o = &st.origin;
+    println!("origin      {} in {} requests, {} errors", format_size(o.bytes), o.requests, o.errors);
+    if st.peers.is_empty() {
         println!("peers       none");
     }
-    for p in peers {
-        println!("peer        {}  {}  {}", s(&p["addr"]), s(&p["state"]), p["node_id"].as_str().unwrap_or(""));
+    for p in &st.peers {
+        println!("peer        {}  {}  {}", p.addr, p.state, p.node_id.as_deref().unwrap_or(""));
     }
-    ExitCode::SUCCESS
 }
 
 /// The admin token from `--admin-token-file`, if one was given.
@@ -89,7 +82,7 @@ pub fn warm(admin: &str, token_file: Option<&std::path::Path>, detach: bool, pat
         Err(e) => return fail(e),
     };
     let mountpoint = match fetch_status(admin) {
-        Ok(st) => st["mountpoint"].as_str().unwrap_or("").to_string(),
+        Ok(st) => st.mountpoint,
         Err(e) => return fail(e),
     };
     let mut failed = 0;

@@ -1,5 +1,5 @@
 //! The only place flags, the TOML config file and the environment are read. Produces a validated
-//! [`MountConfig`]; every validation failure is a one-line message.
+//! [`Config`] grouped per subsystem; every validation failure is a one-line message.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::preempt::{PreemptConfig, Provider};
 use crate::size::{format_size, parse_size};
@@ -22,6 +22,7 @@ pub const DEFAULT_READ_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_ORIGIN_CONCURRENCY: usize = 16;
 pub const DEFAULT_READAHEAD_BUDGET: u64 = 256 << 20;
 pub const DEFAULT_FUSE_THREADS: usize = 4;
+pub const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,9 +36,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Command {
     /// Mount the source read-only at the mountpoint and serve until SIGINT/SIGTERM.
-    Mount(MountArgs),
+    Mount(Settings),
     /// Show what a running agent is doing: mount, source, cache, bytes per tier, peers.
     Status {
         /// Admin address of the agent
@@ -79,10 +81,11 @@ pub fn admin_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse().map_err(|_| format!("--admin {s:?} is not an address like 127.0.0.1:7071"))
 }
 
-/// Flags of `cachefs mount`. Every one may also be set in the `--config` TOML file under the
-/// same name (`cache-size` or `cache_size`); flags win.
-#[derive(Debug, Default, Args)]
-pub struct MountArgs {
+/// Every setting of `cachefs mount`, once: the flags (clap) and the `--config` TOML file
+/// (serde, same names, `cache-size` or `cache_size`) are this one struct; flags win.
+#[derive(Debug, Default, Args, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
     /// Origin URL: file:///dir or a bare path, s3://bucket/prefix, gs://, az://, http(s)://
     #[arg(long)]
     pub source: Option<String>,
@@ -91,6 +94,7 @@ pub struct MountArgs {
     pub mountpoint: Option<PathBuf>,
     /// TOML file with the same settings; flags win.
     #[arg(long)]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Where the memory tier keeps its files (should be tmpfs) [default: /dev/shm/cachefs]
     #[arg(long)]
@@ -108,16 +112,22 @@ pub struct MountArgs {
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
     /// Object store option KEY=VALUE (endpoint, region, access_key_id, allow_http, ...); repeatable.
+    /// In the file: a `[source_options]` table.
     #[arg(long = "source-option", value_name = "KEY=VALUE")]
+    #[serde(skip)]
     pub source_option: Vec<String>,
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_options: BTreeMap<String, String>,
     /// Let users other than the mounting one read the mount (needed for containers).
     #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
     pub allow_other: bool,
     /// Seconds between re-listings of the source [default: 60]
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub catalog_ttl: Option<u64>,
     /// Seconds a read may take before it fails with EIO [default: 30]
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub read_timeout: Option<u64>,
     /// Most concurrent requests to the origin [default: 16]
     #[arg(long)]
@@ -128,14 +138,15 @@ pub struct MountArgs {
     /// FUSE worker threads [default: 4]
     #[arg(long)]
     pub fuse_threads: Option<usize>,
-    /// Log format: plain or json [default: plain]
-    #[arg(long)]
-    pub log_format: Option<String>,
+    /// Log format [default: plain]
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
     /// Serve chunks to peers on this address (gRPC), e.g. 0.0.0.0:7070 [default: off]
     #[arg(long)]
     pub listen: Option<String>,
     /// Peer agents, HOST:PORT,... (this agent's own address is recognised and skipped)
     #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<String>,
     /// A DNS name whose A/AAAA records are the peers, NAME:PORT (re-resolved every 10 s)
     #[arg(long)]
@@ -143,9 +154,13 @@ pub struct MountArgs {
     /// File holding a shared token peers must present (sent as gRPC metadata)
     #[arg(long)]
     pub peer_token_file: Option<PathBuf>,
-    /// Never open files with FUSE passthrough (serve local hits through normal FUSE replies)
+    /// Never open files with FUSE passthrough (serve local hits through normal FUSE replies).
+    /// In the file: `passthrough = false`.
     #[arg(long)]
+    #[serde(skip)]
     pub no_passthrough: bool,
+    #[arg(skip)]
+    pub passthrough: Option<bool>,
     /// PEM certificate this agent presents to peers (mutual TLS; with --peer-tls-key and --peer-tls-ca)
     #[arg(long)]
     pub peer_tls_cert: Option<PathBuf>,
@@ -155,10 +170,9 @@ pub struct MountArgs {
     /// PEM CA that peers' certificates must chain to (both directions)
     #[arg(long)]
     pub peer_tls_ca: Option<PathBuf>,
-    /// Cloud whose metadata service is watched for preemption notices: auto, aliyun, aws, gcp,
-    /// azure or none [default: none]
-    #[arg(long)]
-    pub preemption_provider: Option<String>,
+    /// Cloud whose metadata service is watched for preemption notices [default: none]
+    #[arg(long, value_enum)]
+    pub preemption_provider: Option<Provider>,
     /// Base URL (scheme and host) of the metadata service, replacing the provider's own
     #[arg(long, value_name = "URL")]
     pub metadata_endpoint: Option<String>,
@@ -167,56 +181,40 @@ pub struct MountArgs {
     pub metadata_poll_interval: Option<f64>,
     /// URL that receives drain events as JSON POSTs; repeatable
     #[arg(long = "scheduler-webhook", value_name = "URL")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub scheduler_webhook: Vec<String>,
     /// Command run with `sh -c` on each drain event, the event in CACHEFS_* environment variables
     #[arg(long, value_name = "CMD")]
     pub drain_hook: Option<String>,
     /// Seconds a drain started by `cachefs drain` or SIGTERM may wait for peer transfers [default: 30]
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub drain_timeout: Option<u64>,
     /// Drain on an AWS rebalance recommendation too (by default it is only reported)
     #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
     pub drain_on_rebalance: bool,
     /// Acknowledge Azure scheduled events (StartRequests) once drained, so Azure proceeds early
     #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
     pub azure_acknowledge: bool,
 }
 
-/// The `--config` file: same names as the flags.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    source: Option<String>,
-    mountpoint: Option<PathBuf>,
-    cache_dir: Option<PathBuf>,
-    cache_size: Option<String>,
-    chunk_size: Option<String>,
-    admin: Option<String>,
-    admin_token_file: Option<PathBuf>,
-    source_options: Option<BTreeMap<String, String>>,
-    allow_other: Option<bool>,
-    catalog_ttl: Option<u64>,
-    read_timeout: Option<u64>,
-    origin_concurrency: Option<usize>,
-    readahead_budget: Option<String>,
-    fuse_threads: Option<usize>,
-    log_format: Option<String>,
-    listen: Option<String>,
-    peers: Option<Vec<String>>,
-    peer_dns: Option<String>,
-    peer_token_file: Option<PathBuf>,
-    peer_tls_cert: Option<PathBuf>,
-    peer_tls_key: Option<PathBuf>,
-    peer_tls_ca: Option<PathBuf>,
-    passthrough: Option<bool>,
-    preemption_provider: Option<String>,
-    metadata_endpoint: Option<String>,
-    metadata_poll_interval: Option<f64>,
-    scheduler_webhook: Option<Vec<String>>,
-    drain_hook: Option<String>,
-    drain_timeout: Option<u64>,
-    drain_on_rebalance: Option<bool>,
-    azure_acknowledge: Option<bool>,
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl Settings {
+    /// These settings (flags) over `file`'s: a setting given here wins, a flag that is off or
+    /// empty leaves the file's value.
+    fn over(self, file: Settings) -> Result<Settings, String> {
+        let (config, source_option, no_passthrough) = (self.config.clone(), self.source_option.clone(), self.no_passthrough);
+        let table = |s: Settings| toml::Table::try_from(s).map_err(|e| format!("invalid settings: {}", one_line(&e.to_string())));
+        let mut merged = table(file)?;
+        merged.extend(table(self)?);
+        let mut s: Settings = merged.try_into().map_err(|e: toml::de::Error| format!("invalid settings: {}", one_line(&e.to_string())))?;
+        (s.config, s.source_option, s.no_passthrough) = (config, source_option, no_passthrough);
+        Ok(s)
+    }
 }
 
 /// PEM material for mutual TLS between peers.
@@ -227,80 +225,116 @@ pub struct PeerTls {
     pub ca: Vec<u8>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    #[default]
     Plain,
     Json,
 }
 
-/// A validated mount configuration.
+/// The origin and how it is read and listed.
 #[derive(Debug, Clone)]
-pub struct MountConfig {
-    pub source: String,
-    pub mountpoint: PathBuf,
-    pub cache_dir: PathBuf,
-    pub cache_size: u64,
-    pub chunk_size: u64,
-    pub admin: SocketAddr,
-    /// The token admin POSTs must present (read from `--admin-token-file`).
-    pub admin_token: Option<String>,
-    pub source_options: Vec<(String, String)>,
-    pub allow_other: bool,
+pub struct SourceConfig {
+    pub url: String,
+    pub options: Vec<(String, String)>,
+    pub concurrency: usize,
     pub catalog_ttl: Duration,
-    pub read_timeout: Duration,
-    pub origin_concurrency: usize,
-    pub readahead_budget: u64,
-    pub fuse_threads: usize,
-    pub log_format: LogFormat,
-    /// gRPC address peers reach this agent on; None: peers disabled for serving.
-    pub listen: Option<SocketAddr>,
-    pub peers: Vec<String>,
-    pub peer_dns: Option<String>,
-    /// The shared peer token (read from `--peer-token-file`).
-    pub peer_token: Option<String>,
-    pub peer_tls: Option<PeerTls>,
-    /// Open files whose chunks are all in memory with FUSE passthrough to their tmpfs file.
-    pub passthrough: bool,
-    /// Preemption watch, drain deadline and reporters.
-    pub preempt: PreemptConfig,
 }
 
-impl MountConfig {
+/// The memory tier and the reader in front of it.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    pub size: u64,
+    pub chunk_size: u64,
+    pub readahead_budget: u64,
+    /// How long a read may take before it fails (the reader's, the peers' and the origin's budget).
+    pub read_timeout: Duration,
+}
+
+/// Serving chunks to peers and finding them.
+#[derive(Debug, Clone, Default)]
+pub struct PeerConfig {
+    /// Address peers reach this agent on; None: not serving peers.
+    pub listen: Option<SocketAddr>,
+    pub peers: Vec<String>,
+    pub dns: Option<String>,
+    /// The shared peer token (read from `--peer-token-file`).
+    pub token: Option<String>,
+    pub tls: Option<PeerTls>,
+}
+
+impl PeerConfig {
+    /// Whether this agent takes part in a mesh at all.
+    pub fn enabled(&self) -> bool {
+        self.listen.is_some() || !self.peers.is_empty() || self.dns.is_some()
+    }
+}
+
+/// The FUSE mount.
+#[derive(Debug, Clone)]
+pub struct FuseConfig {
+    pub mountpoint: PathBuf,
+    pub allow_other: bool,
+    pub threads: usize,
+    /// Open files whose chunks are all in memory with FUSE passthrough to their tmpfs file.
+    pub passthrough: bool,
+}
+
+/// The admin HTTP endpoint.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    /// The token admin POSTs must present (read from `--admin-token-file`).
+    pub token: Option<String>,
+}
+
+/// A validated configuration of `cachefs mount`, grouped per subsystem.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: SourceConfig,
+    pub cache: CacheConfig,
+    pub peers: PeerConfig,
+    pub fuse: FuseConfig,
+    /// Preemption watch, drain deadline and reporters.
+    pub preempt: PreemptConfig,
+    pub admin: AdminConfig,
+    pub log_format: LogFormat,
+}
+
+impl Config {
     /// The source as it may be shown (logs, `/status`, peers): credentials redacted.
     pub fn shown_source(&self) -> String {
-        crate::redact::source(&self.source)
+        crate::redact::source(&self.source.url)
     }
 
     /// A configuration with defaults for everything but source, mountpoint, cache dir and size.
     pub fn new(source: &str, mountpoint: PathBuf, cache_dir: PathBuf, cache_size: u64) -> Self {
-        MountConfig {
-            source: source.to_string(),
-            mountpoint,
-            cache_dir,
-            cache_size,
-            chunk_size: DEFAULT_CHUNK_SIZE,
-            admin: DEFAULT_ADMIN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7071))),
-            admin_token: None,
-            source_options: Vec::new(),
-            allow_other: false,
-            catalog_ttl: Duration::from_secs(DEFAULT_CATALOG_TTL_SECS),
-            read_timeout: Duration::from_secs(DEFAULT_READ_TIMEOUT_SECS),
-            origin_concurrency: DEFAULT_ORIGIN_CONCURRENCY,
-            readahead_budget: DEFAULT_READAHEAD_BUDGET,
-            fuse_threads: DEFAULT_FUSE_THREADS,
-            log_format: LogFormat::Plain,
-            listen: None,
-            peers: Vec::new(),
-            peer_dns: None,
-            peer_token: None,
-            peer_tls: None,
-            passthrough: true,
+        Config {
+            source: SourceConfig {
+                url: source.to_string(),
+                options: Vec::new(),
+                concurrency: DEFAULT_ORIGIN_CONCURRENCY,
+                catalog_ttl: Duration::from_secs(DEFAULT_CATALOG_TTL_SECS),
+            },
+            cache: CacheConfig {
+                dir: cache_dir,
+                size: cache_size,
+                chunk_size: DEFAULT_CHUNK_SIZE,
+                readahead_budget: DEFAULT_READAHEAD_BUDGET,
+                read_timeout: Duration::from_secs(DEFAULT_READ_TIMEOUT_SECS),
+            },
+            peers: PeerConfig::default(),
+            fuse: FuseConfig { mountpoint, allow_other: false, threads: DEFAULT_FUSE_THREADS, passthrough: true },
             preempt: PreemptConfig::default(),
+            admin: AdminConfig { addr: DEFAULT_ADMIN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7071))), token: None },
+            log_format: LogFormat::Plain,
         }
     }
 }
 
-fn read_file_config(path: &std::path::Path) -> Result<FileConfig, String> {
+fn read_file_config(path: &std::path::Path) -> Result<Settings, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
     file_config(&text, path)
 }
@@ -310,7 +344,7 @@ pub fn parse_file_config(text: &str, name: &str) -> Result<(), String> {
     file_config(text, std::path::Path::new(name)).map(|_| ())
 }
 
-fn file_config(text: &str, path: &std::path::Path) -> Result<FileConfig, String> {
+fn file_config(text: &str, path: &std::path::Path) -> Result<Settings, String> {
     let table: toml::Table =
         toml::from_str(text).map_err(|e| format!("invalid config {}: {}", path.display(), one_line(&e.to_string())))?;
     // Accept the flag spelling (`cache-size`) as well as `cache_size`.
@@ -353,152 +387,149 @@ pub fn available_memory() -> Option<u64> {
 }
 
 /// Merge flags over the config file over defaults, and validate.
-pub fn resolve_mount(args: MountArgs) -> Result<MountConfig, String> {
-    let file = match &args.config {
-        Some(p) => read_file_config(p)?,
-        None => FileConfig::default(),
+pub fn resolve_mount(flags: Settings) -> Result<Config, String> {
+    let s = match flags.config.clone() {
+        Some(p) => flags.over(read_file_config(&p)?)?,
+        None => flags,
     };
-    let source = args.source.or(file.source).ok_or("missing --source (the origin URL or directory)")?;
-    let mountpoint = args.mountpoint.or(file.mountpoint).ok_or("missing --mountpoint")?;
-    let cache_dir = args.cache_dir.or(file.cache_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
+    let cache = resolve_cache(&s)?;
+    let cfg = Config {
+        source: resolve_source(&s)?,
+        peers: resolve_peers(&s)?,
+        fuse: resolve_fuse(&s)?,
+        preempt: resolve_preempt(&s)?,
+        admin: resolve_admin(&s)?,
+        log_format: s.log_format.unwrap_or_default(),
+        cache,
+    };
+    Ok(cfg)
+}
 
-    let limits = crate::memlimit::Limits::gather(&cache_dir);
-    let cache_size = match args.cache_size.or(file.cache_size).filter(|s| s.trim() != "auto") {
-        Some(s) => {
-            let size = parse_size(&s).map_err(|e| format!("--cache-size: {e}"))?;
+fn positive(name: &str, v: u64) -> Result<u64, String> {
+    if v == 0 {
+        Err(format!("--{name} must be at least 1"))
+    } else {
+        Ok(v)
+    }
+}
+
+fn size_setting(name: &str, v: &Option<String>, default: u64) -> Result<u64, String> {
+    match v {
+        Some(v) => parse_size(v).map_err(|e| format!("--{name}: {e}")),
+        None => Ok(default),
+    }
+}
+
+fn resolve_source(s: &Settings) -> Result<SourceConfig, String> {
+    let url = s.source.clone().ok_or("missing --source (the origin URL or directory)")?;
+    let mut options: Vec<(String, String)> = s.source_options.clone().into_iter().collect();
+    for kv in &s.source_option {
+        let (k, v) = kv.split_once('=').ok_or_else(|| format!("--source-option {kv:?} must be KEY=VALUE"))?;
+        options.retain(|(ek, _)| ek != k);
+        options.push((k.trim().to_string(), v.to_string()));
+    }
+    let concurrency = positive("origin-concurrency", s.origin_concurrency.unwrap_or(DEFAULT_ORIGIN_CONCURRENCY) as u64)? as usize;
+    let catalog_ttl = Duration::from_secs(positive("catalog-ttl", s.catalog_ttl.unwrap_or(DEFAULT_CATALOG_TTL_SECS))?);
+    Ok(SourceConfig { url, options, concurrency, catalog_ttl })
+}
+
+fn resolve_cache(s: &Settings) -> Result<CacheConfig, String> {
+    let dir = s.cache_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
+    let limits = crate::memlimit::Limits::gather(&dir);
+    let size = match s.cache_size.as_deref().filter(|v| v.trim() != "auto") {
+        Some(v) => {
+            let size = parse_size(v).map_err(|e| format!("--cache-size: {e}"))?;
             limits.check(size)?;
             size
         }
         None => limits.default_cache_size().ok_or("cannot read MemAvailable from /proc/meminfo: set --cache-size")?,
     };
-    let chunk_size = match args.chunk_size.or(file.chunk_size) {
-        Some(s) => parse_size(&s).map_err(|e| format!("--chunk-size: {e}"))?,
-        None => DEFAULT_CHUNK_SIZE,
-    };
+    let chunk_size = size_setting("chunk-size", &s.chunk_size, DEFAULT_CHUNK_SIZE)?;
     if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
         return Err(format!("--chunk-size {} is out of range: it must be between 1MiB and 64MiB", format_size(chunk_size)));
     }
-    let admin_s = args.admin.or(file.admin).unwrap_or_else(|| DEFAULT_ADMIN.to_string());
-    let admin: SocketAddr = admin_s.parse().map_err(|_| format!("--admin {admin_s:?} is not an address like 127.0.0.1:7071"))?;
+    let readahead_budget = size_setting("readahead-budget", &s.readahead_budget, DEFAULT_READAHEAD_BUDGET)?;
+    let read_timeout = Duration::from_secs(positive("read-timeout", s.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT_SECS))?);
+    Ok(CacheConfig { dir, size, chunk_size, readahead_budget, read_timeout })
+}
 
-    let mut source_options: Vec<(String, String)> = file.source_options.unwrap_or_default().into_iter().collect();
-    for kv in &args.source_option {
-        let (k, v) = kv.split_once('=').ok_or_else(|| format!("--source-option {kv:?} must be KEY=VALUE"))?;
-        source_options.retain(|(ek, _)| ek != k);
-        source_options.push((k.trim().to_string(), v.to_string()));
-    }
-    let readahead_budget = match args.readahead_budget.or(file.readahead_budget) {
-        Some(s) => parse_size(&s).map_err(|e| format!("--readahead-budget: {e}"))?,
-        None => DEFAULT_READAHEAD_BUDGET,
-    };
-    let log_format = match args.log_format.or(file.log_format).as_deref() {
-        None | Some("plain") => LogFormat::Plain,
-        Some("json") => LogFormat::Json,
-        Some(other) => return Err(format!("--log-format {other:?}: use plain or json")),
-    };
-    let listen = match args.listen.or(file.listen) {
+fn resolve_peers(s: &Settings) -> Result<PeerConfig, String> {
+    let listen = match &s.listen {
         Some(l) => Some(l.parse::<SocketAddr>().map_err(|_| format!("--listen {l:?} is not an address like 0.0.0.0:7070"))?),
         None => None,
     };
-    let peers: Vec<String> = if args.peers.is_empty() { file.peers.unwrap_or_default() } else { args.peers };
-    let peers: Vec<String> = peers.into_iter().map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect();
+    let peers: Vec<String> = s.peers.iter().map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect();
     for p in &peers {
         check_host_port("--peers", p)?;
     }
-    let peer_dns = args.peer_dns.or(file.peer_dns);
-    if let Some(d) = &peer_dns {
+    if let Some(d) = &s.peer_dns {
         check_host_port("--peer-dns", d)?;
     }
-    let peer_token = args.peer_token_file.or(file.peer_token_file).map(|p| read_token("--peer-token-file", &p)).transpose()?;
-    let admin_token = args.admin_token_file.or(file.admin_token_file).map(|p| read_token("--admin-token-file", &p)).transpose()?;
-    let peer_tls =
-        match (args.peer_tls_cert.or(file.peer_tls_cert), args.peer_tls_key.or(file.peer_tls_key), args.peer_tls_ca.or(file.peer_tls_ca)) {
-            (None, None, None) => None,
-            (Some(c), Some(k), Some(a)) => {
-                let read = |flag: &str, p: &PathBuf| -> Result<Vec<u8>, String> {
-                    let b = std::fs::read(p).map_err(|e| format!("cannot read {flag} {}: {e}", p.display()))?;
-                    if !String::from_utf8_lossy(&b).contains("-----BEGIN") {
-                        return Err(format!("{flag} {} is not a PEM file", p.display()));
-                    }
-                    Ok(b)
-                };
-                Some(PeerTls { cert: read("--peer-tls-cert", &c)?, key: read("--peer-tls-key", &k)?, ca: read("--peer-tls-ca", &a)? })
-            }
-            _ => return Err("peer TLS needs all of --peer-tls-cert, --peer-tls-key and --peer-tls-ca".into()),
-        };
-    let provider = Provider::parse(args.preemption_provider.or(file.preemption_provider).as_deref().unwrap_or("none"))?;
-    let metadata_endpoint = match args.metadata_endpoint.or(file.metadata_endpoint) {
-        Some(e) => Some(check_url("--metadata-endpoint", &e)?),
+    let token = s.peer_token_file.as_deref().map(|p| read_token("--peer-token-file", p)).transpose()?;
+    let tls = match (&s.peer_tls_cert, &s.peer_tls_key, &s.peer_tls_ca) {
+        (None, None, None) => None,
+        (Some(c), Some(k), Some(a)) => {
+            Some(PeerTls { cert: read_pem("--peer-tls-cert", c)?, key: read_pem("--peer-tls-key", k)?, ca: read_pem("--peer-tls-ca", a)? })
+        }
+        _ => return Err("peer TLS needs all of --peer-tls-cert, --peer-tls-key and --peer-tls-ca".into()),
+    };
+    Ok(PeerConfig { listen, peers, dns: s.peer_dns.clone(), token, tls })
+}
+
+fn read_pem(flag: &str, p: &std::path::Path) -> Result<Vec<u8>, String> {
+    let b = std::fs::read(p).map_err(|e| format!("cannot read {flag} {}: {e}", p.display()))?;
+    if !String::from_utf8_lossy(&b).contains("-----BEGIN") {
+        return Err(format!("{flag} {} is not a PEM file", p.display()));
+    }
+    Ok(b)
+}
+
+fn resolve_fuse(s: &Settings) -> Result<FuseConfig, String> {
+    let mountpoint = s.mountpoint.clone().ok_or("missing --mountpoint")?;
+    if mountpoint.is_file() {
+        return Err(format!("--mountpoint {} is a file, not a directory", mountpoint.display()));
+    }
+    let threads = positive("fuse-threads", s.fuse_threads.unwrap_or(DEFAULT_FUSE_THREADS) as u64)? as usize;
+    Ok(FuseConfig { mountpoint, allow_other: s.allow_other, threads, passthrough: !s.no_passthrough && s.passthrough.unwrap_or(true) })
+}
+
+fn resolve_admin(s: &Settings) -> Result<AdminConfig, String> {
+    let a = s.admin.as_deref().unwrap_or(DEFAULT_ADMIN);
+    let addr = a.parse().map_err(|_| format!("--admin {a:?} is not an address like 127.0.0.1:7071"))?;
+    let token = s.admin_token_file.as_deref().map(|p| read_token("--admin-token-file", p)).transpose()?;
+    Ok(AdminConfig { addr, token })
+}
+
+fn resolve_preempt(s: &Settings) -> Result<PreemptConfig, String> {
+    let metadata_endpoint = s.metadata_endpoint.as_deref().map(|e| check_url("--metadata-endpoint", e)).transpose()?;
+    let poll_interval = match s.metadata_poll_interval {
+        Some(v) if v.is_finite() && v > 0.0 && v <= 3600.0 => Some(Duration::from_secs_f64(v)),
+        Some(v) => return Err(format!("--metadata-poll-interval {v}: give seconds between 0 and 3600")),
         None => None,
     };
-    let poll_interval = match args.metadata_poll_interval.or(file.metadata_poll_interval) {
-        Some(s) if s.is_finite() && s > 0.0 && s <= 3600.0 => Some(Duration::from_secs_f64(s)),
-        Some(s) => return Err(format!("--metadata-poll-interval {s}: give seconds between 0 and 3600")),
-        None => None,
-    };
-    let webhooks = if args.scheduler_webhook.is_empty() { file.scheduler_webhook.unwrap_or_default() } else { args.scheduler_webhook };
-    let webhooks = webhooks.iter().map(|w| check_url("--scheduler-webhook", w)).collect::<Result<Vec<_>, _>>()?;
-    let drain_hook = args.drain_hook.or(file.drain_hook).filter(|h| !h.trim().is_empty());
-    let drain_timeout = args.drain_timeout.or(file.drain_timeout).unwrap_or(30);
+    let webhooks = s.scheduler_webhook.iter().map(|w| check_url("--scheduler-webhook", w)).collect::<Result<Vec<_>, _>>()?;
+    let drain_timeout = s.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT_SECS);
     if drain_timeout == 0 || drain_timeout > 3600 {
         return Err(format!("--drain-timeout {drain_timeout}: give seconds between 1 and 3600"));
     }
-    let preempt = PreemptConfig {
-        provider,
+    Ok(PreemptConfig {
+        provider: s.preemption_provider.unwrap_or(Provider::None),
         metadata_endpoint,
         poll_interval,
-        drain_on_rebalance: args.drain_on_rebalance || file.drain_on_rebalance.unwrap_or(false),
-        azure_acknowledge: args.azure_acknowledge || file.azure_acknowledge.unwrap_or(false),
+        drain_on_rebalance: s.drain_on_rebalance,
+        azure_acknowledge: s.azure_acknowledge,
         webhooks,
-        drain_hook,
+        drain_hook: s.drain_hook.clone().filter(|h| !h.trim().is_empty()),
         drain_timeout: Duration::from_secs(drain_timeout),
-    };
-    let positive = |name: &str, v: u64| if v == 0 { Err(format!("--{name} must be at least 1")) } else { Ok(v) };
-    let cfg = MountConfig {
-        source,
-        mountpoint,
-        cache_dir,
-        cache_size,
-        chunk_size,
-        admin,
-        admin_token,
-        source_options,
-        allow_other: args.allow_other || file.allow_other.unwrap_or(false),
-        catalog_ttl: Duration::from_secs(positive(
-            "catalog-ttl",
-            args.catalog_ttl.or(file.catalog_ttl).unwrap_or(DEFAULT_CATALOG_TTL_SECS),
-        )?),
-        read_timeout: Duration::from_secs(positive(
-            "read-timeout",
-            args.read_timeout.or(file.read_timeout).unwrap_or(DEFAULT_READ_TIMEOUT_SECS),
-        )?),
-        origin_concurrency: positive(
-            "origin-concurrency",
-            args.origin_concurrency.or(file.origin_concurrency).unwrap_or(DEFAULT_ORIGIN_CONCURRENCY) as u64,
-        )? as usize,
-        readahead_budget,
-        fuse_threads: positive("fuse-threads", args.fuse_threads.or(file.fuse_threads).unwrap_or(DEFAULT_FUSE_THREADS) as u64)? as usize,
-        log_format,
-        listen,
-        peers,
-        peer_dns,
-        peer_token,
-        peer_tls,
-        passthrough: !args.no_passthrough && file.passthrough.unwrap_or(true),
-        preempt,
-    };
-    if cfg.mountpoint.is_file() {
-        return Err(format!("--mountpoint {} is a file, not a directory", cfg.mountpoint.display()));
-    }
-    Ok(cfg)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn args(src: &str) -> MountArgs {
-        MountArgs {
+    fn args(src: &str) -> Settings {
+        Settings {
             source: Some(src.into()),
             mountpoint: Some("/tmp/x-cachefs-test".into()),
             cache_size: Some("64MiB".into()),
@@ -511,7 +542,7 @@ mod tests {
         let c = resolve_mount(args("/tmp")).unwrap();
         assert_eq!(c.preempt.provider, Provider::None, "the default must never probe metadata addresses");
         let mut a = args("/tmp");
-        a.preemption_provider = Some("aws".into());
+        a.preemption_provider = Some(Provider::Aws);
         a.metadata_endpoint = Some("http://127.0.0.1:9".into());
         a.metadata_poll_interval = Some(0.5);
         a.scheduler_webhook = vec!["http://127.0.0.1:8/a".into(), "https://x.example/b".into()];
@@ -519,10 +550,9 @@ mod tests {
         assert_eq!(c.preempt.provider, Provider::Aws);
         assert_eq!(c.preempt.poll_interval, Some(Duration::from_millis(500)));
         assert_eq!(c.preempt.webhooks.len(), 2);
-        for (f, v) in [("provider", "ibm"), ("endpoint", "169.254.169.254"), ("webhook", "ftp://x/y"), ("interval", "0")] {
+        for (f, v) in [("endpoint", "169.254.169.254"), ("webhook", "ftp://x/y"), ("interval", "0")] {
             let mut a = args("/tmp");
             match f {
-                "provider" => a.preemption_provider = Some(v.into()),
                 "endpoint" => a.metadata_endpoint = Some(v.into()),
                 "webhook" => a.scheduler_webhook = vec![v.into()],
                 _ => a.metadata_poll_interval = Some(0.0),
@@ -539,7 +569,7 @@ mod tests {
         assert!(resolve_mount(a).unwrap_err().contains("out of range"));
         let mut a = args("/tmp");
         a.chunk_size = Some("16MiB".into());
-        assert_eq!(resolve_mount(a).unwrap().chunk_size, 16 << 20);
+        assert_eq!(resolve_mount(a).unwrap().cache.chunk_size, 16 << 20);
     }
 
     #[test]
@@ -547,14 +577,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "source = \"/data\"\nmountpoint = \"/mnt/m\"\ncache-size = \"32MiB\"\nchunk_size = \"4MiB\"\n[source_options]\nregion = \"x\"\n").unwrap();
-        let a = MountArgs { config: Some(p.clone()), chunk_size: Some("2MiB".into()), ..Default::default() };
+        let a = Settings { config: Some(p.clone()), chunk_size: Some("2MiB".into()), ..Default::default() };
         let c = resolve_mount(a).unwrap();
-        assert_eq!(c.source, "/data");
-        assert_eq!(c.cache_size, 32 << 20);
-        assert_eq!(c.chunk_size, 2 << 20);
-        assert_eq!(c.source_options, vec![("region".to_string(), "x".to_string())]);
+        assert_eq!(c.source.url, "/data");
+        assert_eq!(c.cache.size, 32 << 20);
+        assert_eq!(c.cache.chunk_size, 2 << 20);
+        assert_eq!(c.source.options, vec![("region".to_string(), "x".to_string())]);
         std::fs::write(&p, "sauce = 1\n").unwrap();
-        let e = resolve_mount(MountArgs { config: Some(p), ..Default::default() }).unwrap_err();
+        let e = resolve_mount(Settings { config: Some(p), ..Default::default() }).unwrap_err();
         assert!(e.contains("unknown field") && !e.contains('\n'), "{e}");
     }
 
@@ -577,12 +607,12 @@ mod example_config {
         let p = dir.path().join("cachefs.toml");
         let text = include_str!("../systemd/cachefs.toml").replace("/mnt/models", &dir.path().join("mnt").display().to_string());
         std::fs::write(&p, text).unwrap();
-        let c = resolve_mount(MountArgs { config: Some(p), cache_size: Some("64MiB".into()), ..Default::default() }).unwrap();
-        assert_eq!(c.source, "s3://my-models/llama-3-8b");
-        assert_eq!(c.chunk_size, 8 << 20);
-        assert!(c.allow_other);
-        assert_eq!(c.readahead_budget, 256 << 20);
-        assert!(c.passthrough);
+        let c = resolve_mount(Settings { config: Some(p), cache_size: Some("64MiB".into()), ..Default::default() }).unwrap();
+        assert_eq!(c.source.url, "s3://my-models/llama-3-8b");
+        assert_eq!(c.cache.chunk_size, 8 << 20);
+        assert!(c.fuse.allow_other);
+        assert_eq!(c.cache.readahead_budget, 256 << 20);
+        assert!(c.fuse.passthrough);
         assert_eq!(c.preempt.provider, Provider::Auto);
         // The commented-out settings are real settings too.
         let uncommented: String = include_str!("../systemd/cachefs.toml")
@@ -596,7 +626,7 @@ mod example_config {
             .replace("/mnt/models", &dir.path().join("mnt").display().to_string());
         let table: toml::Table = toml::from_str(&uncommented).unwrap();
         // deny_unknown_fields: every key, commented out or not, is a real setting.
-        let parsed: Result<FileConfig, _> = table.try_into();
+        let parsed: Result<Settings, _> = table.try_into();
         assert!(parsed.is_ok(), "{parsed:?}");
     }
 }

@@ -1,5 +1,5 @@
 //! cachefs: a node-local agent that mounts a read-only model directory whose bytes come from
-//! local memory, then peers, then an object store. See `README.md` and `DESIGN.md`.
+//! local memory, then peers, then an object store. See `README.md` and `docs/ARCHITECTURE.md`.
 //!
 //! The FUSE adapter (`fuse`) is thin; everything it calls lives in `fs` (filesystem core),
 //! `catalog` (names, inodes, pinned versions), `cache` (chunks, memory tier, tiered reader)
@@ -21,6 +21,7 @@ pub mod peer;
 pub mod preempt;
 pub mod redact;
 pub mod size;
+pub mod sys;
 pub mod systemd;
 
 pub use error::Error;

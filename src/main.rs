@@ -1,4 +1,4 @@
-//! CLI → Config → `agent::run(config, shutdown signal)`.
+//! CLI → Config → `Agent::start` → serve until SIGTERM/SIGINT → `RunningAgent::shutdown`.
 
 use std::process::ExitCode;
 
@@ -13,21 +13,6 @@ fn init_tracing(format: LogFormat) {
     match format {
         LogFormat::Plain => b.init(),
         LogFormat::Json => b.json().init(),
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }
 
@@ -63,9 +48,9 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let result = rt.block_on(cachefs::agent::run(cfg, shutdown_signal()));
+            let result = rt.block_on(cachefs::agent::run(cfg, cachefs::agent::shutdown_signal()));
             // Blocking work still running (a FUSE thread kept by an open file) must not hold the exit.
-            rt.shutdown_timeout(std::time::Duration::from_secs(2));
+            rt.shutdown_timeout(cachefs::agent::RUNTIME_SHUTDOWN_TIMEOUT);
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

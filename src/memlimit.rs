@@ -102,13 +102,9 @@ pub fn fs_room(dir: &Path) -> Option<u64> {
             return None;
         }
     }
-    let c = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: valid path and out-pointer.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return None;
-    }
-    let free = s.f_bavail.saturating_mul(s.f_frsize);
+    let s = crate::sys::statfs(&at).ok()?;
+    let block = if s.f_frsize > 0 { s.f_frsize } else { s.f_bsize };
+    let free = s.f_bavail.saturating_mul(block as u64);
     let ours: u64 = std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()

@@ -1,4 +1,4 @@
-//! Every metric the agent exports, by its contract name (DESIGN.md). Counters are cheap atomics
+//! Every metric the agent exports, by its contract name (docs/ARCHITECTURE.md). Counters are cheap atomics
 //! shared by all modules; `encode` renders the Prometheus text format for `/metrics`.
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};

@@ -39,12 +39,7 @@ pub fn watchdog_interval() -> Option<Duration> {
 /// Whether the FUSE mount answers a `statfs` (which always reaches the agent) within `limit`.
 pub async fn mount_answers(mountpoint: &Path, limit: Duration) -> bool {
     let p: PathBuf = mountpoint.to_path_buf();
-    let probe = tokio::task::spawn_blocking(move || {
-        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
-        let mut s: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: valid path and out-pointer.
-        unsafe { libc::statfs(c.as_ptr(), &mut s) == 0 }
-    });
+    let probe = tokio::task::spawn_blocking(move || crate::sys::statfs(&p).is_ok());
     matches!(tokio::time::timeout(limit, probe).await, Ok(Ok(true)))
 }
 

@@ -17,7 +17,7 @@ use object_store::{
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
-use cachefs::cache::{ChunkSource, MemoryTier, Reader, ReaderOptions};
+use cachefs::cache::{MemoryTier, Reader, ReaderOptions};
 use cachefs::catalog::{Catalog, ObjectVersion};
 use cachefs::fs::FsCore;
 use cachefs::metrics::{Metrics, Tier};
@@ -112,18 +112,12 @@ async fn rig(files: &[(&str, &[u8])], chunk: u64, capacity: u64, timeout: Durati
     }
     let metrics = Arc::new(Metrics::new());
     let origin = Arc::new(Origin::new(store.clone(), Path::from("models"), 8, metrics.clone()));
-    let catalog = Arc::new(Catalog::new());
-    catalog.apply(cachefs::agent::list_versions(&origin).await.unwrap());
     let dir = tempfile::tempdir().unwrap();
     let memory = Arc::new(MemoryTier::new(dir.path(), chunk, capacity, metrics.clone()).unwrap());
-    let sources: Vec<Arc<dyn ChunkSource>> =
-        vec![Arc::new(cachefs::origin::OriginSource::new(origin.clone(), memory.clone(), None, Default::default(), Default::default()))];
-    let reader = Reader::new(
-        memory,
-        sources,
-        ReaderOptions { chunk_size: chunk, read_timeout: timeout, readahead_budget: 4 * chunk },
-        metrics.clone(),
-    );
+    let storage = cachefs::agent::Storage::from_parts(origin.clone(), memory).await.unwrap();
+    let opts = ReaderOptions { chunk_size: chunk, read_timeout: timeout, readahead_budget: 4 * chunk };
+    let reader = storage.reader(None, None, opts, &metrics, &Default::default(), &Default::default());
+    let catalog = storage.catalog.clone();
     Rig { _dir: dir, store, k, metrics, catalog, origin, reader }
 }
 
@@ -282,7 +276,7 @@ async fn changed_object_new_opens_see_new_bytes_old_handles_never_mix() {
     // The first chunk of the old version is cached; then the object changes at the origin.
     assert_eq!(&core.read(&h_old, 0, 1000).await.unwrap()[..], &v1[..1000]);
     r.store.put(&Path::from("models/m.bin"), Bytes::from(v2.clone()).into()).await.unwrap();
-    let changes = r.catalog.apply(cachefs::agent::list_versions(&r.origin).await.unwrap());
+    let changes = r.catalog.apply(cachefs::agent::storage::list_versions(&r.origin).await.unwrap());
     assert_eq!(changes.changed, 1);
     assert_eq!(changes.retired.len(), 1);
     core.retire(&changes.retired);
@@ -315,7 +309,7 @@ async fn changed_object_new_opens_see_new_bytes_old_handles_never_mix() {
     assert_eq!(memory.used(), v2.len() as u64, "only the new version is held");
     // A version removed while nobody has it open is forgotten at once.
     r.store.delete(&Path::from("models/m.bin")).await.unwrap();
-    let changes = r.catalog.apply(cachefs::agent::list_versions(&r.origin).await.unwrap());
+    let changes = r.catalog.apply(cachefs::agent::storage::list_versions(&r.origin).await.unwrap());
     core.release(new.fh);
     core.retire(&changes.retired);
     assert_eq!((memory.open_files(), memory.used()), (0, 0));
@@ -346,7 +340,7 @@ async fn an_open_directory_pages_through_one_snapshot() {
     for i in (0..3000).step_by(2) {
         r.store.delete(&Path::from(format!("models/d/f{i:05}"))).await.unwrap();
     }
-    let changes = r.catalog.apply(cachefs::agent::list_versions(&r.origin).await.unwrap());
+    let changes = r.catalog.apply(cachefs::agent::storage::list_versions(&r.origin).await.unwrap());
     assert_eq!(changes.removed, 1500);
     let later = core.readdir(d, fh).unwrap();
     assert!(Arc::ptr_eq(&first, &later), "a listing in progress changed under its reader");

@@ -15,8 +15,7 @@ use object_store::ObjectStoreExt;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-use cachefs::cache::{ChunkSource, MemoryTier, Reader, ReaderOptions};
-use cachefs::catalog::Catalog;
+use cachefs::cache::{MemoryTier, ReaderOptions};
 use cachefs::metrics::Metrics;
 use cachefs::origin::Origin;
 use cachefs::peer::proto::*;
@@ -107,7 +106,7 @@ fn config_files_and_flags_never_panic() {
     let flag = || prop_oneof![Just(None), any::<String>().prop_map(Some), "[0-9]{0,20}(|[KMGTP]i?B?|k|%)".prop_map(Some)];
     runner()
         .run(&(flag(), flag(), flag(), flag(), flag()), |(cache, chunk, timeout, admin, listen)| {
-            let args = cachefs::config::MountArgs {
+            let args = cachefs::config::Settings {
                 source: Some("/tmp".into()),
                 mountpoint: Some("/tmp/x-cachefs-fuzz".into()),
                 cache_size: cache,
@@ -155,20 +154,13 @@ fn peer_requests_get_an_answer_or_a_status() {
         store.put(&Path::from("m/d/b.bin"), Bytes::from(vec![6u8; 3]).into()).await.unwrap();
         let metrics = Arc::new(Metrics::new());
         let origin = Arc::new(Origin::new(store, Path::from("m"), 4, metrics.clone()));
-        let catalog = Arc::new(Catalog::new());
-        catalog.apply(cachefs::agent::list_versions(&origin).await.unwrap());
         let memory = Arc::new(MemoryTier::new(dir.path(), chunk, 1 << 20, metrics.clone()).unwrap());
-        let sources: Vec<Arc<dyn ChunkSource>> =
-            vec![Arc::new(cachefs::origin::OriginSource::new(origin, memory.clone(), None, Default::default(), Default::default()))];
-        let reader = Reader::new(
-            memory,
-            sources,
-            ReaderOptions { chunk_size: chunk, read_timeout: Duration::from_secs(5), readahead_budget: 4 * chunk },
-            metrics.clone(),
-        );
+        let storage = cachefs::agent::Storage::from_parts(origin, memory).await.unwrap();
+        let opts = ReaderOptions { chunk_size: chunk, read_timeout: Duration::from_secs(5), readahead_budget: 4 * chunk };
+        let reader = storage.reader(None, None, opts, &metrics, &Default::default(), &Default::default());
+        let catalog = storage.catalog.clone();
         let compat = cachefs::peer::membership::Compat { chunk_size: chunk, source: "mem".into() };
-        let membership =
-            Arc::new(cachefs::peer::Membership::new("me".into(), compat, 0, vec![], None, None, None, metrics.clone()).unwrap());
+        let membership = Arc::new(cachefs::peer::Membership::new("me".into(), compat, &Default::default(), metrics.clone()).unwrap());
         let versions: Vec<ObjectRef> = catalog.files().iter().map(|o| cachefs::peer::object_ref(o)).collect();
         let s = cachefs::peer::PeerServer {
             catalog,

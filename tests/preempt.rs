@@ -1,5 +1,5 @@
 //! Preemption: real agents watching fake metadata servers on 127.0.0.1 that speak each cloud's
-//! exact format (PREEMPTION.md), reporting to a webhook receiver. No test sends a packet to a
+//! exact format (each cloud's documented metadata paths and bodies), reporting to a webhook receiver. No test sends a packet to a
 //! real metadata address: every agent gets `--metadata-endpoint`.
 
 mod common;
@@ -253,6 +253,7 @@ fn watch_args<'a>(provider: &'a str, endpoint: &'a str, hook: &'a str) -> Vec<&'
 }
 
 /// The agent reports the notice `flip` makes the fake give; returns seconds from flip to webhook.
+#[allow(clippy::too_many_arguments)]
 fn notice_is_reported(
     a: &Agent,
     hook: &Hook,

@@ -14,6 +14,7 @@ fn one_weed() -> std::sync::MutexGuard<'static, ()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // the guard serialises SeaweedFS tests on purpose
 async fn mount_through_seaweedfs_s3() {
     if !fuse_available("mount_through_seaweedfs_s3") {
         return;
@@ -76,6 +77,7 @@ async fn mount_through_seaweedfs_s3() {
 /// Two agents on SeaweedFS, the object uploaded with a CRC64NVME checksum: the file B assembles
 /// from A is checked against the checksum SeaweedFS publishes, and passes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // the guard serialises SeaweedFS tests on purpose
 async fn file_from_a_peer_is_verified_against_seaweedfs_checksum() {
     if !fuse_available("file_from_a_peer_is_verified_against_seaweedfs_checksum") {
         return;

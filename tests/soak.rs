@@ -248,7 +248,7 @@ fn chaos(s: &Soak, weed: &Weed, proxy: &FaultProxy, fake: &FakePeer, rt: &tokio:
             0 | 4 => {
                 // Agents 1 and 2 are stopped and restarted (agent 0 runs throughout: its memory is watched).
                 let i = 1 + (step as usize / 8) % 2;
-                let kill = step % 8 == 0;
+                let kill = step.is_multiple_of(8);
                 let e = s.events.begin(if i == 1 { "agent restart 1" } else { "agent restart 2" });
                 s.slots[i].stop(kill);
                 std::thread::sleep(Duration::from_millis(rng.gen_range(200..1500)));

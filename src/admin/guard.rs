@@ -9,6 +9,7 @@
 //!   no HTML form can send it.
 //! - With an admin token, a `POST` without `Authorization: Bearer <token>` is 401 (the compare
 //!   takes constant time).
+//!
 //! Other `GET`s (`/healthz`, `/readyz`, `/metrics`) are open: probes and scrapers name the node
 //! by whatever address they reach it at.
 

@@ -25,14 +25,12 @@ pub fn error_reply(code: StatusCode, msg: String) -> axum::response::Response {
     (code, Json(serde_json::json!({ "error": msg }))).into_response()
 }
 
-pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
-
 #[derive(Clone)]
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Mounted, serving and not draining.
     pub ready: Arc<AtomicBool>,
-    pub status: StatusFn,
+    pub status: Arc<crate::agent::status::StatusParts>,
     pub catalog: Arc<Catalog>,
     pub reader: Arc<Reader>,
     /// Warm jobs run here, so shutdown stops them.
@@ -72,7 +70,7 @@ async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn status(State(s): State<AdminState>) -> impl IntoResponse {
-    Json((s.status)())
+    Json(s.status.status())
 }
 
 /// Start draining (once) and answer when drained.

@@ -67,7 +67,7 @@ impl Stage {
         self.0.store(if yes { Self::PEER } else { Self::DECIDING }, Ordering::SeqCst);
     }
 
-    fn from_origin(&self) {
+    fn mark_origin(&self) {
         self.0.store(Self::ORIGIN, Ordering::SeqCst);
     }
 
@@ -330,7 +330,7 @@ impl Reader {
                 continue;
             }
             if tier == Tier::origin {
-                stage.from_origin();
+                stage.mark_origin();
             }
             let t = std::time::Instant::now();
             match source.fetch(obj, index, range.clone(), stage).await {
@@ -425,12 +425,12 @@ impl Reader {
         Ok(())
     }
 
-    /// Stop background fetches and wait (bounded) for them to end.
-    pub async fn shutdown(&self) {
+    /// Stop background fetches and wait at most `limit` for them to end.
+    pub async fn shutdown(&self, limit: Duration) {
         self.cancel.cancel();
         self.tracker.close();
-        if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await.is_err() {
-            warn!("background fetches did not stop within 5 s");
+        if tokio::time::timeout(limit, self.tracker.wait()).await.is_err() {
+            warn!(?limit, "background fetches did not stop in time");
         }
     }
 }

@@ -314,6 +314,10 @@ pub trait Sink: Send {
     fn restart(&mut self);
     /// Bytes put so far.
     fn len(&self) -> u64;
+    /// Nothing put so far.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Sink for BytesMut {
@@ -435,41 +439,6 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
     Ok(Built { store, prefix, checksums, lister })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn m() -> Arc<Metrics> {
-        Arc::new(Metrics::new())
-    }
-
-    #[test]
-    fn url_errors_are_clear() {
-        let e = Origin::from_url("ftp://x/y", &[], 4, m()).err().unwrap().to_string();
-        assert!(e.contains("unknown scheme"), "{e}");
-        let e = Origin::from_url("/definitely/not/here", &[], 4, m()).err().unwrap().to_string();
-        assert!(e.contains("does not exist"), "{e}");
-        let opts = vec![("colour".to_string(), "blue".to_string())];
-        let e = Origin::from_url("s3://b/p", &opts, 4, m()).err().unwrap().to_string();
-        assert!(e.contains("unknown --source-option \"colour\""), "{e}");
-    }
-
-    #[test]
-    fn s3_prefix_and_options() {
-        let opts = vec![
-            ("endpoint".to_string(), "http://127.0.0.1:1".to_string()),
-            ("allow_http".to_string(), "true".to_string()),
-            ("access_key_id".to_string(), "k".to_string()),
-            ("secret_access_key".to_string(), "s".to_string()),
-            ("region".to_string(), "us-east-1".to_string()),
-        ];
-        let o = Origin::from_url("s3://bucket/models/llama", &opts, 4, m()).unwrap();
-        assert_eq!(o.prefix().as_ref(), "models/llama");
-        assert_eq!(o.relative_key(&Path::from("models/llama/a/b.bin")).as_deref(), Some("a/b.bin"));
-        assert_eq!(o.relative_key(&Path::from("other/x")), None);
-    }
-}
-
 /// The origin as the last tier of the read path: chunks are written into the memory tier as
 /// they arrive when it has room for them, else returned in a buffer. From an origin that ignores
 /// `Range`, chunks come from one whole-object stream per object ([`whole`]).
@@ -552,5 +521,40 @@ impl crate::cache::ChunkSource for OriginSource {
                 Err(e) => Err(crate::Error::unavailable(e)),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m() -> Arc<Metrics> {
+        Arc::new(Metrics::new())
+    }
+
+    #[test]
+    fn url_errors_are_clear() {
+        let e = Origin::from_url("ftp://x/y", &[], 4, m()).err().unwrap().to_string();
+        assert!(e.contains("unknown scheme"), "{e}");
+        let e = Origin::from_url("/definitely/not/here", &[], 4, m()).err().unwrap().to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        let opts = vec![("colour".to_string(), "blue".to_string())];
+        let e = Origin::from_url("s3://b/p", &opts, 4, m()).err().unwrap().to_string();
+        assert!(e.contains("unknown --source-option \"colour\""), "{e}");
+    }
+
+    #[test]
+    fn s3_prefix_and_options() {
+        let opts = vec![
+            ("endpoint".to_string(), "http://127.0.0.1:1".to_string()),
+            ("allow_http".to_string(), "true".to_string()),
+            ("access_key_id".to_string(), "k".to_string()),
+            ("secret_access_key".to_string(), "s".to_string()),
+            ("region".to_string(), "us-east-1".to_string()),
+        ];
+        let o = Origin::from_url("s3://bucket/models/llama", &opts, 4, m()).unwrap();
+        assert_eq!(o.prefix().as_ref(), "models/llama");
+        assert_eq!(o.relative_key(&Path::from("models/llama/a/b.bin")).as_deref(), Some("a/b.bin"));
+        assert_eq!(o.relative_key(&Path::from("other/x")), None);
     }
 }

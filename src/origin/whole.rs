@@ -112,6 +112,7 @@ fn copy_error(e: &OriginError) -> OriginError {
 }
 
 /// Where one chunk's bytes go as the stream passes it.
+#[allow(clippy::large_enum_variant)] // one per chunk in flight
 enum Out {
     Store(Fill),
     Buffer(BytesMut),

@@ -112,6 +112,7 @@ impl Inventory {
 
 /// Where a chunk from a peer goes as it arrives: straight into the memory tier, or (no room
 /// there) a buffer.
+#[allow(clippy::large_enum_variant)] // one per chunk in flight
 enum Sink {
     File(Fill),
     Heap(BytesMut),

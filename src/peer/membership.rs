@@ -58,6 +58,20 @@ impl tonic::service::Interceptor for Auth {
 
 pub type Client = PeerClient<InterceptedService<Channel, Auth>>;
 
+/// One peer as `/status` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    pub addr: String,
+    pub node_id: Option<String>,
+    /// self, incompatible, distrusted, unknown, backoff, draining or live.
+    pub state: String,
+    pub failures: u32,
+    pub data_failures: u32,
+    pub last_error: Option<String>,
+    /// Why the peer is incompatible, if it is.
+    pub reason: Option<String>,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct PeerState {
     pub node_id: Option<String>,
@@ -169,18 +183,16 @@ pub struct Membership {
 }
 
 impl Membership {
-    #[allow(clippy::too_many_arguments)]
+    /// Membership of this agent (`self_id`) in the mesh `cfg` describes.
     pub fn new(
         self_id: String,
         compat: Compat,
-        listen_port: u16,
-        static_peers: Vec<String>,
-        dns: Option<String>,
-        token: Option<String>,
-        tls: Option<&crate::config::PeerTls>,
+        cfg: &crate::config::PeerConfig,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Self, String> {
-        let tls = tls.map(|t| {
+        let listen_port = cfg.listen.map(|l| l.port()).unwrap_or(0);
+        let (static_peers, dns, token) = (cfg.peers.clone(), cfg.dns.clone(), cfg.token.clone());
+        let tls = cfg.tls.as_ref().map(|t| {
             use tonic::transport::{Certificate, ClientTlsConfig, Identity};
             ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&t.ca)).identity(Identity::from_pem(&t.cert, &t.key))
         });
@@ -509,31 +521,38 @@ impl Membership {
     }
 
     /// For `/status`.
-    pub fn status(&self) -> serde_json::Value {
-        serde_json::Value::Array(
-            self.all()
-                .iter()
-                .map(|p| {
-                    let s = p.state();
-                    let state = if s.is_self {
-                        "self"
-                    } else if s.incompatible.is_some() {
-                        "incompatible"
-                    } else if s.distrusted_until.is_some_and(|t| Instant::now() < t) {
-                        "distrusted"
-                    } else if s.node_id.is_none() {
-                        "unknown"
-                    } else if !p.usable() {
-                        "backoff"
-                    } else if s.draining {
-                        "draining"
-                    } else {
-                        "live"
-                    };
-                    serde_json::json!({ "addr": p.addr, "node_id": s.node_id, "state": state, "failures": s.failures, "data_failures": s.data_failures, "last_error": s.last_error, "reason": s.incompatible })
-                })
-                .collect(),
-        )
+    pub fn status(&self) -> Vec<PeerStatus> {
+        self.all()
+            .iter()
+            .map(|p| {
+                let s = p.state();
+                let state = if s.is_self {
+                    "self"
+                } else if s.incompatible.is_some() {
+                    "incompatible"
+                } else if s.distrusted_until.is_some_and(|t| Instant::now() < t) {
+                    "distrusted"
+                } else if s.node_id.is_none() {
+                    "unknown"
+                } else if !p.usable() {
+                    "backoff"
+                } else if s.draining {
+                    "draining"
+                } else {
+                    "live"
+                };
+                let (failures, data_failures) = (s.failures, s.data_failures);
+                PeerStatus {
+                    addr: p.addr.clone(),
+                    node_id: s.node_id,
+                    state: state.into(),
+                    failures,
+                    data_failures,
+                    last_error: s.last_error,
+                    reason: s.incompatible,
+                }
+            })
+            .collect()
     }
 }
 
@@ -546,7 +565,13 @@ mod tests {
     async fn a_learned_peer_that_went_away_is_forgotten() {
         let compat = Compat { chunk_size: 1 << 20, source: "s3://b/p".into() };
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let m = Membership::new("self".into(), compat, 1, vec![], None, Some("secret".into()), None, metrics).unwrap();
+        let m = Membership::new(
+            "self".into(),
+            compat,
+            &crate::config::PeerConfig { listen: Some(([127, 0, 0, 1], 1).into()), token: Some("secret".into()), ..Default::default() },
+            metrics,
+        )
+        .unwrap();
         // Nothing listens on the discard port of loopback: every probe fails.
         let gone: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
         m.heard_from(gone, "pod-1");

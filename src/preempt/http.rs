@@ -173,7 +173,7 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.next = Duration::from_millis(500);
     }
-    pub fn next(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(self.cap);
         d

@@ -49,8 +49,9 @@ pub fn state_name(s: u8) -> &'static str {
     }
 }
 
-/// Where preemption notices come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where preemption notices come from (`--preemption-provider`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Provider {
     None,
     Auto,
@@ -61,18 +62,6 @@ pub enum Provider {
 }
 
 impl Provider {
-    pub fn parse(s: &str) -> Result<Provider, String> {
-        Ok(match s {
-            "none" => Provider::None,
-            "auto" => Provider::Auto,
-            "aliyun" => Provider::Aliyun,
-            "aws" => Provider::Aws,
-            "gcp" => Provider::Gcp,
-            "azure" => Provider::Azure,
-            other => return Err(format!("--preemption-provider {other:?}: use auto, aliyun, aws, gcp, azure or none")),
-        })
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Provider::None => "none",
@@ -139,7 +128,7 @@ impl Default for PreemptConfig {
             azure_acknowledge: false,
             webhooks: Vec::new(),
             drain_hook: None,
-            drain_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(crate::config::DEFAULT_DRAIN_TIMEOUT_SECS),
         }
     }
 }
@@ -251,7 +240,7 @@ pub async fn watch<W: Watcher>(mut w: W, drain: Arc<Drain>, cfg: PreemptConfig, 
             }
             Err(e) => {
                 drain.metrics.metadata_errors.inc();
-                let d = backoff.next();
+                let d = backoff.next_delay();
                 warn!(provider = provider.name(), error = %e, retry_in = ?d, "metadata check failed; no action taken");
                 d
             }
@@ -350,7 +339,7 @@ impl Drain {
         self.info().instance_id = Some(id);
     }
 
-    /// The JSON event of DESIGN.md.
+    /// The JSON webhook event (docs/ARCHITECTURE.md, Contracts).
     fn event(&self, kind: &str, info: &DrainInfo) -> serde_json::Value {
         let t = |t: &Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
         serde_json::json!({
@@ -519,21 +508,39 @@ impl Drain {
     }
 
     /// For `/status`.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> DrainStatus {
         let info = self.info().clone();
         let t = |t: &Option<DateTime<Utc>>| t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-        serde_json::json!({
-            "state": state_name(self.state()),
-            "provider": info.provider.map(|p| p.name()).unwrap_or("none"),
-            "instance_id": info.instance_id,
-            "reason": info.reason,
-            "notice_time": t(&info.notice_time),
-            "termination_time": t(&info.termination_time),
-            "deadline": t(&info.deadline),
-            "drained_time": t(&info.drained_time),
-            "peer_streams": self.parts.peer_streams.load(Ordering::SeqCst),
-        })
+        DrainStatus {
+            state: state_name(self.state()).to_string(),
+            provider: info.provider.map(|p| p.name()).unwrap_or("none").to_string(),
+            instance_id: info.instance_id.clone(),
+            reason: info.reason.clone(),
+            notice_time: t(&info.notice_time),
+            termination_time: t(&info.termination_time),
+            deadline: t(&info.deadline),
+            drained_time: t(&info.drained_time),
+            peer_streams: self.parts.peer_streams.load(Ordering::SeqCst),
+        }
     }
+}
+
+/// The drain as `/status` shows it (times in RFC 3339, seconds).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct DrainStatus {
+    /// serving, draining or drained.
+    pub state: String,
+    /// The watched cloud, or none.
+    pub provider: String,
+    pub instance_id: Option<String>,
+    /// Why the drain began; None while serving.
+    pub reason: Option<String>,
+    pub notice_time: Option<String>,
+    pub termination_time: Option<String>,
+    pub deadline: Option<String>,
+    pub drained_time: Option<String>,
+    /// Chunk streams to peers in flight.
+    pub peer_streams: usize,
 }
 
 /// Start the configured watcher as a tracked task. `auto` detects the cloud inside that task

@@ -120,7 +120,7 @@ async fn deliver_webhooks(
                 Ok(resp) => format!("HTTP {}", resp.status().as_u16()),
                 Err(e) => super::http::error_chain(&e),
             };
-            let wait = backoff.next();
+            let wait = backoff.next_delay();
             if Instant::now() + wait >= deadline {
                 metrics.webhook_failures.inc();
                 warn!(event = %kind, attempts, error = %why, "webhook not delivered before the deadline; giving up");

@@ -131,7 +131,7 @@ pub fn write_safetensors(p: &Path, seed: u64) {
         off += size;
     }
     let mut h = serde_json::to_vec(&header).unwrap();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     // F16/F32 payloads: finite values only (random bits could be NaN, which never compares equal).
@@ -232,7 +232,7 @@ impl Agent {
             "--admin".into(),
             admin.to_string(),
         ];
-        if !extra.iter().any(|a| *a == "--cache-size") {
+        if !extra.contains(&"--cache-size") {
             args.extend(["--cache-size".into(), "1GiB".into()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
