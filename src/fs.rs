@@ -10,9 +10,13 @@
 //! - A version the catalog no longer lists is forgotten by the memory tier once no handle of it
 //!   is open ([`FsCore::retire`]): no file, mapping or chunk of it outlives its last reader.
 //! - Writes of any kind are `Error::ReadOnly`.
+//! - The open mode is decided here ([`OpenMode`]): a version wholly in memory at open may be
+//!   read with passthrough to its tmpfs file, and is pinned until its handle is released.
+//! - Every read runs the readahead policy: [`FsCore::start_read`] is the only way to a read.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -26,6 +30,8 @@ pub struct Handle {
     pub ino: u64,
     pub obj: Arc<ObjectVersion>,
     ra: Mutex<Readahead>,
+    /// The version is pinned in memory for this handle (passthrough).
+    pinned: AtomicBool,
 }
 
 #[derive(Default)]
@@ -39,13 +45,39 @@ struct Readahead {
     last_chunk: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy)]
+/// How a handle should be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Every byte is in memory and pinned there while the handle is open: reads may go straight
+    /// to this file (FUSE passthrough). If the adapter cannot use it, it calls
+    /// [`FsCore::passthrough_refused`] and serves the handle as `Cached`.
+    Passthrough(PathBuf),
+    /// Every byte is in memory now: the kernel may keep its page cache (an inode is one version).
+    Cached,
+    /// Not every byte is in memory: the handle may bypass the kernel's page cache; its bytes land
+    /// in the memory tier anyway, and a second copy there costs a page allocation and a copy per
+    /// page on the miss path.
+    Uncached,
+}
+
+#[derive(Debug, Clone)]
 pub struct Opened {
     pub fh: u64,
-    /// Every byte is in local memory now. A handle of a file that is not may bypass the kernel's
-    /// page cache: its bytes land in the memory tier anyway, and a second copy there costs a
-    /// page allocation and a copy per page on the miss path.
-    pub in_memory: bool,
+    pub mode: OpenMode,
+}
+
+/// A read that was not wholly in memory; finish it with [`FsCore::finish_read`] (off the FUSE
+/// thread). Only [`FsCore::start_read`] makes one, so readahead has run.
+pub struct PendingRead {
+    handle: Arc<Handle>,
+    offset: u64,
+    size: u32,
+}
+
+impl PendingRead {
+    pub fn handle(&self) -> &Arc<Handle> {
+        &self.handle
+    }
 }
 
 pub struct FsCore {
@@ -57,6 +89,8 @@ pub struct FsCore {
     /// Versions no longer listed that an open handle still reads (lock order: handles, then this).
     retired: Mutex<HashMap<Arc<str>, Arc<ObjectVersion>>>,
     next_fh: AtomicU64,
+    /// The kernel agreed to FUSE passthrough (set by the adapter at `init`).
+    passthrough: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -72,6 +106,7 @@ impl FsCore {
             dirs: Mutex::new(HashMap::new()),
             retired: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            passthrough: AtomicBool::new(false),
         }
     }
 
@@ -87,7 +122,16 @@ impl FsCore {
         self.catalog.lookup(parent, name)
     }
 
-    pub fn getattr(&self, ino: u64) -> Result<Entry, Error> {
+    /// Let `open` offer [`OpenMode::Passthrough`] (the kernel supports it).
+    pub fn enable_passthrough(&self) {
+        self.passthrough.store(true, Ordering::Relaxed);
+    }
+
+    /// Attributes of `ino`; with an open handle `fh`, those of the version that handle reads.
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Entry, Error> {
+        if let Some(h) = fh.and_then(|fh| self.handle(fh).ok()) {
+            return Ok(Entry { ino, kind: crate::catalog::Kind::File, size: h.obj.size, mtime: h.obj.mtime });
+        }
         match self.catalog.getattr(ino) {
             Err(Error::Stale(why)) => {
                 let open = lock(&self.handles).values().find(|h| h.ino == ino).map(|h| h.obj.clone());
@@ -125,9 +169,31 @@ impl FsCore {
         }
         let obj = self.catalog.object(ino)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let in_memory = self.reader.memory().is_complete(&obj);
-        lock(&self.handles).insert(fh, Arc::new(Handle { ino, obj, ra: Mutex::new(Readahead::default()) }));
-        Ok(Opened { fh, in_memory })
+        let memory = self.reader.memory();
+        let pinned = self.passthrough.load(Ordering::Relaxed) && memory.pin_if_complete(&obj);
+        let mode = if pinned {
+            OpenMode::Passthrough(memory.file_path(&obj))
+        } else if memory.is_complete(&obj) {
+            OpenMode::Cached
+        } else {
+            OpenMode::Uncached
+        };
+        let h = Handle { ino, obj, ra: Mutex::new(Readahead::default()), pinned: AtomicBool::new(pinned) };
+        lock(&self.handles).insert(fh, Arc::new(h));
+        Ok(Opened { fh, mode })
+    }
+
+    /// The adapter could not serve handle `fh` with passthrough: its version is unpinned.
+    pub fn passthrough_refused(&self, fh: u64) {
+        if let Ok(h) = self.handle(fh) {
+            self.unpin(&h);
+        }
+    }
+
+    fn unpin(&self, h: &Handle) {
+        if h.pinned.swap(false, Ordering::Relaxed) {
+            self.reader.memory().unpin(&h.obj);
+        }
     }
 
     pub fn handle(&self, fh: u64) -> Result<Arc<Handle>, Error> {
@@ -138,6 +204,7 @@ impl FsCore {
         let gone = {
             let mut handles = lock(&self.handles);
             let Some(h) = handles.remove(&fh) else { return };
+            self.unpin(&h);
             if handles.values().any(|o| o.obj.id == h.obj.id) {
                 return;
             }
@@ -174,15 +241,27 @@ impl FsCore {
         lock(&self.handles).len()
     }
 
-    /// The read if it is wholly in memory (answered on the caller's thread), else `None`.
-    pub fn read_cached(&self, h: &Handle, offset: u64, size: u32) -> Option<Bytes> {
-        self.readahead(h, offset, size as u64);
-        self.reader.read_cached(&h.obj, offset, size as u64)
+    /// Begin a read: drive readahead, and answer at once (on the caller's thread) when the
+    /// range is wholly in memory; otherwise the read to finish with [`FsCore::finish_read`].
+    pub fn start_read(&self, h: Arc<Handle>, offset: u64, size: u32) -> Result<Bytes, PendingRead> {
+        self.readahead(&h, offset, size as u64);
+        match self.reader.read_cached(&h.obj, offset, size as u64) {
+            Some(b) => Ok(b),
+            None => Err(PendingRead { handle: h, offset, size }),
+        }
     }
 
-    /// The read through every tier; call `read_cached` first (it also drives readahead).
-    pub async fn read(&self, h: &Handle, offset: u64, size: u32) -> Result<Bytes, Error> {
-        self.reader.read(&h.obj, offset, size as u64).await
+    /// Finish a read through every tier.
+    pub async fn finish_read(&self, p: PendingRead) -> Result<Bytes, Error> {
+        self.reader.read(&p.handle.obj, p.offset, p.size as u64).await
+    }
+
+    /// A whole read: [`FsCore::start_read`], then [`FsCore::finish_read`] if needed.
+    pub async fn read(&self, h: &Arc<Handle>, offset: u64, size: u32) -> Result<Bytes, Error> {
+        match self.start_read(h.clone(), offset, size) {
+            Ok(b) => Ok(b),
+            Err(p) => self.finish_read(p).await,
+        }
     }
 
     /// Sequential readers get the next chunks fetched ahead, in a window that doubles each time

@@ -1,7 +1,8 @@
-//! The fuser adapter: each handler opens a span, calls the core (`fs::FsCore`), and replies or
-//! maps the error to an errno in one place ([`errno`]). Reads that are wholly in memory are
-//! answered on the FUSE thread; all others are answered from a tokio task, so no FUSE thread
-//! ever waits on the network.
+//! The fuser adapter: each handler calls the core (`fs::FsCore`) and replies, or fails through
+//! one helper ([`CachefsFuse::fail`]) that maps the error to an errno ([`errno`]), counts it and
+//! logs it. What the adapter keeps is what fuser needs: the kernel's backing ids of passthrough
+//! files. Reads that are wholly in memory are answered on the FUSE thread; all others from a
+//! tokio task, so no FUSE thread ever waits on the network.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -18,7 +19,7 @@ use tracing::{debug, warn, Instrument};
 
 use crate::catalog::{Entry, Kind};
 use crate::error::Error;
-use crate::fs::FsCore;
+use crate::fs::{FsCore, OpenMode};
 use crate::metrics::Metrics;
 
 /// How long the kernel may cache names and attributes.
@@ -38,6 +39,28 @@ pub fn errno(e: &Error) -> Errno {
     }
 }
 
+/// The replies an operation can fail with.
+trait ErrorReply {
+    fn error(self, e: Errno);
+}
+
+macro_rules! error_reply {
+    ($($t:ty),*) => { $(impl ErrorReply for $t { fn error(self, e: Errno) { <$t>::error(self, e) } })* };
+}
+error_reply!(ReplyEntry, ReplyAttr, ReplyOpen, ReplyData, ReplyDirectory);
+
+/// Answer a failed operation `op`: errno, `cachefs_fuse_errors_total{op,errno}`, and a log line
+/// (debug for a name that does not exist, which the kernel asks about all the time).
+fn fail(metrics: &Metrics, op: &'static str, e: &Error, reply: impl ErrorReply) {
+    let code = errno(e);
+    metrics.add_fuse_error(op, code.code());
+    match e {
+        Error::NotFound => debug!(op, error = %e, "FUSE operation failed"),
+        _ => warn!(op, error = %e, "FUSE operation failed"),
+    }
+    reply.error(code);
+}
+
 /// One backing file registered with the kernel for an inode, shared by its passthrough handles.
 struct Backing {
     id: fuser::BackingId,
@@ -52,9 +75,8 @@ pub struct CachefsFuse {
     tasks: TaskTracker,
     uid: u32,
     gid: u32,
-    /// Asked for by the configuration; `passthrough` is whether the kernel agreed.
+    /// Asked for by the configuration (whether the kernel agreed is the core's to know).
     passthrough_wanted: bool,
-    passthrough: AtomicBool,
     /// The kernel lets direct-I/O handles be mapped (FUSE_DIRECT_IO_ALLOW_MMAP, Linux 6.6+).
     direct_io: AtomicBool,
     backings: Mutex<HashMap<u64, Backing>>,
@@ -78,71 +100,47 @@ impl CachefsFuse {
             uid,
             gid,
             passthrough_wanted: passthrough,
-            passthrough: AtomicBool::new(false),
             direct_io: AtomicBool::new(false),
             backings: Mutex::new(HashMap::new()),
             pt_handles: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Answer `open` with passthrough to the object's tmpfs file if all of it is in memory.
-    /// Returns the reply back when it must be answered the normal way.
-    fn open_passthrough(&self, ino: u64, fh: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
-        if !self.passthrough.load(Ordering::Relaxed) {
-            return Some(reply);
-        }
-        let Ok(h) = self.core.handle(fh) else { return Some(reply) };
-        let memory = self.core.reader().memory();
-        if !memory.pin_if_complete(&h.obj) {
-            return Some(reply);
-        }
+    /// Answer `open` of handle `fh` with passthrough to `path`, the backing file of `ino` (one
+    /// backing id per inode, shared by its handles of one version). Gives the reply back when
+    /// the handle must be served the normal way.
+    fn open_backing(&self, ino: u64, fh: u64, version: &Arc<str>, path: &std::path::Path, reply: ReplyOpen) -> Result<(), ReplyOpen> {
         let mut backings = lock(&self.backings);
-        let usable = match backings.get_mut(&ino) {
-            Some(b) if b.version == h.obj.id => {
-                b.handles += 1;
-                true
-            }
+        match backings.get_mut(&ino) {
+            Some(b) if &b.version == version => b.handles += 1,
             // Handles of another version of this inode hold its one backing id.
-            Some(_) => false,
-            None => match std::fs::File::open(memory.file_path(&h.obj)).and_then(|f| reply.open_backing(&f)) {
+            Some(_) => return Err(reply),
+            None => match std::fs::File::open(path).and_then(|f| reply.open_backing(&f)) {
                 Ok(id) => {
-                    backings.insert(ino, Backing { id, version: h.obj.id.clone(), handles: 1 });
-                    true
+                    backings.insert(ino, Backing { id, version: version.clone(), handles: 1 });
                 }
                 Err(e) => {
-                    warn!(key = %h.obj.key, error = %e, "FUSE passthrough open failed; using normal replies");
-                    false
+                    warn!(path = %path.display(), error = %e, "FUSE passthrough open failed; using normal replies");
+                    return Err(reply);
                 }
             },
-        };
-        match backings.get(&ino) {
-            Some(b) if usable => {
-                lock(&self.pt_handles).insert(fh, ino);
-                self.metrics.passthrough_opens.inc();
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.id);
-                None
-            }
-            _ => {
-                memory.unpin(&h.obj);
-                Some(reply)
-            }
         }
+        let Some(b) = backings.get(&ino) else { return Err(reply) };
+        lock(&self.pt_handles).insert(fh, ino);
+        self.metrics.passthrough_opens.inc();
+        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.id);
+        Ok(())
     }
 
-    /// The last passthrough handle of an inode releases its backing id and the pin.
-    fn release_passthrough(&self, fh: u64) {
+    /// The last passthrough handle of an inode releases its backing id.
+    fn release_backing(&self, fh: u64) {
         let Some(ino) = lock(&self.pt_handles).remove(&fh) else { return };
-        {
-            let mut backings = lock(&self.backings);
-            if let Some(b) = backings.get_mut(&ino) {
-                b.handles -= 1;
-                if b.handles == 0 {
-                    backings.remove(&ino);
-                }
+        let mut backings = lock(&self.backings);
+        if let Some(b) = backings.get_mut(&ino) {
+            b.handles -= 1;
+            if b.handles == 0 {
+                backings.remove(&ino);
             }
-        }
-        if let Ok(h) = self.core.handle(fh) {
-            self.core.reader().memory().unpin(&h.obj);
         }
     }
 
@@ -184,7 +182,7 @@ impl Filesystem for CachefsFuse {
         if self.passthrough_wanted {
             match config.add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH) {
                 Ok(()) if config.set_max_stack_depth(1).is_ok() => {
-                    self.passthrough.store(true, Ordering::Relaxed);
+                    self.core.enable_passthrough();
                     tracing::info!("FUSE passthrough enabled: files wholly in memory are read straight from tmpfs");
                 }
                 _ => warn!("this kernel does not offer FUSE passthrough (needs Linux 6.9+ and root); local hits use normal FUSE replies"),
@@ -205,37 +203,39 @@ impl Filesystem for CachefsFuse {
         let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
         match self.core.lookup(parent.0, name) {
             Ok(e) => reply.entry(&TTL, &self.attr(&e), Generation(0)),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => fail(&self.metrics, "lookup", &e, reply),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        // An open handle reports the size of the version it reads.
-        if let Some(h) = fh.and_then(|fh| self.core.handle(fh.0).ok()) {
-            let e = Entry { ino: ino.0, kind: Kind::File, size: h.obj.size, mtime: h.obj.mtime };
-            return reply.attr(&TTL, &self.attr(&e));
-        }
-        match self.core.getattr(ino.0) {
+        match self.core.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(e) => reply.attr(&TTL, &self.attr(&e)),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => fail(&self.metrics, "getattr", &e, reply),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & (libc::O_TRUNC | libc::O_CREAT) != 0;
-        match self.core.open(ino.0, write) {
-            Ok(o) => {
-                let Some(reply) = self.open_passthrough(ino.0, o.fh, reply) else { return };
-                // An inode is one version: what the kernel cached of it stays true.
-                let f = if !o.in_memory && self.direct_io.load(Ordering::Relaxed) {
-                    FopenFlags::FOPEN_DIRECT_IO
-                } else {
-                    FopenFlags::FOPEN_KEEP_CACHE
+        let o = match self.core.open(ino.0, write) {
+            Ok(o) => o,
+            Err(e) => return fail(&self.metrics, "open", &e, reply),
+        };
+        let (uncached, reply) = match &o.mode {
+            OpenMode::Passthrough(path) => {
+                let version = match self.core.handle(o.fh) {
+                    Ok(h) => h.obj.id.clone(),
+                    Err(e) => return fail(&self.metrics, "open", &e, reply),
                 };
-                reply.opened(FileHandle(o.fh), f)
+                let Err(reply) = self.open_backing(ino.0, o.fh, &version, path, reply) else { return };
+                self.core.passthrough_refused(o.fh);
+                (false, reply)
             }
-            Err(e) => reply.error(errno(&e)),
-        }
+            OpenMode::Cached => (false, reply),
+            OpenMode::Uncached => (true, reply),
+        };
+        // An inode is one version: what the kernel cached of it stays true.
+        let f = if uncached && self.direct_io.load(Ordering::Relaxed) { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::FOPEN_KEEP_CACHE };
+        reply.opened(FileHandle(o.fh), f)
     }
 
     fn read(
@@ -252,22 +252,22 @@ impl Filesystem for CachefsFuse {
         self.metrics.fuse_read_requests.inc();
         let h = match self.core.handle(fh.0) {
             Ok(h) => h,
-            Err(e) => return reply.error(errno(&e)),
+            Err(e) => return fail(&self.metrics, "read", &e, reply),
         };
-        if let Some(bytes) = self.core.read_cached(&h, offset, size) {
-            return reply.data(&bytes);
-        }
+        let pending = match self.core.start_read(h, offset, size) {
+            Ok(bytes) => return reply.data(&bytes),
+            Err(p) => p,
+        };
         let core = self.core.clone();
         let metrics = self.metrics.clone();
-        let span = tracing::debug_span!("read", ino = ino.0, offset, size);
+        let span = tracing::debug_span!("read", ino = ino.0, key = %pending.handle().obj.key, offset, size);
         self.tasks.spawn_on(
             async move {
-                match core.read(&h, offset, size).await {
+                match core.finish_read(pending).await {
                     Ok(bytes) => reply.data(&bytes),
                     Err(e) => {
                         metrics.read_errors.inc();
-                        warn!(key = %h.obj.key, offset, size, error = %e, "read failed");
-                        reply.error(errno(&e))
+                        fail(&metrics, "read", &e, reply)
                     }
                 }
             }
@@ -302,7 +302,7 @@ impl Filesystem for CachefsFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.release_passthrough(fh.0);
+        self.release_backing(fh.0);
         self.core.release(fh.0);
         reply.ok();
     }
@@ -310,7 +310,7 @@ impl Filesystem for CachefsFuse {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.core.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => fail(&self.metrics, "opendir", &e, reply),
         }
     }
 
@@ -322,7 +322,7 @@ impl Filesystem for CachefsFuse {
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let entries = match self.core.readdir(ino.0, fh.0) {
             Ok(v) => v,
-            Err(e) => return reply.error(errno(&e)),
+            Err(e) => return fail(&self.metrics, "readdir", &e, reply),
         };
         // The offset handed back with each entry is the index of the next one.
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {

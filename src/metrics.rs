@@ -22,6 +22,12 @@ pub struct TierLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FuseErrorLabel {
+    pub op: &'static str,
+    pub errno: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabel {
     pub peer: String,
 }
@@ -40,6 +46,7 @@ pub mod names {
     pub const DRAIN_STATE: &str = "cachefs_drain_state";
     pub const FUSE_READ_REQUESTS: &str = "cachefs_fuse_read_requests_total";
     pub const READ_ERRORS: &str = "cachefs_read_errors_total";
+    pub const FUSE_ERRORS: &str = "cachefs_fuse_errors_total";
     pub const PASSTHROUGH_OPENS: &str = "cachefs_passthrough_opens_total";
     pub const PEER_ERRORS: &str = "cachefs_peer_errors_total";
     pub const PEER_CHECKSUM_ERRORS: &str = "cachefs_peer_checksum_errors_total";
@@ -65,6 +72,7 @@ pub struct Metrics {
     pub drain_state: Gauge,
     pub fuse_read_requests: Counter,
     pub read_errors: Counter,
+    pub fuse_errors: Family<FuseErrorLabel, Counter>,
     pub peer_errors: Family<PeerLabel, Counter>,
     pub peer_checksum_errors: Counter,
     pub verify_failures: Counter,
@@ -101,6 +109,7 @@ impl Metrics {
             drain_state: Gauge::default(),
             fuse_read_requests: Counter::default(),
             read_errors: Counter::default(),
+            fuse_errors: Family::default(),
             peer_errors: Family::default(),
             peer_checksum_errors: Counter::default(),
             verify_failures: Counter::default(),
@@ -124,6 +133,7 @@ impl Metrics {
         registry.register(base(DRAIN_STATE), "0 serving, 1 draining, 2 drained", m.drain_state.clone());
         registry.register(base(FUSE_READ_REQUESTS), "FUSE read requests answered by the agent", m.fuse_read_requests.clone());
         registry.register(base(READ_ERRORS), "FUSE reads answered with an error", m.read_errors.clone());
+        registry.register(base(FUSE_ERRORS), "FUSE operations answered with an error, by operation and errno", m.fuse_errors.clone());
         registry.register(base(PASSTHROUGH_OPENS), "Opens answered with FUSE passthrough to the tmpfs file", m.passthrough_opens.clone());
         registry.register(base(PEER_ERRORS), "Failed requests to a peer, by peer address", m.peer_errors.clone());
         registry.register(base(PEER_CHECKSUM_ERRORS), "Chunks from peers rejected by their checksum", m.peer_checksum_errors.clone());
@@ -148,6 +158,10 @@ impl Metrics {
 
     pub fn add_read(&self, tier: Tier, bytes: u64) {
         self.read_bytes.get_or_create(&TierLabel { tier }).inc_by(bytes);
+    }
+
+    pub fn add_fuse_error(&self, op: &'static str, errno: i32) {
+        self.fuse_errors.get_or_create(&FuseErrorLabel { op, errno }).inc();
     }
 
     pub fn read_bytes_of(&self, tier: Tier) -> u64 {

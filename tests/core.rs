@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 
 use cachefs::cache::{MemoryTier, Reader, ReaderOptions};
 use cachefs::catalog::{Catalog, ObjectVersion};
-use cachefs::fs::FsCore;
+use cachefs::fs::{FsCore, OpenMode};
 use cachefs::metrics::{Metrics, Tier};
 use cachefs::origin::Origin;
 use cachefs::Error;
@@ -287,8 +287,8 @@ async fn changed_object_new_opens_see_new_bytes_old_handles_never_mix() {
     assert_ne!(new_ino, ino);
     let new = core.open(new_ino, false).unwrap();
     let h_new = core.handle(new.fh).unwrap();
-    assert_eq!(core.getattr(new_ino).unwrap().size, v2.len() as u64);
-    assert_eq!(core.getattr(ino).unwrap().size, v1.len() as u64);
+    assert_eq!(core.getattr(new_ino, None).unwrap().size, v2.len() as u64);
+    assert_eq!(core.getattr(ino, None).unwrap().size, v1.len() as u64);
     assert_eq!(&core.read(&h_new, 0, 310_000).await.unwrap()[..], &v2[..]);
     // Old handle: its cached chunk is still the old bytes; an uncached part is ESTALE, never v2.
     assert_eq!(&core.read(&h_old, 0, 1000).await.unwrap()[..], &v1[..1000]);
@@ -301,7 +301,7 @@ async fn changed_object_new_opens_see_new_bytes_old_handles_never_mix() {
     let old_file = memory.file_path(&h_old.obj);
     assert!(old_file.exists() && memory.open_files() == 2, "the old version is forgotten while a handle reads it");
     core.release(old.fh);
-    assert!(matches!(core.getattr(ino), Err(Error::Stale(_))), "no handle left: the old inode is gone");
+    assert!(matches!(core.getattr(ino, None), Err(Error::Stale(_))), "no handle left: the old inode is gone");
     // Its last reader gone, the old version leaves nothing behind: no file, no mapping, no chunk.
     assert_eq!(memory.open_files(), 1);
     assert!(!old_file.exists());
@@ -313,6 +313,39 @@ async fn changed_object_new_opens_see_new_bytes_old_handles_never_mix() {
     core.release(new.fh);
     core.retire(&changes.retired);
     assert_eq!((memory.open_files(), memory.used()), (0, 0));
+}
+
+/// The core decides how a handle is served: not all in memory → uncached; all in memory →
+/// cached, or (once the kernel agreed to passthrough) passthrough to the version's tmpfs file,
+/// pinned until the handle is released or the adapter refuses it.
+#[tokio::test]
+async fn open_mode_and_pins() {
+    let v = data(300_000, 7);
+    let r = rig(&[("m.bin", &v)], 65536, 8 << 20, Duration::from_secs(5)).await;
+    let core = FsCore::new(r.catalog.clone(), r.reader.clone());
+    let ino = r.catalog.lookup(cachefs::catalog::ROOT_INO, "m.bin").unwrap().ino;
+    let memory = r.reader.memory().clone();
+    let cold = core.open(ino, false).unwrap();
+    assert_eq!(cold.mode, OpenMode::Uncached);
+    let h = core.handle(cold.fh).unwrap();
+    // Reads run readahead whichever way they are answered; the whole file lands in memory.
+    assert_eq!(&core.read(&h, 0, 300_000).await.unwrap()[..], &v[..]);
+    assert_eq!(core.open(ino, false).unwrap().mode, OpenMode::Cached, "no passthrough until the kernel agrees");
+    core.enable_passthrough();
+    let pt = core.open(ino, false).unwrap();
+    assert_eq!(pt.mode, OpenMode::Passthrough(memory.file_path(&h.obj)));
+    assert!(memory.is_pinned(&h.obj));
+    let refused = core.open(ino, false).unwrap();
+    core.passthrough_refused(refused.fh);
+    core.release(pt.fh);
+    assert!(!memory.is_pinned(&h.obj), "released and refused handles hold no pin");
+    core.release(refused.fh);
+    let again = core.open(ino, false).unwrap();
+    assert!(memory.is_pinned(&h.obj));
+    core.release(again.fh);
+    assert!(!memory.is_pinned(&h.obj));
+    // The handle's own version answers getattr through its handle.
+    assert_eq!(core.getattr(ino, Some(cold.fh)).unwrap().size, 300_000);
 }
 
 #[tokio::test]

@@ -608,6 +608,11 @@ impl MemoryTier {
         }
     }
 
+    /// Whether `obj` is pinned now.
+    pub fn is_pinned(&self, obj: &ObjectVersion) -> bool {
+        lock(&self.pins).contains_key(&obj.id)
+    }
+
     /// Whether every chunk of `obj` is present.
     pub fn is_complete(&self, obj: &ObjectVersion) -> bool {
         if obj.size == 0 {

@@ -357,17 +357,23 @@ struct Built {
     lister: Option<s3list::S3Lister>,
 }
 
+/// The source as a URL: a bare path is a `file://` directory.
+fn source_url(source: &str) -> Result<url::Url, OriginError> {
+    let bad = |m: &str| OriginError::BadUrl(crate::redact::source(source), m.to_string());
+    if source.contains("://") {
+        url::Url::parse(source).map_err(|e| bad(&e.to_string()))
+    } else {
+        let abs = std::path::absolute(source).map_err(|e| bad(&e.to_string()))?;
+        url::Url::from_directory_path(&abs).map_err(|_| bad("not an absolute directory path"))
+    }
+}
+
 fn build_store(source: &str, options: &[(String, String)], request_timeout: Duration) -> Result<Built, OriginError> {
     use object_store::client::ClientConfigKey;
     use object_store::RetryConfig;
 
     let bad = |m: &str| OriginError::BadUrl(crate::redact::source(source), m.to_string());
-    let url = if source.contains("://") {
-        url::Url::parse(source).map_err(|e| bad(&e.to_string()))?
-    } else {
-        let abs = std::path::absolute(source).map_err(|e| bad(&e.to_string()))?;
-        url::Url::from_directory_path(&abs).map_err(|_| bad("not an absolute directory path"))?
-    };
+    let url = source_url(source)?;
     let (scheme, path) =
         ObjectStoreScheme::parse(&url).map_err(|_| bad("unknown scheme: use file://, a path, s3://, gs://, az://, http:// or https://"))?;
     let retry = RetryConfig { max_retries: 2, retry_timeout: request_timeout, ..Default::default() };

@@ -180,9 +180,7 @@ pub async fn watch<W: Watcher>(mut w: W, drain: Arc<Drain>, cfg: PreemptConfig, 
     drain.set_provider(provider);
     let mut backoff = http::Backoff::new(Duration::from_secs(5));
     let mut instance_known = false;
-    let mut notice: Option<Signal> = None;
-    let mut rebalance: Option<Option<DateTime<Utc>>> = None;
-    let mut ack: Option<String> = None;
+    let mut seen = Seen::default();
     let mut states = drain.subscribe();
     info!(provider = provider.name(), interval = ?w.interval(), "watching for preemption notices");
     loop {
@@ -204,37 +202,7 @@ pub async fn watch<W: Watcher>(mut w: W, drain: Arc<Drain>, cfg: PreemptConfig, 
             Ok(signals) => {
                 backoff.reset();
                 for s in signals {
-                    match s {
-                        Signal::Termination { time, ref what, ref event_id } => {
-                            if notice.as_ref() == Some(&s) {
-                                continue;
-                            }
-                            info!(provider = provider.name(), what = %what, termination_time = ?time, "preemption notice");
-                            ack = event_id.clone();
-                            drain.notice(provider, time, what);
-                            notice = Some(s);
-                        }
-                        Signal::Rebalance { time } => {
-                            if rebalance == Some(time) {
-                                continue;
-                            }
-                            rebalance = Some(time);
-                            info!(provider = provider.name(), notice_time = ?time, "rebalance recommendation");
-                            drain.rebalance(time);
-                            if cfg.drain_on_rebalance && notice.is_none() {
-                                let what = "rebalance recommendation (drain-on-rebalance)";
-                                drain.notice(provider, None, what);
-                                notice = Some(Signal::Termination { time: None, what: what.into(), event_id: None });
-                            }
-                        }
-                        Signal::Clear => {
-                            if notice.take().is_some() {
-                                info!(provider = provider.name(), "the provider withdrew its notice");
-                                ack = None;
-                                drain.cancel();
-                            }
-                        }
-                    }
+                    seen.apply(s, provider, &drain, &cfg);
                 }
                 w.interval()
             }
@@ -251,8 +219,53 @@ pub async fn watch<W: Watcher>(mut w: W, drain: Arc<Drain>, cfg: PreemptConfig, 
             _ = states.changed() => {}
         }
         if cfg.azure_acknowledge && drain.state() == DRAINED {
-            if let Some(id) = ack.take() {
+            if let Some(id) = seen.ack.take() {
                 w.acknowledge(&id).await;
+            }
+        }
+    }
+}
+
+/// What a watcher has acted on so far: each signal acts once.
+#[derive(Default)]
+struct Seen {
+    notice: Option<Signal>,
+    rebalance: Option<Option<DateTime<Utc>>>,
+    /// The event to acknowledge once drained (Azure).
+    ack: Option<String>,
+}
+
+impl Seen {
+    fn apply(&mut self, s: Signal, provider: Provider, drain: &Arc<Drain>, cfg: &PreemptConfig) {
+        match s {
+            Signal::Termination { time, ref what, ref event_id } => {
+                if self.notice.as_ref() == Some(&s) {
+                    return;
+                }
+                info!(provider = provider.name(), what = %what, termination_time = ?time, "preemption notice");
+                self.ack = event_id.clone();
+                drain.notice(provider, time, what);
+                self.notice = Some(s);
+            }
+            Signal::Rebalance { time } => {
+                if self.rebalance == Some(time) {
+                    return;
+                }
+                self.rebalance = Some(time);
+                info!(provider = provider.name(), notice_time = ?time, "rebalance recommendation");
+                drain.rebalance(time);
+                if cfg.drain_on_rebalance && self.notice.is_none() {
+                    let what = "rebalance recommendation (drain-on-rebalance)";
+                    drain.notice(provider, None, what);
+                    self.notice = Some(Signal::Termination { time: None, what: what.into(), event_id: None });
+                }
+            }
+            Signal::Clear => {
+                if self.notice.take().is_some() {
+                    info!(provider = provider.name(), "the provider withdrew its notice");
+                    self.ack = None;
+                    drain.cancel();
+                }
             }
         }
     }
