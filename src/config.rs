@@ -208,10 +208,10 @@ impl Settings {
     /// empty leaves the file's value.
     fn over(self, file: Settings) -> Result<Settings, String> {
         let (config, source_option, no_passthrough) = (self.config.clone(), self.source_option.clone(), self.no_passthrough);
-        let table = |s: Settings| toml::Table::try_from(s).map_err(|e| format!("invalid settings: {}", one_line(&e.to_string())));
+        let table = |s: Settings| toml::Table::try_from(s).map_err(|e| format!("invalid settings: {}", one_line(&e)));
         let mut merged = table(file)?;
         merged.extend(table(self)?);
-        let mut s: Settings = merged.try_into().map_err(|e: toml::de::Error| format!("invalid settings: {}", one_line(&e.to_string())))?;
+        let mut s: Settings = merged.try_into().map_err(|e: toml::de::Error| format!("invalid settings: {}", one_line(&e)))?;
         (s.config, s.source_option, s.no_passthrough) = (config, source_option, no_passthrough);
         Ok(s)
     }
@@ -345,11 +345,10 @@ pub fn parse_file_config(text: &str, name: &str) -> Result<(), String> {
 }
 
 fn file_config(text: &str, path: &std::path::Path) -> Result<Settings, String> {
-    let table: toml::Table =
-        toml::from_str(text).map_err(|e| format!("invalid config {}: {}", path.display(), one_line(&e.to_string())))?;
+    let table: toml::Table = toml::from_str(text).map_err(|e| format!("invalid config {}: {}", path.display(), one_line(&e)))?;
     // Accept the flag spelling (`cache-size`) as well as `cache_size`.
     let normalized: toml::Table = table.into_iter().map(|(k, v)| (k.replace('-', "_"), v)).collect();
-    normalized.try_into().map_err(|e: toml::de::Error| format!("invalid config {}: {}", path.display(), one_line(&e.to_string())))
+    normalized.try_into().map_err(|e: toml::de::Error| format!("invalid config {}: {}", path.display(), one_line(&e)))
 }
 
 fn check_host_port(flag: &str, v: &str) -> Result<(), String> {
@@ -367,9 +366,7 @@ fn check_url(flag: &str, v: &str) -> Result<String, String> {
     }
 }
 
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
+use crate::error::one_line;
 
 /// A token file (`--peer-token-file`, `--admin-token-file`): one line of printable ASCII.
 pub fn read_token(flag: &str, p: &std::path::Path) -> Result<String, String> {

@@ -1,5 +1,6 @@
-//! The meaning-based error every core operation returns. The FUSE adapter maps it to an errno
-//! in exactly one place (`fuse::errno`).
+//! The meaning-based error every core operation returns (the FUSE adapter maps it to an errno
+//! in exactly one place, `fuse::errno`), and the two helpers every module shares for errors and
+//! locks: [`one_line`] and [`lock`].
 
 use std::sync::Arc;
 
@@ -30,4 +31,15 @@ impl Error {
     pub fn unavailable(msg: impl std::fmt::Display) -> Self {
         Error::Unavailable(msg.to_string().into())
     }
+}
+
+/// A message on one line: any run of whitespace (newlines included) becomes one space.
+pub fn one_line(s: impl std::fmt::Display) -> String {
+    s.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Lock `m` even if a thread panicked while holding it: the data behind every lock here stays
+/// valid across a panic, and one panic must not take the data path down with it.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -93,9 +93,7 @@ pub struct FsCore {
     passthrough: AtomicBool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::error::lock;
 
 impl FsCore {
     pub fn new(catalog: Arc<Catalog>, reader: Arc<Reader>) -> Self {

@@ -84,9 +84,7 @@ pub struct CachefsFuse {
     pt_handles: Mutex<HashMap<u64, u64>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::error::lock;
 
 impl CachefsFuse {
     pub fn new(core: Arc<FsCore>, metrics: Arc<Metrics>, rt: tokio::runtime::Handle, tasks: TaskTracker, passthrough: bool) -> Self {

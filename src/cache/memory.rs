@@ -296,9 +296,7 @@ fn lock_dir(dir: &Path) -> io::Result<File> {
     Ok(f)
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::error::lock;
 
 impl MemoryTier {
     /// Open the tier in `dir` (created if missing). Files of an earlier run stay until

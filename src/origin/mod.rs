@@ -81,9 +81,7 @@ fn http_client(timeout: Duration) -> Result<reqwest::Client, OriginError> {
         .map_err(|e| OriginError::Build(e.to_string()))
 }
 
-fn one_line(s: impl std::fmt::Display) -> String {
-    s.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
-}
+use crate::error::one_line;
 
 /// What `object_store` says (its error type is private) when a ranged GET got `200`.
 const NOT_PARTIAL: &str = "Received non-partial response when range requested";

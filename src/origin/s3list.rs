@@ -118,7 +118,7 @@ impl S3Lister {
             .s3
             .signed_url_opts(Method::GET, &Path::default(), Duration::from_secs(300), &opts)
             .await
-            .map_err(|e| Retry::No(OriginError::Request(super::one_line(e))))?;
+            .map_err(|e| Retry::No(OriginError::Request(crate::error::one_line(e))))?;
         let transport = |e: reqwest::Error| Retry::Yes(OriginError::Request(format!("listing: {}", e.without_url())));
         let r = self.client.get(url).send().await.map_err(transport)?;
         let status = r.status().as_u16();
@@ -129,7 +129,7 @@ impl S3Lister {
             500.. => Err(Retry::Yes(OriginError::Request(format!("listing: HTTP {status}")))),
             _ => Err(Retry::No(OriginError::Request(format!(
                 "listing: HTTP {status}: {}",
-                super::one_line(String::from_utf8_lossy(&body[..body.len().min(300)]))
+                crate::error::one_line(String::from_utf8_lossy(&body[..body.len().min(300)]))
             )))),
         }
     }
