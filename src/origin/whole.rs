@@ -5,7 +5,8 @@
 //! # Contract
 //! - [`WholeStreams::fetch`] gives the whole chunk `index` of exactly that object version, or the
 //!   error that ended the stream; it joins a stream of that version already under way that has
-//!   not yet passed `index`, else starts one from byte 0.
+//!   not yet passed `index`, else takes it from the memory tier when a stream stored it, else
+//!   starts one from byte 0.
 //! - [`WholeStreams::join`] does the joining only (`None`: no stream will pass `index`).
 //! - A stream stores every chunk it passes that the memory tier lacks and has room for, and hands
 //!   each waiter its chunk (stored, or in a buffer when there was no room). It runs to the end of
@@ -148,6 +149,9 @@ impl WholeStreams {
             let mut streams = self.streams();
             match streams.get(&obj.id).and_then(|s| s.wait_for(index)) {
                 Some(rx) => rx,
+                // A stream passed this chunk while the caller's ranged GET was finding out that
+                // the origin ignores Range: it is in the tier, no new stream is needed.
+                None if let Some((bytes, _)) = self.memory.map_chunk(obj, index) => return Ok(Chunk { bytes, stored: true }),
                 None => {
                     let stream = Arc::new(Stream { state: Mutex::new(State::default()), demand: Notify::new() });
                     let Some(rx) = stream.wait_for(index) else { return Err(OriginError::Request("stream ended".into())) };
