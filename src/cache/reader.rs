@@ -25,7 +25,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn, Instrument};
 
 use super::chunk::{chunk_count, chunk_range, split_read, ChunkKey};
-use super::memory::{Credit, MemoryTier};
+use super::credit::Credits;
+use super::memory::MemoryTier;
 use crate::catalog::ObjectVersion;
 use crate::error::Error;
 use crate::metrics::{Metrics, Tier};
@@ -140,6 +141,8 @@ struct InFlight {
 pub struct Reader {
     memory: Arc<MemoryTier>,
     sources: Vec<Arc<dyn ChunkSource>>,
+    /// Which tier each read's bytes count for.
+    credits: Credits,
     flights: Mutex<HashMap<ChunkKey, InFlight>>,
     next_flight: std::sync::atomic::AtomicU64,
     readahead: Arc<Semaphore>,
@@ -157,9 +160,12 @@ impl Reader {
     /// Must be called inside a tokio runtime: background fetches run on it.
     pub fn new(memory: Arc<MemoryTier>, sources: Vec<Arc<dyn ChunkSource>>, opts: ReaderOptions, metrics: Arc<Metrics>) -> Arc<Self> {
         let permits = (opts.readahead_budget / opts.chunk_size).max(1) as usize;
+        // Chunks filled for readers but not yet read: at most what the tier holds, plus readahead.
+        let credits = Credits::new((memory.capacity() / opts.chunk_size) as usize + permits);
         Arc::new(Reader {
             memory,
             sources,
+            credits,
             flights: Mutex::new(HashMap::new()),
             next_flight: std::sync::atomic::AtomicU64::new(0),
             readahead: Arc::new(Semaphore::new(permits)),
@@ -202,24 +208,14 @@ impl Reader {
         for p in &pieces {
             parts.push(self.memory.read(obj, p.index, p.within.clone())?);
         }
-        Some(self.join(parts))
+        let parts = pieces.iter().zip(parts).map(|(p, hit)| self.credit_hit(obj, p.index, hit)).collect();
+        Some(join(parts))
     }
 
-    /// Credit each part to its tier and return them as one buffer (a copy only if several).
-    fn join(&self, parts: Vec<(Bytes, Credit)>) -> Bytes {
-        for (b, credit) in &parts {
-            credit.record(&self.metrics, b.len() as u64);
-        }
-        match parts.len() {
-            1 => parts.into_iter().next().map(|(b, _)| b).unwrap_or_default(),
-            _ => {
-                let mut buf = BytesMut::with_capacity(parts.iter().map(|(b, _)| b.len()).sum());
-                for (b, _) in parts {
-                    buf.extend_from_slice(&b);
-                }
-                buf.freeze()
-            }
-        }
+    /// Count a memory-tier hit for the tier it is credited to, and return its bytes.
+    fn credit_hit(&self, obj: &ObjectVersion, index: u64, (bytes, filler): (Bytes, Tier)) -> Bytes {
+        self.credits.record_hit(&self.metrics, &ChunkKey { object: obj.id.clone(), index }, filler, bytes.len() as u64);
+        bytes
     }
 
     /// Exactly the bytes `[offset, offset+len)` of `obj` (clamped to its size), from the first
@@ -236,21 +232,21 @@ impl Reader {
         let pieces = split_read(offset, len, obj.size, self.opts.chunk_size);
         let parts = futures::future::try_join_all(pieces.into_iter().map(|p| async move {
             if let Some(hit) = self.memory.read(obj, p.index, p.within.clone()) {
-                return Ok::<_, Error>(hit);
+                return Ok::<_, Error>(self.credit_hit(obj, p.index, hit));
             }
             let f = self.chunk_for(obj, p.index, Purpose::Read).await?;
             if f.stored {
                 if let Some(hit) = self.memory.read(obj, p.index, p.within.clone()) {
-                    return Ok(hit);
+                    return Ok(self.credit_hit(obj, p.index, hit));
                 }
             }
-            // Not stored (no room): served from the fetched bytes, all credited to their tier.
+            // Not stored (no room): served from the fetched bytes, all counted for their tier.
             let within = p.within.start as usize..(p.within.end as usize).min(f.bytes.len());
-            let credit = Credit { source: f.tier, source_bytes: within.len() as u64 };
-            Ok((f.bytes.slice(within), credit))
+            self.metrics.add_read(f.tier, within.len() as u64);
+            Ok(f.bytes.slice(within))
         }))
         .await?;
-        Ok(self.join(parts))
+        Ok(join(parts))
     }
 
     /// The whole chunk `index` of `obj`: joins a fetch in flight or starts one. The flight ends
@@ -264,6 +260,10 @@ impl Reader {
                 return f.flight.clone();
             }
             warn!(key = %obj.key, index, "a fetch of this chunk is older than the read deadline; starting another");
+        }
+        if purpose == Purpose::Read {
+            let r = chunk_range(index, obj.size, self.opts.chunk_size);
+            self.credits.expect(key.clone(), r.end - r.start);
         }
         let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
         let stage = Arc::new(Stage::default());
@@ -293,12 +293,13 @@ impl Reader {
 
     /// Fetch the chunk and put it in the memory tier (unless its source already did).
     async fn fetch_and_store(&self, obj: &Arc<ObjectVersion>, index: u64, purpose: Purpose, stage: &Stage) -> Fetched {
-        let mut f = self.fetch(obj, index, purpose, stage).await?;
+        let fetched = self.fetch(obj, index, purpose, stage).await;
+        let mut f = fetched.inspect_err(|_| self.credits.settled(&ChunkKey { object: obj.id.clone(), index }))?;
         if !f.stored {
             f.stored = self.store(obj, index, &f).await;
         }
-        if f.stored && purpose != Purpose::Read {
-            self.memory.settle(obj, index);
+        if !f.stored || purpose != Purpose::Read {
+            self.credits.settled(&ChunkKey { object: obj.id.clone(), index });
         }
         Ok(f)
     }
@@ -431,6 +432,20 @@ impl Reader {
         self.tracker.close();
         if tokio::time::timeout(limit, self.tracker.wait()).await.is_err() {
             warn!(?limit, "background fetches did not stop in time");
+        }
+    }
+}
+
+/// The parts of a read as one buffer (a copy only if there are several).
+fn join(parts: Vec<Bytes>) -> Bytes {
+    match parts.len() {
+        1 => parts.into_iter().next().unwrap_or_default(),
+        _ => {
+            let mut buf = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+            for b in parts {
+                buf.extend_from_slice(&b);
+            }
+            buf.freeze()
         }
     }
 }

@@ -1,0 +1,151 @@
+//! Unit tests of the memory tier (no mount).
+
+use super::*;
+use object_store::path::Path as OPath;
+use std::os::unix::fs::FileExt;
+use std::time::SystemTime;
+
+fn obj(size: u64) -> ObjectVersion {
+    obj_named("f", size)
+}
+
+fn obj_named(key: &str, size: u64) -> ObjectVersion {
+    ObjectVersion::new(key.into(), OPath::from(key), Some("e".into()), None, size, SystemTime::UNIX_EPOCH)
+}
+
+#[test]
+fn whole_crc64_is_combined_from_chunks_and_dropped_objects_are_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Arc::new(Metrics::new());
+    for alg in [crc_fast::CrcAlgorithm::Crc64Nvme, crc_fast::CrcAlgorithm::Crc64Xz] {
+        let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 16 * 4096, m.clone()).unwrap().with_crc64(Some(alg)));
+        let o = obj(3 * 4096 + 77);
+        let data: Vec<u8> = (0..o.size).map(|i| (i * 7 % 253) as u8).collect();
+        for i in [2u64, 0, 3] {
+            let r = chunk_range(i, o.size, 4096);
+            tier.insert(&o, i, &data[r.start as usize..r.end as usize], Tier::peer).unwrap();
+        }
+        assert_eq!(tier.whole_crc64(&o), None, "not whole yet");
+        let r = chunk_range(1, o.size, 4096);
+        tier.insert(&o, 1, &data[r.start as usize..r.end as usize], Tier::origin).unwrap();
+        assert_eq!(tier.whole_crc64(&o), Some((crc_fast::checksum(alg, &data), true)));
+        assert_eq!(tier.drop_object(&o), o.size);
+        assert!(!tier.contains(&o, 0) && !tier.contains(&o, 3));
+        assert_eq!(tier.used(), 0);
+    }
+}
+
+#[test]
+fn insert_read_evict_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Arc::new(Metrics::new());
+    let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 3 * 4096, m.clone()).unwrap());
+    let o = obj(5 * 4096 + 10);
+    let data: Vec<u8> = (0..o.size).map(|i| (i % 251) as u8).collect();
+    for i in 0..6u64 {
+        let r = chunk_range(i, o.size, 4096);
+        assert!(tier.insert(&o, i, &data[r.start as usize..r.end as usize], Tier::origin).unwrap());
+        assert!(tier.used() <= tier.capacity());
+    }
+    // The first chunks were evicted; the last three are present.
+    assert!(!tier.contains(&o, 0) && !tier.contains(&o, 2));
+    assert!(tier.contains(&o, 3) && tier.contains(&o, 5));
+    assert_eq!(tier.read(&o, 0, 0..10), None);
+    let (b, filler) = tier.read(&o, 5, 2..10).unwrap();
+    assert_eq!((&b[..], filler), (&data[5 * 4096 + 2..5 * 4096 + 10], Tier::origin));
+    assert_eq!(&tier.read(&o, 4, 0..4096).unwrap().0[..], &data[4 * 4096..5 * 4096]);
+    assert_eq!(tier.read(&o, 5, 2..11), None, "past the end of the chunk");
+    assert_eq!(m.evictions.get(), 3);
+    // The punched range really holds no pages.
+    let blocks = std::fs::metadata(tier.file_path(&o)).map(|md| std::os::unix::fs::MetadataExt::blocks(&md)).unwrap();
+    assert!(blocks * 512 <= 3 * 4096 + 4096, "blocks {blocks}");
+    assert_eq!(tier.crc(&o, 4), Some(crc32c::crc32c(&data[4 * 4096..5 * 4096])));
+    assert!(tier.insert(&o, 0, &data[..10], Tier::origin).is_err(), "wrong length is refused");
+}
+
+#[test]
+fn the_journal_stays_small_and_recovery_reclaims_what_it_does_not_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = obj(4 * 4096);
+    {
+        let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 2 * 4096, Arc::new(Metrics::new())).unwrap());
+        // Thousands of fills and evictions of four chunks.
+        for round in 0..2000u64 {
+            let i = round % 4;
+            tier.insert(&o, i, &[i as u8; 4096], Tier::origin).unwrap();
+        }
+        let journal = std::fs::metadata(tier.journal_path(&o)).unwrap().len();
+        assert!(journal < 4096, "the journal grew to {journal} bytes");
+        // A crash: chunk 0's pages written but never journaled, a temporary journal left.
+        assert!(!tier.contains(&o, 0));
+        tier.files.lock().unwrap()[&o.id].file.write_all_at(&[9u8; 4096], 0).unwrap();
+        std::fs::write(dir.path().join(format!("{}.journal.tmp", o.id)), "torn").unwrap();
+    }
+    let tier = MemoryTier::new(dir.path(), 4096, 2 * 4096, Arc::new(Metrics::new())).unwrap();
+    let r = tier.recover(&[Arc::new(o.clone())]).unwrap();
+    assert_eq!(r.chunks, 2);
+    assert!(!dir.path().join(format!("{}.journal.tmp", o.id)).exists());
+    let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(tier.file_path(&o)).unwrap());
+    assert!(blocks * 512 <= 2 * 4096, "unjournaled pages were kept: {blocks} blocks");
+    assert_eq!(tier.read(&o, 3, 0..4096).map(|(b, _)| b.to_vec()), Some(vec![3u8; 4096]));
+}
+
+#[test]
+fn a_chunk_being_streamed_is_not_punched_or_refilled() {
+    let dir = tempfile::tempdir().unwrap();
+    let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 2 * 4096, Arc::new(Metrics::new())).unwrap());
+    let o = obj(4 * 4096);
+    tier.insert(&o, 0, &[1u8; 4096], Tier::origin).unwrap();
+    // A peer stream holds chunk 0's bytes (a view of the mapping, no copy).
+    let (streaming, crc) = tier.map_chunk(&o, 0).unwrap();
+    for i in 1..4u64 {
+        tier.insert(&o, i, &[i as u8 + 1; 4096], Tier::origin).unwrap();
+    }
+    assert!(tier.contains(&o, 0), "a chunk being streamed was evicted");
+    assert!(streaming.iter().all(|b| *b == 1) && crc == crc32c::crc32c(&[1u8; 4096]));
+    assert!(tier.used() <= tier.capacity());
+    drop(streaming);
+    tier.insert(&o, 1, &[2u8; 4096], Tier::origin).unwrap();
+    tier.insert(&o, 2, &[3u8; 4096], Tier::origin).unwrap();
+    assert!(!tier.contains(&o, 0), "once the stream is done the chunk can go");
+}
+
+#[test]
+fn one_tier_per_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = MemoryTier::new(dir.path(), 4096, 4096, Arc::new(Metrics::new())).unwrap();
+    let e = MemoryTier::new(dir.path(), 4096, 4096, Arc::new(Metrics::new())).err().expect("a second tier on one directory");
+    assert!(e.to_string().contains(&format!("in use by another cachefs agent (pid {})", std::process::id())), "{e}");
+    drop(first);
+    MemoryTier::new(dir.path(), 4096, 4096, Arc::new(Metrics::new())).expect("free again once the first is gone");
+}
+
+#[test]
+fn pinned_files_do_not_wipe_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 4 * 4096, Arc::new(Metrics::new())).unwrap());
+    let (a, b, c) = (obj_named("a", 3 * 4096 + 2048), obj_named("b", 1024), obj_named("c", 4096));
+    for i in 0..4u64 {
+        let r = chunk_range(i, a.size, 4096);
+        assert!(tier.insert(&a, i, &vec![1u8; (r.end - r.start) as usize], Tier::origin).unwrap());
+    }
+    assert!(tier.insert(&b, 0, &[2u8; 1024], Tier::origin).unwrap());
+    assert!(tier.pin_if_complete(&a));
+    // Room for c needs 3072 bytes: evicting all of b (1024) would not make it.
+    assert!(!tier.insert(&c, 0, &[3u8; 4096], Tier::origin).unwrap());
+    assert!(tier.contains(&b, 0), "b was evicted for nothing");
+    assert_eq!(tier.used(), a.size + b.size);
+    // Unpinned, a's oldest chunk makes room.
+    tier.unpin(&a);
+    assert!(tier.insert(&c, 0, &[3u8; 4096], Tier::origin).unwrap());
+    assert!(!tier.contains(&a, 0) && tier.contains(&b, 0) && tier.contains(&c, 0));
+}
+
+#[test]
+fn chunk_larger_than_budget_is_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 1000, Arc::new(Metrics::new())).unwrap());
+    let o = obj(4096);
+    assert!(!tier.insert(&o, 0, &[1u8; 4096], Tier::origin).unwrap());
+    assert_eq!(tier.used(), 0);
+}
