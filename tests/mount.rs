@@ -193,6 +193,14 @@ fn failing_origin_gives_eio_in_bounded_time_then_retries() {
     let t = Instant::now();
     assert_eq!(errno_of(f.read_at(&mut buf, 0)), libc::EIO);
     assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
+    // One retry layer: each chunk's GET is tried 1 + 2 times (the store's retries), not 3 x 3.
+    let gets = || s3.gets.load(std::sync::atomic::Ordering::SeqCst);
+    let mut last = gets();
+    while {
+        std::thread::sleep(Duration::from_millis(1500));
+        std::mem::replace(&mut last, gets()) != last
+    } {}
+    assert!((3..=3 * 3).contains(&last), "{last} GETs for a 3-chunk file; log:\n{}", a.log_text());
     // A server that never answers: EIO at the read deadline, not a hang.
     s3.set(fake_s3::HANG);
     let t = Instant::now();

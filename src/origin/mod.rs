@@ -6,8 +6,12 @@
 //!   pinned object version, or an error; never other bytes. A store that answers a ranged GET
 //!   with the whole object (or a wider range) is handled: the range actually returned is checked
 //!   and the wanted bytes are cut from it. A changed object is [`OriginError::Changed`].
-//! - Every request holds a permit of a bounded semaphore (at most `concurrency` in flight), has a
-//!   per-attempt timeout, and transient failures are retried with backoff a bounded number of times.
+//! - Every request holds a permit of a bounded semaphore (at most `concurrency` in flight) and has
+//!   a per-attempt timeout. Each kind of failure is retried by one layer only, so retries never
+//!   multiply: `object_store` ([`STORE_RETRIES`]) retries failed requests and broken bodies with
+//!   backoff; [`Origin::get_range`] ([`ATTEMPTS`]) retries only what the store cannot: an
+//!   attempt that stalls past its timeout, a body that ends short, a body that breaks off from
+//!   an object without an etag.
 
 use std::ops::Range;
 use std::str::FromStr;
@@ -34,8 +38,11 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest wait for the next entry of a listing (a page of up to 1000 keys): a prefix of any
 /// size lists as long as its pages keep coming.
 pub const LIST_PAGE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Attempts for one ranged GET (the first try included).
+/// Attempts for one ranged GET (the first try included) that stalls or ends short.
 pub const ATTEMPTS: u32 = 3;
+/// Retries `object_store` makes of a failed request or a broken body (with backoff, within the
+/// request timeout).
+pub const STORE_RETRIES: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OriginError {
@@ -57,6 +64,9 @@ pub enum OriginError {
     Short { want: u64, got: u64 },
     #[error("origin request failed: {0}")]
     Request(String),
+    /// The body broke off where the store could not retry it (no etag to resume against).
+    #[error("the origin's response broke off: {0}")]
+    Broken(String),
     /// The bytes arrived but could not be kept here (memory tier full, say): not the origin's fault.
     #[error("storing the bytes: {0}")]
     Local(String),
@@ -66,8 +76,10 @@ pub enum OriginError {
 }
 
 impl OriginError {
+    /// Worth another attempt by [`Origin::get_range`]: what the store's own retries do not cover
+    /// (a failed request has already been retried by the store).
     fn retryable(&self) -> bool {
-        matches!(self, OriginError::Timeout(_) | OriginError::Request(_) | OriginError::Short { .. })
+        matches!(self, OriginError::Timeout(_) | OriginError::Short { .. } | OriginError::Broken(_))
     }
 }
 
@@ -286,7 +298,10 @@ impl Origin {
                 let mut pos = got.start;
                 while sink.len() < want {
                     let Some(piece) = stream.next().await else { break };
-                    let piece = piece.map_err(|e| map_err(&obj.key, e))?;
+                    let piece = piece.map_err(|e| match obj.etag {
+                        None => OriginError::Broken(one_line(e)),
+                        Some(_) => map_err(&obj.key, e),
+                    })?;
                     let (start, end) = (pos, pos + piece.len() as u64);
                     pos = end;
                     if end <= range.start {
@@ -374,7 +389,7 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
     let url = source_url(source)?;
     let (scheme, path) =
         ObjectStoreScheme::parse(&url).map_err(|_| bad("unknown scheme: use file://, a path, s3://, gs://, az://, http:// or https://"))?;
-    let retry = RetryConfig { max_retries: 2, retry_timeout: request_timeout, ..Default::default() };
+    let retry = RetryConfig { max_retries: STORE_RETRIES, retry_timeout: request_timeout, ..Default::default() };
     let timeout = format!("{}s", request_timeout.as_secs());
     let build = |e: object_store::Error| OriginError::Build(one_line(e));
 
