@@ -73,7 +73,7 @@ fn print_status(st: &Status) {
 
 /// The admin token from `--admin-token-file`, if one was given.
 fn token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
-    file.map(|p| crate::config::read_token("--admin-token-file", p)).transpose()
+    file.map(|p| crate::config::read_token("--admin-token-file", p)).transpose().map_err(|e| crate::error::report(&e))
 }
 
 pub fn warm(admin: &str, token_file: Option<&std::path::Path>, detach: bool, paths: &[String]) -> ExitCode {

@@ -206,12 +206,13 @@ fn is_false(b: &bool) -> bool {
 impl Settings {
     /// These settings (flags) over `file`'s: a setting given here wins, a flag that is off or
     /// empty leaves the file's value.
-    fn over(self, file: Settings) -> Result<Settings, String> {
+    fn over(self, file: Settings) -> Result<Settings, ConfigError> {
         let (config, source_option, no_passthrough) = (self.config.clone(), self.source_option.clone(), self.no_passthrough);
-        let table = |s: Settings| toml::Table::try_from(s).map_err(|e| format!("invalid settings: {}", one_line(&e)));
+        let table = |s: Settings| toml::Table::try_from(s).map_err(|e| ConfigError::Invalid(format!("invalid settings: {}", one_line(&e))));
         let mut merged = table(file)?;
         merged.extend(table(self)?);
-        let mut s: Settings = merged.try_into().map_err(|e: toml::de::Error| format!("invalid settings: {}", one_line(&e)))?;
+        let mut s: Settings =
+            merged.try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(format!("invalid settings: {}", one_line(&e))))?;
         (s.config, s.source_option, s.no_passthrough) = (config, source_option, no_passthrough);
         Ok(s)
     }
@@ -334,46 +335,63 @@ impl Config {
     }
 }
 
-fn read_file_config(path: &std::path::Path) -> Result<Settings, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+fn read_file_config(path: &std::path::Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { what: "config".into(), path: path.into(), source })?;
     file_config(&text, path)
 }
 
 /// Check the text of a config file named `name`: a one-line reason if it is not valid.
-pub fn parse_file_config(text: &str, name: &str) -> Result<(), String> {
+pub fn parse_file_config(text: &str, name: &str) -> Result<(), ConfigError> {
     file_config(text, std::path::Path::new(name)).map(|_| ())
 }
 
-fn file_config(text: &str, path: &std::path::Path) -> Result<Settings, String> {
-    let table: toml::Table = toml::from_str(text).map_err(|e| format!("invalid config {}: {}", path.display(), one_line(&e)))?;
+fn file_config(text: &str, path: &std::path::Path) -> Result<Settings, ConfigError> {
+    let syntax = |source| ConfigError::Syntax { path: path.into(), source };
+    let table: toml::Table = toml::from_str(text).map_err(syntax)?;
     // Accept the flag spelling (`cache-size`) as well as `cache_size`.
     let normalized: toml::Table = table.into_iter().map(|(k, v)| (k.replace('-', "_"), v)).collect();
-    normalized.try_into().map_err(|e: toml::de::Error| format!("invalid config {}: {}", path.display(), one_line(&e)))
+    normalized.try_into().map_err(syntax)
 }
 
-fn check_host_port(flag: &str, v: &str) -> Result<(), String> {
+fn check_host_port(flag: &str, v: &str) -> Result<(), ConfigError> {
     match v.rsplit_once(':') {
         Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
-        _ => Err(format!("{flag} {v:?} must be HOST:PORT")),
+        _ => Err(ConfigError::Invalid(format!("{flag} {v:?} must be HOST:PORT"))),
     }
 }
 
 /// An http(s) URL with a host.
-fn check_url(flag: &str, v: &str) -> Result<String, String> {
+fn check_url(flag: &str, v: &str) -> Result<String, ConfigError> {
     match url::Url::parse(v) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(v.to_string()),
-        _ => Err(format!("{flag} {v:?} must be an http:// or https:// URL")),
+        _ => Err(ConfigError::Invalid(format!("{flag} {v:?} must be an http:// or https:// URL"))),
     }
 }
 
 use crate::error::one_line;
 
+/// Why the flags and config file cannot run an agent; shown to the operator as one line
+/// ([`crate::error::report`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {what} {}", path.display())]
+    Read { what: String, path: PathBuf, source: std::io::Error },
+    #[error("invalid config {}", path.display())]
+    Syntax { path: PathBuf, source: toml::de::Error },
+    #[error("missing {0}")]
+    Missing(&'static str),
+    #[error(transparent)]
+    TooLarge(#[from] crate::memlimit::TooLarge),
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// A token file (`--peer-token-file`, `--admin-token-file`): one line of printable ASCII.
-pub fn read_token(flag: &str, p: &std::path::Path) -> Result<String, String> {
-    let t = std::fs::read_to_string(p).map_err(|e| format!("cannot read {flag} {}: {e}", p.display()))?;
+pub fn read_token(flag: &str, p: &std::path::Path) -> Result<String, ConfigError> {
+    let t = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { what: flag.into(), path: p.into(), source })?;
     let t = t.trim().to_string();
     if t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!("{flag} {}: the token must be one line of printable ASCII", p.display()));
+        return Err(ConfigError::Invalid(format!("{flag} {}: the token must be one line of printable ASCII", p.display())));
     }
     Ok(t)
 }
@@ -384,7 +402,7 @@ pub fn available_memory() -> Option<u64> {
 }
 
 /// Merge flags over the config file over defaults, and validate.
-pub fn resolve_mount(flags: Settings) -> Result<Config, String> {
+pub fn resolve_mount(flags: Settings) -> Result<Config, ConfigError> {
     let s = match flags.config.clone() {
         Some(p) => flags.over(read_file_config(&p)?)?,
         None => flags,
@@ -402,26 +420,26 @@ pub fn resolve_mount(flags: Settings) -> Result<Config, String> {
     Ok(cfg)
 }
 
-fn positive(name: &str, v: u64) -> Result<u64, String> {
+fn positive(name: &str, v: u64) -> Result<u64, ConfigError> {
     if v == 0 {
-        Err(format!("--{name} must be at least 1"))
+        Err(ConfigError::Invalid(format!("--{name} must be at least 1")))
     } else {
         Ok(v)
     }
 }
 
-fn size_setting(name: &str, v: &Option<String>, default: u64) -> Result<u64, String> {
+fn size_setting(name: &str, v: &Option<String>, default: u64) -> Result<u64, ConfigError> {
     match v {
-        Some(v) => parse_size(v).map_err(|e| format!("--{name}: {e}")),
+        Some(v) => parse_size(v).map_err(|e| ConfigError::Invalid(format!("--{name}: {e}"))),
         None => Ok(default),
     }
 }
 
-fn resolve_source(s: &Settings) -> Result<SourceConfig, String> {
-    let url = s.source.clone().ok_or("missing --source (the origin URL or directory)")?;
+fn resolve_source(s: &Settings) -> Result<SourceConfig, ConfigError> {
+    let url = s.source.clone().ok_or(ConfigError::Missing("--source (the origin URL or directory)"))?;
     let mut options: Vec<(String, String)> = s.source_options.clone().into_iter().collect();
     for kv in &s.source_option {
-        let (k, v) = kv.split_once('=').ok_or_else(|| format!("--source-option {kv:?} must be KEY=VALUE"))?;
+        let (k, v) = kv.split_once('=').ok_or_else(|| ConfigError::Invalid(format!("--source-option {kv:?} must be KEY=VALUE")))?;
         options.retain(|(ek, _)| ek != k);
         options.push((k.trim().to_string(), v.to_string()));
     }
@@ -430,29 +448,36 @@ fn resolve_source(s: &Settings) -> Result<SourceConfig, String> {
     Ok(SourceConfig { url, options, concurrency, catalog_ttl })
 }
 
-fn resolve_cache(s: &Settings) -> Result<CacheConfig, String> {
+fn resolve_cache(s: &Settings) -> Result<CacheConfig, ConfigError> {
     let dir = s.cache_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
     let limits = crate::memlimit::Limits::gather(&dir);
     let size = match s.cache_size.as_deref().filter(|v| v.trim() != "auto") {
         Some(v) => {
-            let size = parse_size(v).map_err(|e| format!("--cache-size: {e}"))?;
+            let size = parse_size(v).map_err(|e| ConfigError::Invalid(format!("--cache-size: {e}")))?;
             limits.check(size)?;
             size
         }
-        None => limits.default_cache_size().ok_or("cannot read MemAvailable from /proc/meminfo: set --cache-size")?,
+        None => limits
+            .default_cache_size()
+            .ok_or_else(|| ConfigError::Invalid("cannot read MemAvailable from /proc/meminfo: set --cache-size".into()))?,
     };
     let chunk_size = size_setting("chunk-size", &s.chunk_size, DEFAULT_CHUNK_SIZE)?;
     if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
-        return Err(format!("--chunk-size {} is out of range: it must be between 1MiB and 64MiB", format_size(chunk_size)));
+        return Err(ConfigError::Invalid(format!(
+            "--chunk-size {} is out of range: it must be between 1MiB and 64MiB",
+            format_size(chunk_size)
+        )));
     }
     let readahead_budget = size_setting("readahead-budget", &s.readahead_budget, DEFAULT_READAHEAD_BUDGET)?;
     let read_timeout = Duration::from_secs(positive("read-timeout", s.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT_SECS))?);
     Ok(CacheConfig { dir, size, chunk_size, readahead_budget, read_timeout })
 }
 
-fn resolve_peers(s: &Settings) -> Result<PeerConfig, String> {
+fn resolve_peers(s: &Settings) -> Result<PeerConfig, ConfigError> {
     let listen = match &s.listen {
-        Some(l) => Some(l.parse::<SocketAddr>().map_err(|_| format!("--listen {l:?} is not an address like 0.0.0.0:7070"))?),
+        Some(l) => {
+            Some(l.parse::<SocketAddr>().map_err(|_| ConfigError::Invalid(format!("--listen {l:?} is not an address like 0.0.0.0:7070")))?)
+        }
         None => None,
     };
     let peers: Vec<String> = s.peers.iter().map(|p| p.trim().to_string()).filter(|p| !p.is_empty()).collect();
@@ -468,46 +493,46 @@ fn resolve_peers(s: &Settings) -> Result<PeerConfig, String> {
         (Some(c), Some(k), Some(a)) => {
             Some(PeerTls { cert: read_pem("--peer-tls-cert", c)?, key: read_pem("--peer-tls-key", k)?, ca: read_pem("--peer-tls-ca", a)? })
         }
-        _ => return Err("peer TLS needs all of --peer-tls-cert, --peer-tls-key and --peer-tls-ca".into()),
+        _ => return Err(ConfigError::Invalid("peer TLS needs all of --peer-tls-cert, --peer-tls-key and --peer-tls-ca".into())),
     };
     Ok(PeerConfig { listen, peers, dns: s.peer_dns.clone(), token, tls })
 }
 
-fn read_pem(flag: &str, p: &std::path::Path) -> Result<Vec<u8>, String> {
-    let b = std::fs::read(p).map_err(|e| format!("cannot read {flag} {}: {e}", p.display()))?;
+fn read_pem(flag: &str, p: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
+    let b = std::fs::read(p).map_err(|source| ConfigError::Read { what: flag.into(), path: p.into(), source })?;
     if !String::from_utf8_lossy(&b).contains("-----BEGIN") {
-        return Err(format!("{flag} {} is not a PEM file", p.display()));
+        return Err(ConfigError::Invalid(format!("{flag} {} is not a PEM file", p.display())));
     }
     Ok(b)
 }
 
-fn resolve_fuse(s: &Settings) -> Result<FuseConfig, String> {
-    let mountpoint = s.mountpoint.clone().ok_or("missing --mountpoint")?;
+fn resolve_fuse(s: &Settings) -> Result<FuseConfig, ConfigError> {
+    let mountpoint = s.mountpoint.clone().ok_or(ConfigError::Missing("--mountpoint"))?;
     if mountpoint.is_file() {
-        return Err(format!("--mountpoint {} is a file, not a directory", mountpoint.display()));
+        return Err(ConfigError::Invalid(format!("--mountpoint {} is a file, not a directory", mountpoint.display())));
     }
     let threads = positive("fuse-threads", s.fuse_threads.unwrap_or(DEFAULT_FUSE_THREADS) as u64)? as usize;
     Ok(FuseConfig { mountpoint, allow_other: s.allow_other, threads, passthrough: !s.no_passthrough && s.passthrough.unwrap_or(true) })
 }
 
-fn resolve_admin(s: &Settings) -> Result<AdminConfig, String> {
+fn resolve_admin(s: &Settings) -> Result<AdminConfig, ConfigError> {
     let a = s.admin.as_deref().unwrap_or(DEFAULT_ADMIN);
-    let addr = a.parse().map_err(|_| format!("--admin {a:?} is not an address like 127.0.0.1:7071"))?;
+    let addr = admin_addr(a).map_err(ConfigError::Invalid)?;
     let token = s.admin_token_file.as_deref().map(|p| read_token("--admin-token-file", p)).transpose()?;
     Ok(AdminConfig { addr, token })
 }
 
-fn resolve_preempt(s: &Settings) -> Result<PreemptConfig, String> {
+fn resolve_preempt(s: &Settings) -> Result<PreemptConfig, ConfigError> {
     let metadata_endpoint = s.metadata_endpoint.as_deref().map(|e| check_url("--metadata-endpoint", e)).transpose()?;
     let poll_interval = match s.metadata_poll_interval {
         Some(v) if v.is_finite() && v > 0.0 && v <= 3600.0 => Some(Duration::from_secs_f64(v)),
-        Some(v) => return Err(format!("--metadata-poll-interval {v}: give seconds between 0 and 3600")),
+        Some(v) => return Err(ConfigError::Invalid(format!("--metadata-poll-interval {v}: give seconds between 0 and 3600"))),
         None => None,
     };
     let webhooks = s.scheduler_webhook.iter().map(|w| check_url("--scheduler-webhook", w)).collect::<Result<Vec<_>, _>>()?;
     let drain_timeout = s.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT_SECS);
     if drain_timeout == 0 || drain_timeout > 3600 {
-        return Err(format!("--drain-timeout {drain_timeout}: give seconds between 1 and 3600"));
+        return Err(ConfigError::Invalid(format!("--drain-timeout {drain_timeout}: give seconds between 1 and 3600")));
     }
     Ok(PreemptConfig {
         provider: s.preemption_provider.unwrap_or(Provider::None),
@@ -554,7 +579,7 @@ mod tests {
                 "webhook" => a.scheduler_webhook = vec![v.into()],
                 _ => a.metadata_poll_interval = Some(0.0),
             }
-            let e = resolve_mount(a).unwrap_err();
+            let e = crate::error::report(&resolve_mount(a).unwrap_err());
             assert!(!e.contains('\n') && e.starts_with("--"), "{e}");
         }
     }
@@ -563,7 +588,7 @@ mod tests {
     fn chunk_size_range() {
         let mut a = args("/tmp");
         a.chunk_size = Some("512KiB".into());
-        assert!(resolve_mount(a).unwrap_err().contains("out of range"));
+        assert!(resolve_mount(a).unwrap_err().to_string().contains("out of range"));
         let mut a = args("/tmp");
         a.chunk_size = Some("16MiB".into());
         assert_eq!(resolve_mount(a).unwrap().cache.chunk_size, 16 << 20);
@@ -581,7 +606,7 @@ mod tests {
         assert_eq!(c.cache.chunk_size, 2 << 20);
         assert_eq!(c.source.options, vec![("region".to_string(), "x".to_string())]);
         std::fs::write(&p, "sauce = 1\n").unwrap();
-        let e = resolve_mount(Settings { config: Some(p), ..Default::default() }).unwrap_err();
+        let e = crate::error::report(&resolve_mount(Settings { config: Some(p), ..Default::default() }).unwrap_err());
         assert!(e.contains("unknown field") && !e.contains('\n'), "{e}");
     }
 
@@ -589,7 +614,7 @@ mod tests {
     fn rejects_huge_cache() {
         let mut a = args("/tmp");
         a.cache_size = Some("100TiB".into());
-        assert!(resolve_mount(a).unwrap_err().contains("available memory"));
+        assert!(resolve_mount(a).unwrap_err().to_string().contains("available memory"));
     }
 }
 

@@ -1,6 +1,6 @@
 //! The meaning-based error every core operation returns (the FUSE adapter maps it to an errno
 //! in exactly one place, `fuse::errno`), and the two helpers every module shares for errors and
-//! locks: [`one_line`] and [`lock`].
+//! locks: [`one_line`] and [`report`], and [`lock`].
 
 use std::sync::Arc;
 
@@ -36,6 +36,21 @@ impl Error {
 /// A message on one line: any run of whitespace (newlines included) becomes one space.
 pub fn one_line(s: impl std::fmt::Display) -> String {
     s.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// An error and its sources on one line, each source once (`cannot read config x: No such file`):
+/// what the operator sees of any error that ends a command.
+pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        next = s.source();
+    }
+    one_line(text)
 }
 
 /// Lock `m` even if a thread panicked while holding it: the data behind every lock here stays

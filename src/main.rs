@@ -36,7 +36,7 @@ fn main() -> ExitCode {
             let cfg = match resolve_mount(args) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("cachefs: error: {e}");
+                    eprintln!("cachefs: error: {}", cachefs::error::report(&e));
                     return ExitCode::from(2);
                 }
             };
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("cachefs: error: {e}");
+                    eprintln!("cachefs: error: {}", cachefs::error::report(&e));
                     ExitCode::FAILURE
                 }
             }

@@ -47,10 +47,8 @@ impl Limits {
     }
 
     /// Why `size` cannot be the memory tier's size here, if it cannot.
-    pub fn check(&self, size: u64) -> Result<(), String> {
-        let over = |what: &str, room: u64| {
-            format!("--cache-size {} is above {what} ({}): the memory tier lives in RAM", format_size(size), format_size(room))
-        };
+    pub fn check(&self, size: u64) -> Result<(), TooLarge> {
+        let over = |limit: &'static str, room: u64| TooLarge { size, limit, room };
         if let Some(a) = self.host_available.filter(|a| size > *a) {
             return Err(over("the available memory", a));
         }
@@ -62,6 +60,15 @@ impl Limits {
         }
         Ok(())
     }
+}
+
+/// An explicit `--cache-size` above one of the limits of this machine.
+#[derive(Debug, thiserror::Error)]
+#[error("--cache-size {} is above {limit} ({}): the memory tier lives in RAM", format_size(*.size), format_size(*.room))]
+pub struct TooLarge {
+    pub size: u64,
+    pub limit: &'static str,
+    pub room: u64,
 }
 
 /// `MemAvailable` from a meminfo file.
@@ -143,9 +150,9 @@ mod tests {
         assert_eq!(l.default_cache_size(), Some((64 << 20) - FS_HEADROOM), "Docker's 64 MiB /dev/shm");
         let l = Limits { fs_room: None, ..l };
         assert_eq!(l.default_cache_size(), Some(3 << 29), "half of what the cgroup leaves");
-        let e = l.check(4 << 30).unwrap_err();
+        let e = l.check(4 << 30).unwrap_err().to_string();
         assert!(e.contains("cgroup's memory limit"), "{e}");
-        assert!(Limits { fs_room: Some(1 << 20), ..Default::default() }.check(2 << 20).unwrap_err().contains("free space"));
+        assert!(Limits { fs_room: Some(1 << 20), ..Default::default() }.check(2 << 20).unwrap_err().to_string().contains("free space"));
         assert_eq!(Limits::default().default_cache_size(), None);
         assert!(Limits::default().check(u64::MAX).is_ok());
     }

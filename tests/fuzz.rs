@@ -98,7 +98,7 @@ fn config_files_and_flags_never_panic() {
     runner()
         .run(&body(near), |text| {
             if let Err(e) = cachefs::config::parse_file_config(&text, "/etc/cachefs/config.toml") {
-                one_line(e)?;
+                one_line(cachefs::error::report(&e))?;
             }
             Ok(())
         })

@@ -57,9 +57,9 @@ pub enum AgentError {
     #[error("cannot mount at {0}: {1}")]
     Mount(String, String),
     #[error("peers: {0}")]
-    Peers(String),
+    Peers(#[from] crate::peer::membership::PeerSetupError),
     #[error("drain reports: {0}")]
-    Reports(String),
+    Reports(#[from] crate::preempt::report::ReportError),
     #[error("cannot listen for peers on {0}: {1}")]
     Listen(String, std::io::Error),
 }

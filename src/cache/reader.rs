@@ -293,7 +293,7 @@ impl Reader {
 
     /// Fetch the chunk and put it in the memory tier (unless its source already did).
     async fn fetch_and_store(&self, obj: &Arc<ObjectVersion>, index: u64, purpose: Purpose, stage: &Stage) -> Fetched {
-        let fetched = self.fetch(obj, index, purpose, stage).await;
+        let fetched = self.ask_sources(obj, index, purpose, stage).await;
         let mut f = fetched.inspect_err(|_| self.credits.settled(&ChunkKey { object: obj.id.clone(), index }))?;
         if !f.stored {
             f.stored = self.store(obj, index, &f).await;
@@ -321,7 +321,7 @@ impl Reader {
         }
     }
 
-    async fn fetch(&self, obj: &Arc<ObjectVersion>, index: u64, purpose: Purpose, stage: &Stage) -> Fetched {
+    async fn ask_sources(&self, obj: &Arc<ObjectVersion>, index: u64, purpose: Purpose, stage: &Stage) -> Fetched {
         let range = chunk_range(index, obj.size, self.opts.chunk_size);
         let want = range.end - range.start;
         let mut last: Option<Error> = None;
@@ -363,7 +363,7 @@ impl Reader {
         let fetched = async {
             if waits_on_peer {
                 // Joining a fetch that waits on another peer could wait on the caller itself.
-                return self.fetch(obj, index, Purpose::Peer, &Stage::default()).await;
+                return self.ask_sources(obj, index, Purpose::Peer, &Stage::default()).await;
             }
             self.chunk_for(obj, index, Purpose::Peer).await
         };

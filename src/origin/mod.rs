@@ -488,7 +488,7 @@ impl OriginSource {
         }
         let result = self.ranged(obj, index, range).await;
         match result {
-            Err(OriginError::RangeIgnored) => self.whole.fetch(obj, index).await,
+            Err(OriginError::RangeIgnored) => self.whole.chunk(obj, index).await,
             other => other,
         }
     }

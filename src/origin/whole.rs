@@ -3,7 +3,7 @@
 //! its size in egress, not its size times its chunk count.
 //!
 //! # Contract
-//! - [`WholeStreams::fetch`] gives the whole chunk `index` of exactly that object version, or the
+//! - [`WholeStreams::chunk`] gives the whole chunk `index` of exactly that object version, or the
 //!   error that ended the stream; it joins a stream of that version already under way that has
 //!   not yet passed `index`, else takes it from the memory tier when a stream stored it, else
 //!   starts one from byte 0.
@@ -144,7 +144,7 @@ impl WholeStreams {
     }
 
     /// Chunk `index` of `obj`, from a stream under way or a new one.
-    pub async fn fetch(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64) -> Answer {
+    pub async fn chunk(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64) -> Answer {
         let rx = {
             let mut streams = self.streams();
             match streams.get(&obj.id).and_then(|s| s.wait_for(index)) {

@@ -182,6 +182,19 @@ pub struct Membership {
     wake: tokio::sync::Notify,
 }
 
+/// Why the peer stack cannot be set up from its settings.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerSetupError {
+    #[error("the peer token must be printable ASCII")]
+    Token,
+    #[error("invalid peer address {addr:?}")]
+    Address { addr: String, source: tonic::transport::Error },
+    #[error("peer TLS (client side)")]
+    ClientTls(#[source] tonic::transport::Error),
+    #[error("invalid peer TLS certificate or key")]
+    ServerTls(#[source] tonic::transport::Error),
+}
+
 impl Membership {
     /// Membership of this agent (`self_id`) in the mesh `cfg` describes.
     pub fn new(
@@ -189,7 +202,7 @@ impl Membership {
         compat: Compat,
         cfg: &crate::config::PeerConfig,
         metrics: Arc<crate::metrics::Metrics>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, PeerSetupError> {
         let listen_port = cfg.listen.map(|l| l.port()).unwrap_or(0);
         let (static_peers, dns, token) = (cfg.peers.clone(), cfg.dns.clone(), cfg.token.clone());
         let tls = cfg.tls.as_ref().map(|t| {
@@ -197,7 +210,7 @@ impl Membership {
             ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&t.ca)).identity(Identity::from_pem(&t.cert, &t.key))
         });
         let token = match token {
-            Some(t) => Some(AsciiMetadataValue::try_from(t.trim()).map_err(|_| "the peer token must be printable ASCII".to_string())?),
+            Some(t) => Some(AsciiMetadataValue::try_from(t.trim()).map_err(|_| PeerSetupError::Token)?),
             None => None,
         };
         let m = Membership {
@@ -224,12 +237,12 @@ impl Membership {
         &self.self_id
     }
 
-    fn handle(&self, addr: &str) -> Result<PeerHandle, String> {
+    fn handle(&self, addr: &str) -> Result<PeerHandle, PeerSetupError> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut endpoint =
-            Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| format!("invalid peer address {addr:?}: {e}"))?;
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|source| PeerSetupError::Address { addr: addr.to_string(), source })?;
         if let Some(tls) = &self.tls {
-            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| format!("peer TLS: {e}"))?;
+            endpoint = endpoint.tls_config(tls.clone()).map_err(PeerSetupError::ClientTls)?;
         }
         let endpoint = endpoint
             .connect_timeout(PROBE_TIMEOUT)
@@ -245,7 +258,7 @@ impl Membership {
     }
 
     /// The peer set: static list ∪ last DNS answer ∪ peers that introduced themselves.
-    fn refresh_addresses(&self) -> Result<(), String> {
+    fn refresh_addresses(&self) -> Result<(), PeerSetupError> {
         let mut addrs = self.static_peers.clone();
         addrs.extend(self.resolved.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
         addrs.extend(self.learned.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
@@ -309,7 +322,7 @@ impl Membership {
     }
 
     /// Keep handles for addresses still present, add new ones, drop vanished ones.
-    fn set_addresses(&self, mut addrs: Vec<String>) -> Result<(), String> {
+    fn set_addresses(&self, mut addrs: Vec<String>) -> Result<(), PeerSetupError> {
         addrs.sort();
         addrs.dedup();
         let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());

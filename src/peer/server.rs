@@ -207,12 +207,12 @@ impl Peer for PeerServer {
 }
 
 /// Check the server side of mutual TLS at start-up, so bad PEM is a clear error, not a late one.
-pub fn check_tls(t: &crate::config::PeerTls) -> Result<(), String> {
+pub fn check_tls(t: &crate::config::PeerTls) -> Result<(), super::membership::PeerSetupError> {
     use tonic::transport::{Certificate, Identity, ServerTlsConfig};
     tonic::transport::Server::builder()
         .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(&t.cert, &t.key)).client_ca_root(Certificate::from_pem(&t.ca)))
         .map(|_| ())
-        .map_err(|e| format!("invalid peer TLS certificate or key: {e}"))
+        .map_err(super::membership::PeerSetupError::ServerTls)
 }
 
 /// Serve on `listener` until `stop`, with per-connection stream limits and a request deadline.

@@ -15,7 +15,7 @@ pub struct Aliyun {
 }
 
 impl Aliyun {
-    pub fn new(endpoint: &str, interval: Duration) -> Result<Aliyun, String> {
+    pub fn new(endpoint: &str, interval: Duration) -> Result<Aliyun, reqwest::Error> {
         Ok(Aliyun {
             meta: Meta::new(endpoint, Duration::from_secs(2))?,
             auth: TokenAuth::new("X-aliyun-ecs-metadata-token-ttl-seconds", "X-aliyun-ecs-metadata-token", ""),

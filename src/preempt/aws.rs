@@ -18,7 +18,7 @@ pub struct Aws {
 }
 
 impl Aws {
-    pub fn new(endpoint: &str, interval: Duration) -> Result<Aws, String> {
+    pub fn new(endpoint: &str, interval: Duration) -> Result<Aws, reqwest::Error> {
         Ok(Aws {
             meta: Meta::new(endpoint, Duration::from_secs(2))?,
             auth: TokenAuth::new(

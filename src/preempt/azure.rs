@@ -24,7 +24,7 @@ pub struct Azure {
 }
 
 impl Azure {
-    pub fn new(endpoint: &str, interval: Duration) -> Result<Azure, String> {
+    pub fn new(endpoint: &str, interval: Duration) -> Result<Azure, reqwest::Error> {
         Ok(Azure { meta: Meta::new(endpoint, Duration::from_secs(2))?, interval, vm_name: None })
     }
 

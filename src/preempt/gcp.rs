@@ -31,7 +31,7 @@ pub struct Gcp {
 
 impl Gcp {
     /// `interval` paces polling only when the server sends no ETag (long-polling needs one).
-    pub fn new(endpoint: &str, interval: Duration) -> Result<Gcp, String> {
+    pub fn new(endpoint: &str, interval: Duration) -> Result<Gcp, reqwest::Error> {
         Ok(Gcp {
             meta: Meta::new(endpoint, Duration::from_secs(2))?,
             long: Meta::new(endpoint, Duration::from_secs(LONG_POLL_SECS + 10))?,
@@ -68,7 +68,7 @@ pub fn interpret(preempted: Option<&str>, maintenance: Option<&str>) -> Vec<Sign
 }
 
 /// Ask for one key; with an ETag, wait until it changes.
-async fn fetch(meta: &Meta, key: &Key, wait: bool) -> Result<(String, Option<String>), WatchError> {
+async fn get_key(meta: &Meta, key: &Key, wait: bool) -> Result<(String, Option<String>), WatchError> {
     let path = match (&key.etag, wait) {
         (Some(etag), true) => format!("{BASE}{}?wait_for_change=true&last_etag={etag}&timeout_sec={LONG_POLL_SECS}", key.name),
         _ => format!("{BASE}{}", key.name),
@@ -111,7 +111,7 @@ impl Watcher for Gcp {
     async fn check(&mut self) -> Result<Vec<Signal>, WatchError> {
         if !self.long_polling() {
             for i in 0..2 {
-                let (v, etag) = fetch(&self.meta, &self.keys[i], false).await?;
+                let (v, etag) = get_key(&self.meta, &self.keys[i], false).await?;
                 self.keys[i].value = Some(v);
                 self.keys[i].etag = etag;
             }
@@ -119,8 +119,8 @@ impl Watcher for Gcp {
         }
         // Whichever key changes first; the other poll is dropped and restarted next time.
         let (i, r) = tokio::select! {
-            r = fetch(&self.long, &self.keys[0], true) => (0, r),
-            r = fetch(&self.long, &self.keys[1], true) => (1, r),
+            r = get_key(&self.long, &self.keys[0], true) => (0, r),
+            r = get_key(&self.long, &self.keys[1], true) => (1, r),
         };
         let (v, etag) = r?;
         self.keys[i].value = Some(v);

@@ -31,13 +31,8 @@ pub struct Meta {
 
 impl Meta {
     /// `base` is scheme and host (`http://169.254.169.254`); `timeout` bounds every request.
-    pub fn new(base: &str, timeout: Duration) -> Result<Meta, String> {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(Duration::from_secs(1).min(timeout))
-            .timeout(timeout)
-            .build()
-            .map_err(|e| format!("cannot build the metadata client: {e}"))?;
+    pub fn new(base: &str, timeout: Duration) -> Result<Meta, reqwest::Error> {
+        let client = reqwest::Client::builder().no_proxy().connect_timeout(Duration::from_secs(1).min(timeout)).timeout(timeout).build()?;
         Ok(Meta { client, base: base.trim_end_matches('/').to_string() })
     }
 

@@ -604,7 +604,7 @@ pub fn start_watch(cfg: &PreemptConfig, drain: Arc<Drain>, tasks: &TaskTracker, 
                 ($w:expr) => {
                     match $w {
                         Ok(w) => watch(w, drain, cfg, stop).await,
-                        Err(e) => warn!(error = %e, "preemption watch could not start"),
+                        Err(e) => warn!(error = %crate::error::report(&e), "cannot build the metadata client: preemption watch off"),
                     }
                 };
             }

@@ -25,6 +25,13 @@ pub struct Reporter {
 /// One attempt gets at most this long.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why drain reporting cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("cannot build the webhook client")]
+    Client(#[source] reqwest::Error),
+}
+
 impl Reporter {
     /// A reporter with no destinations (events are only logged).
     pub fn none() -> Reporter {
@@ -37,7 +44,7 @@ impl Reporter {
         metrics: Arc<Metrics>,
         tasks: &TaskTracker,
         stop: CancellationToken,
-    ) -> Result<Reporter, String> {
+    ) -> Result<Reporter, ReportError> {
         let pending = Arc::new(AtomicUsize::new(0));
         let mut queues = Vec::new();
         if !webhooks.is_empty() {
@@ -46,7 +53,7 @@ impl Reporter {
                 .timeout(ATTEMPT_TIMEOUT)
                 .user_agent(concat!("cachefs/", env!("CARGO_PKG_VERSION")))
                 .build()
-                .map_err(|e| format!("cannot build the webhook client: {e}"))?;
+                .map_err(ReportError::Client)?;
             for url in webhooks {
                 let (tx, rx) = mpsc::unbounded_channel();
                 queues.push(tx);
