@@ -408,9 +408,11 @@ fn azure_without_acknowledge_sends_none() {
     assert!(poll_until(Duration::from_secs(15), || checks() >= 2));
     st.lock().unwrap().say = Say::Notice;
     hook.wait("drain_ready", Duration::from_secs(10)).expect("drain_ready");
-    // Withdrawn by Azure: serving again, reported.
-    std::thread::sleep(Duration::from_secs(2));
+    // Not acknowledged while the watcher keeps looking (no --azure-acknowledge).
+    let seen = checks();
+    assert!(poll_until(Duration::from_secs(15), || checks() >= seen + 2));
     assert!(st.lock().unwrap().acks.is_empty());
+    // Withdrawn by Azure: serving again, reported.
     st.lock().unwrap().say = Say::Nothing;
     hook.wait("drain_cancelled", Duration::from_secs(10)).expect("drain_cancelled");
     assert!(poll_until(Duration::from_secs(5), || ready(&a) == 200));
@@ -501,7 +503,10 @@ fn aws_rebalance_is_reported_without_draining() {
     let a = Agent::start(&s, &watch_args("aws", &ep, &url));
     let (_, ev) = hook.wait("rebalance_recommendation", Duration::from_secs(10)).expect("rebalance_recommendation");
     assert_eq!(ev["notice_time"], rfc3339(at - chrono::Duration::seconds(60)));
-    std::thread::sleep(Duration::from_secs(3));
+    // The watcher looks again (twice) and still does not drain on a hint.
+    let looks = || meta.count("/latest/meta-data/events/recommendations/rebalance");
+    let seen = looks();
+    assert!(poll_until(Duration::from_secs(15), || looks() >= seen + 2), "the watcher stopped looking; log:\n{}", a.log_text());
     assert_eq!(ready(&a), 200, "a hint must not drain");
     assert_eq!(hook.kinds(), ["rebalance_recommendation"], "reported once");
 }

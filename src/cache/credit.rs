@@ -30,7 +30,7 @@ impl Credits {
 
     /// Chunk `key` (`len` bytes) is being fetched for a local reader. Called before the fetch
     /// can store it, so no read of the stored chunk is missed.
-    pub fn expect(&self, key: ChunkKey, len: u64) {
+    pub fn fetching(&self, key: ChunkKey, len: u64) {
         lock(&self.fresh).put(key, len);
     }
 
@@ -76,16 +76,16 @@ mod tests {
     fn first_pass_counts_for_the_filler_then_memory() {
         let m = Metrics::new();
         let c = Credits::new(2);
-        c.expect(key(0), 10);
+        c.fetching(key(0), 10);
         for _ in 0..3 {
             c.record_hit(&m, &key(0), Tier::peer, 6);
         }
         assert_eq!((read_bytes(&m, Tier::peer), read_bytes(&m, Tier::memory)), (10, 8));
-        // Settled, never expected, or pushed out by newer fetches: memory hits.
-        c.expect(key(1), 4);
+        // Settled, never announced, or pushed out by newer fetches: memory hits.
+        c.fetching(key(1), 4);
         c.settled(&key(1));
         for i in 2..5 {
-            c.expect(key(i), 4);
+            c.fetching(key(i), 4);
         }
         for i in [1, 2, 4, 9] {
             c.record_hit(&m, &key(i), Tier::origin, 4);

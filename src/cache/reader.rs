@@ -263,7 +263,7 @@ impl Reader {
         }
         if purpose == Purpose::Read {
             let r = chunk_range(index, obj.size, self.opts.chunk_size);
-            self.credits.expect(key.clone(), r.end - r.start);
+            self.credits.fetching(key.clone(), r.end - r.start);
         }
         let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
         let stage = Arc::new(Stage::default());

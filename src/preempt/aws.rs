@@ -86,8 +86,7 @@ impl Watcher for Aws {
     }
 
     async fn instance_id(&mut self) -> Option<String> {
-        let a = self.auth.get(&self.meta, "/latest/meta-data/instance-id").await.ok()?;
-        (a.status == 200 && !a.body.trim().is_empty()).then(|| a.body.trim().to_string())
+        self.auth.text(&self.meta, "/latest/meta-data/instance-id").await
     }
 
     async fn check(&mut self) -> Result<Vec<Signal>, WatchError> {

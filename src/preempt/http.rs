@@ -128,6 +128,12 @@ impl TokenAuth {
         None
     }
 
+    /// The trimmed text at `path` if it answers 200 with something (an instance id, say).
+    pub async fn text(&mut self, meta: &Meta, path: &str) -> Option<String> {
+        let a = self.get(meta, path).await.ok()?;
+        (a.status == 200 && !a.body.trim().is_empty()).then(|| a.body.trim().to_string())
+    }
+
     /// GET `path` with the token when there is one; a 401 (token expired or revoked) or a 403
     /// to a plain request (token required) gets a fresh token and one retry.
     pub async fn get(&mut self, meta: &Meta, path: &str) -> Result<Answer, WatchError> {
