@@ -16,7 +16,26 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Any panic (a bug, or input nothing checked) becomes one `cachefs: error:` line and an error
+/// log record instead of a backtrace. A panic on the main thread still ends the process (exit
+/// 101); one in a task ends that task only.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let line = cachefs::error::one_line(format!("internal error: {what}{at}"));
+        tracing::error!(error = %line, "panic");
+        eprintln!("cachefs: error: {line}");
+    }));
+}
+
 fn main() -> ExitCode {
+    install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version

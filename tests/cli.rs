@@ -83,6 +83,13 @@ fn bad_input_gives_one_clear_line() {
     );
     assert!(t.elapsed() < std::time::Duration::from_secs(90));
     check(&["--source", "s3://bucket/x", "--mountpoint", &mp, "--source-option", "colour=blue"], "unknown --source-option");
+    // A scheme-less endpoint (it used to panic in object_store's request signing).
+    let keys = ["--source-option", "access_key_id=k", "--source-option", "secret_access_key=s", "--source-option", "region=us-east-1"];
+    for ep in ["endpoint=127.0.0.1:18333", "endpoint=localhost", "aws_endpoint=ftp://127.0.0.1:1"] {
+        let mut args = vec!["--source", "s3://bucket/x", "--mountpoint", &mp, "--source-option", ep];
+        args.extend(keys);
+        check(&args, "must be an http:// or https:// URL");
+    }
 }
 
 #[test]

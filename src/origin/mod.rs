@@ -50,6 +50,8 @@ pub enum OriginError {
     BadUrl(String, String),
     #[error("unknown --source-option {0:?} for a {1} source")]
     UnknownOption(String, &'static str),
+    #[error("--source-option {0}: {1}")]
+    BadOption(String, String),
     #[error("source directory {0} does not exist or is not a directory")]
     NoDirectory(String),
     #[error("cannot configure the object store: {0}")]
@@ -381,6 +383,19 @@ fn source_url(source: &str) -> Result<url::Url, OriginError> {
     }
 }
 
+/// A value a store would choke on later (a scheme-less endpoint panics in request signing) is
+/// a clear error now: options naming an endpoint or URL must be http(s) URLs with a host.
+fn check_option(key: &str, value: &str) -> Result<(), OriginError> {
+    let k = key.to_ascii_lowercase();
+    if !(k.contains("endpoint") || k.ends_with("url")) {
+        return Ok(());
+    }
+    match url::Url::parse(value) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        _ => Err(OriginError::BadOption(key.to_string(), format!("{value:?} must be an http:// or https:// URL (scheme included)"))),
+    }
+}
+
 fn build_store(source: &str, options: &[(String, String)], request_timeout: Duration) -> Result<Built, OriginError> {
     use object_store::client::ClientConfigKey;
     use object_store::RetryConfig;
@@ -398,6 +413,7 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
             let mut b = $builder;
             for (k, v) in options {
                 let key = <$key>::from_str(&k.to_ascii_lowercase()).map_err(|_| OriginError::UnknownOption(k.clone(), $kind))?;
+                check_option(k, v)?;
                 b = b.with_config(key, v.clone());
             }
             b
@@ -426,6 +442,8 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
                 .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout), "5s");
             let b = with_options!(b, AmazonS3ConfigKey, "s3");
             let endpoint = b.get_config_value(&AmazonS3ConfigKey::Endpoint);
+            // From the options or the environment (AWS_ENDPOINT): checked either way.
+            endpoint.as_deref().map(|e| check_option("endpoint", e)).transpose()?;
             let s3 = Arc::new(b.build().map_err(build)?);
             checksums = Some(Checksums::new(s3.clone(), endpoint.as_deref())?);
             lister = Some(s3list::S3Lister::new(s3.clone())?);
