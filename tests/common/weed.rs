@@ -74,7 +74,14 @@ impl Weed {
             args.push(format!("-{flag}={}", free_port()));
         }
         let log = std::fs::File::create(dir.path().join("weed.log")).unwrap();
-        let child = Command::new(&bin).arg("mini").args(&args).stdout(Stdio::null()).stderr(log).spawn().expect("start weed");
+        let child = Command::new(&bin)
+            .env("TMPDIR", dir.path())
+            .arg("mini")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start weed");
         let w = Weed { child, s3_port, bucket: bucket.to_string(), _dir: dir };
         let up = poll_until(Duration::from_secs(60), || TcpStream::connect(("127.0.0.1", s3_port)).is_ok());
         assert!(up, "weed S3 did not come up");
