@@ -360,11 +360,15 @@ fn check_host_port(flag: &str, v: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// An http(s) URL with a host.
+/// Whether `v` is an http(s) URL with a host (webhooks, metadata and store endpoints).
+pub fn is_http_url(v: &str) -> bool {
+    url::Url::parse(v).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+}
+
 fn check_url(flag: &str, v: &str) -> Result<String, ConfigError> {
-    match url::Url::parse(v) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(v.to_string()),
-        _ => Err(ConfigError::Invalid(format!("{flag} {v:?} must be an http:// or https:// URL"))),
+    match is_http_url(v) {
+        true => Ok(v.to_string()),
+        false => Err(ConfigError::Invalid(format!("{flag} {v:?} must be an http:// or https:// URL"))),
     }
 }
 

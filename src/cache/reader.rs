@@ -293,13 +293,13 @@ impl Reader {
 
     /// Fetch the chunk and put it in the memory tier (unless its source already did).
     async fn fetch_and_store(&self, obj: &Arc<ObjectVersion>, index: u64, purpose: Purpose, stage: &Stage) -> Fetched {
-        let fetched = self.ask_sources(obj, index, purpose, stage).await;
-        let mut f = fetched.inspect_err(|_| self.credits.settled(&ChunkKey { object: obj.id.clone(), index }))?;
+        let key = ChunkKey { object: obj.id.clone(), index };
+        let mut f = self.ask_sources(obj, index, purpose, stage).await.inspect_err(|_| self.credits.settled(&key))?;
         if !f.stored {
             f.stored = self.store(obj, index, &f).await;
         }
         if !f.stored || purpose != Purpose::Read {
-            self.credits.settled(&ChunkKey { object: obj.id.clone(), index });
+            self.credits.settled(&key);
         }
         Ok(f)
     }

@@ -390,9 +390,9 @@ fn check_option(key: &str, value: &str) -> Result<(), OriginError> {
     if !(k.contains("endpoint") || k.ends_with("url")) {
         return Ok(());
     }
-    match url::Url::parse(value) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
-        _ => Err(OriginError::BadOption(key.to_string(), format!("{value:?} must be an http:// or https:// URL (scheme included)"))),
+    match crate::config::is_http_url(value) {
+        true => Ok(()),
+        false => Err(OriginError::BadOption(key.to_string(), format!("{value:?} must be an http:// or https:// URL (scheme included)"))),
     }
 }
 
