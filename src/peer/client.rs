@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt};
 use tracing::{debug, warn};
 
-use super::membership::{Membership, PeerHandle};
+use super::membership::{Attempt, Membership, PeerHandle};
 use super::placement;
 use super::proto::{InventoryRequest, ReadChunkRequest};
 use super::{bit, object_ref, PROTOCOL};
@@ -273,7 +273,8 @@ impl PeerSource {
         }
     }
 
-    /// Stream chunk `index` from `peer` into the memory tier (or a buffer) and verify it.
+    /// Stream chunk `index` from `peer` into the memory tier (or a buffer) and verify it; the
+    /// outcome is reported to the membership.
     async fn read_from(
         &self,
         peer: &PeerHandle,
@@ -282,32 +283,34 @@ impl PeerSource {
         want: u64,
         allow_fill: bool,
     ) -> Result<Chunk, PeerFetchError> {
+        let attempt = peer.attempt();
         let limit = if allow_fill { self.timeouts.fill } else { self.timeouts.hit };
         let req = ReadChunkRequest { object: Some(object_ref(obj)), index, chunk_size: self.chunk_size, allow_fill, protocol: PROTOCOL };
         let mut sink = match self.memory.begin_fill(obj, index) {
             Ok(Some(f)) => Sink::File(f),
             _ => Sink::Heap(BytesMut::with_capacity(want as usize)),
         };
-        let received = if peer.state().raw {
-            self.receive_raw(peer, req, want, &mut sink).boxed()
-        } else {
-            self.receive_grpc(peer, req, limit, want, &mut sink).boxed()
-        };
-        let crc = tokio::time::timeout(limit, received).await.map_err(|_| PeerFetchError::Timeout)??;
-        let have = sink.written();
-        if have != want {
-            return Err(PeerFetchError::Protocol(format!("short stream: {have} of {want} bytes")));
-        }
-        let chunk = sink.finish(crc);
-        if chunk.is_ok() {
-            self.membership.report_success(peer);
-        }
-        match (&chunk, &self.verifier) {
-            (Err(PeerFetchError::Checksum), _) => {
-                self.metrics.peer_checksum_errors.inc();
+        let chunk = async {
+            let received = if peer.state().raw {
+                self.receive_raw(peer, req, want, &mut sink).boxed()
+            } else {
+                self.receive_grpc(peer, req, limit, want, &mut sink).boxed()
+            };
+            let crc = tokio::time::timeout(limit, received).await.map_err(|_| PeerFetchError::Timeout)??;
+            let have = sink.written();
+            if have != want {
+                return Err(PeerFetchError::Protocol(format!("short stream: {have} of {want} bytes")));
             }
+            sink.finish(crc)
+        }
+        .await;
+        match (&chunk, &self.verifier) {
+            (Err(e), _) => self.failed(peer, &attempt, obj, index, e),
             (Ok(c), Some(v)) if c.stored => v.from_peer(obj, &peer.addr),
             _ => {}
+        }
+        if chunk.is_ok() {
+            self.membership.report_success(peer);
         }
         chunk
     }
@@ -371,25 +374,25 @@ impl PeerSource {
         let n = peers.len();
         for k in 0..n {
             let p = &peers[(first + k) % n];
-            match self.read_from(p, obj, index, want, allow_fill).await {
-                Ok(c) => return Some(c),
-                Err(e) => self.failed(p, obj, index, &e),
+            if let Ok(c) = self.read_from(p, obj, index, want, allow_fill).await {
+                return Some(c);
             }
         }
         None
     }
 
     /// What a failed request tells about `peer`: NOT_FOUND only that our view of it is stale.
-    fn failed(&self, peer: &PeerHandle, obj: &ObjectVersion, index: u64, e: &PeerFetchError) {
+    fn failed(&self, peer: &PeerHandle, attempt: &Attempt, obj: &ObjectVersion, index: u64, e: &PeerFetchError) {
         debug!(peer = %peer.addr, key = %obj.key, index, error = %e, "peer could not serve the chunk");
         match e {
             PeerFetchError::Status(tonic::Code::NotFound, _) => self.forget(obj),
             PeerFetchError::Local(_) => {}
             _ => {
                 if matches!(e, PeerFetchError::Checksum) {
+                    self.metrics.peer_checksum_errors.inc();
                     warn!(peer = %peer.addr, key = %obj.key, index, "peer sent a chunk that fails its checksum; fetching elsewhere");
                 }
-                self.membership.report_failure(peer, &e.to_string());
+                self.membership.report_failure(peer, attempt, &e.to_string());
             }
         }
     }
@@ -427,10 +430,7 @@ impl PeerSource {
         stage.waiting_on_peer(true);
         match self.read_from(owner, obj, index, want, true).await {
             Ok(c) => Ok(Some(c)),
-            Err(e) => {
-                self.failed(owner, obj, index, &e);
-                Err(Error::unavailable(format!("peer {}: {e}", owner.addr)))
-            }
+            Err(e) => Err(Error::unavailable(format!("peer {}: {e}", owner.addr))),
         }
     }
 }

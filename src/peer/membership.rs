@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::proto::peer_client::PeerClient;
 use super::proto::{DrainNotice, HelloRequest};
@@ -82,8 +82,10 @@ pub struct PeerState {
     pub retry_at: Option<Instant>,
     /// Since when every probe has failed (`None`: the last one was answered).
     pub down_since: Option<Instant>,
-    /// Data requests failed since the last that succeeded, and when to use the peer again.
+    /// Data requests failed since the last that succeeded, when the last backoff began, and
+    /// when to use the peer again.
     pub data_failures: u32,
+    pub data_failed_at: Option<Instant>,
     pub data_retry_at: Option<Instant>,
     pub last_error: Option<String>,
     /// It serves chunks on the raw data path (and we do not use TLS).
@@ -95,6 +97,13 @@ pub struct PeerState {
     /// Not used until then: it served a file that failed the origin's checksum (neither a
     /// probe nor its Hello ends this).
     pub distrusted_until: Option<Instant>,
+}
+
+/// A data request as it began: which process of the peer it went to, and when.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    node_id: Option<String>,
+    started: Instant,
 }
 
 /// One peer address and its client.
@@ -117,6 +126,12 @@ impl PeerHandle {
 
     pub fn node_id(&self) -> Option<String> {
         self.state().node_id
+    }
+
+    /// What a data request to this peer starts with, so its outcome is charged to the right
+    /// process (see `Membership::report_failure`).
+    pub fn attempt(&self) -> Attempt {
+        Attempt { node_id: self.node_id(), started: Instant::now() }
     }
 
     fn update(&self, f: impl FnOnce(&mut PeerState)) {
@@ -367,14 +382,25 @@ impl Membership {
     }
 
     /// A data request to `peer` failed (error, stall, bad bytes): it is not used for a while,
-    /// whatever its probes and Hellos say, until a data request succeeds again.
-    pub fn report_failure(&self, peer: &PeerHandle, error: &str) {
+    /// whatever its probes and Hellos say, until a data request succeeds again. One failure
+    /// steps the backoff: requests that were already in flight when it began, or that went
+    /// to an earlier process at that address (it restarted since), do not step it again.
+    pub fn report_failure(&self, peer: &PeerHandle, attempt: &Attempt, error: &str) {
         self.metrics.peer_errors.get_or_create(&crate::metrics::PeerLabel { peer: peer.addr.clone() }).inc();
         peer.update(|s| {
+            if s.node_id != attempt.node_id {
+                debug!(peer = %peer.addr, error, "a request to the peer's previous process failed; not held against the new one");
+                return;
+            }
+            s.last_error = Some(error.to_string());
+            if s.data_failed_at.is_some_and(|at| attempt.started < at) {
+                return;
+            }
             s.data_failures += 1;
             let backoff = (Duration::from_secs(1) * 2u32.saturating_pow(s.data_failures.min(8) - 1)).min(MAX_DATA_BACKOFF);
-            s.data_retry_at = Some(Instant::now() + backoff);
-            s.last_error = Some(error.to_string());
+            let now = Instant::now();
+            s.data_failed_at = Some(now);
+            s.data_retry_at = Some(now + backoff);
         });
     }
 
@@ -382,8 +408,7 @@ impl Membership {
     pub fn report_success(&self, peer: &PeerHandle) {
         if peer.state().data_failures > 0 {
             peer.update(|s| {
-                s.data_failures = 0;
-                s.data_retry_at = None;
+                (s.data_failures, s.data_failed_at, s.data_retry_at) = (0, None, None);
             });
         }
     }
@@ -451,7 +476,7 @@ impl Membership {
                     s.retry_at = None;
                     s.down_since = None;
                     if restarted {
-                        (s.data_failures, s.data_retry_at) = (0, None);
+                        (s.data_failures, s.data_failed_at, s.data_retry_at) = (0, None, None);
                     }
                     if s.data_failures == 0 {
                         s.last_error = None;
@@ -598,5 +623,28 @@ mod tests {
         // Its next Hello teaches it again.
         m.heard_from(gone, "pod-1");
         assert_eq!(m.all().len(), 1);
+    }
+
+    /// Failed requests step the data backoff once per round, and never across a restart: the
+    /// requests in flight when a peer died must not back off the process that replaced it.
+    #[tokio::test]
+    async fn failures_in_flight_and_from_a_previous_process_step_no_backoff() {
+        let compat = Compat { chunk_size: 1 << 20, source: "file:///m".into() };
+        let peers = crate::config::PeerConfig { peers: vec!["127.0.0.1:9".into()], ..Default::default() };
+        let m = Membership::new("self".into(), compat, &peers, Arc::new(crate::metrics::Metrics::new())).unwrap();
+        let p = m.all()[0].clone();
+        p.update(|s| s.node_id = Some("old".into()));
+        let (first, second) = (p.attempt(), p.attempt());
+        m.report_failure(&p, &first, "reset");
+        m.report_failure(&p, &second, "reset");
+        assert_eq!(p.state().data_failures, 1, "two requests in flight together stepped the backoff twice");
+        let later = p.attempt();
+        m.report_failure(&p, &later, "reset");
+        assert_eq!(p.state().data_failures, 2, "a request sent after the backoff began did not step it");
+        // The address now answers as another process; the old requests fail late.
+        p.update(|s| (s.node_id, s.data_failures, s.data_failed_at, s.data_retry_at) = (Some("new".into()), 0, None, None));
+        m.report_failure(&p, &later, "early eof");
+        assert_eq!(p.state().data_failures, 0, "a failure of the previous process backed off the new one");
+        assert!(p.usable());
     }
 }
