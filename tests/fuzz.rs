@@ -1,6 +1,6 @@
 //! Fuzzing of everything that parses outside input: the four clouds' metadata answers, config
-//! files and flags, and peer messages (decoded, and served by a real peer server). No input may
-//! panic; every rejection is one clear line.
+//! files and flags, S3 listing pages, and peer messages (decoded, and served by a real peer
+//! server). No input may panic; every rejection is one clear line.
 //!
 //! `CACHEFS_FUZZ_CASES=1000000 cargo test --release --test fuzz` runs a million cases per target
 //! (the default is a few thousand, for every test run).
@@ -196,6 +196,30 @@ fn peer_requests_get_an_answer_or_a_status() {
                     prop_assert_eq!(crc, crc32c::crc32c(&bytes));
                 }
                 Err(status) => one_line(status.message())?,
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// A ListObjectsV2 answer from the origin: objects with valid paths, skipped keys, or one line.
+#[test]
+fn s3_listing_pages_parse_or_fail_cleanly() {
+    use cachefs::origin::s3list::read_page;
+    let near: &'static [&'static str] = &[
+        "<ListBucketResult>(<IsTruncated>(true|false|x)</IsTruncated>)?(<NextContinuationToken>[a-z]{0,4}</NextContinuationToken>)?(<EncodingType>url</EncodingType>)?(<Contents><Key>[a-z%0-9/.+]{0,12}</Key><LastModified>2024-0[1-9]-01T00:00:00(\\.000)?Z</LastModified>(<ETag>&quot;[a-f0-9]{0,4}&quot;</ETag>)?<Size>-?[0-9]{1,21}</Size></Contents>){0,3}</ListBucketResult>",
+        "<\\?xml version=\"1.0\"\\?><ListBucketResult( xmlns=\"[a-z:/.]{0,10}\")?><Contents>(<Key>[^<]{0,8}</Key>)?(<Size>[0-9]{0,4}</Size>)?</Contents>(</ListBucketResult>)?",
+    ];
+    runner()
+        .run(&prop_oneof![body(near).prop_map(String::into_bytes), proptest::collection::vec(any::<u8>(), 0..256)], |b| {
+            match read_page(&b) {
+                Ok(page) => {
+                    for o in &page.listing.objects {
+                        prop_assert!(Path::parse(o.location.as_ref()).is_ok());
+                    }
+                    prop_assert!(page.next.as_ref().is_none_or(|t| !t.is_empty()));
+                }
+                Err(e) => one_line(e)?,
             }
             Ok(())
         })

@@ -66,29 +66,20 @@ impl S3Lister {
         let mut token: Option<String> = None;
         loop {
             let page = self.page(&prefix, token.as_deref()).await?;
-            let url_encoded = page.encoding_type.as_deref().is_some_and(|e| e.eq_ignore_ascii_case("url"));
-            for e in page.contents {
-                let key = if url_encoded { decode(&e.key) } else { e.key };
-                match Path::parse(&key) {
-                    Ok(location) => out.objects.push(ObjectMeta {
-                        location,
-                        last_modified: e.last_modified,
-                        size: e.size,
-                        e_tag: e.e_tag,
-                        version: None,
-                    }),
-                    Err(_) => out.skipped.push(key),
+            out.objects.extend(page.listing.objects);
+            out.skipped.extend(page.listing.skipped);
+            match page.next {
+                Some(t) if token.as_ref() == Some(&t) => {
+                    return Err(OriginError::Request(format!("listing: the store sent continuation token {t:?} twice")));
                 }
-            }
-            match page.next_continuation_token {
-                Some(t) if page.is_truncated && !t.is_empty() => token = Some(t),
-                _ => return Ok(out),
+                Some(t) => token = Some(t),
+                None => return Ok(out),
             }
         }
     }
 
     /// One page, retried on transport errors and server errors.
-    async fn page(&self, prefix: &str, token: Option<&str>) -> Result<Page, OriginError> {
+    async fn page(&self, prefix: &str, token: Option<&str>) -> Result<ListPage, OriginError> {
         let mut delay = Duration::from_millis(200);
         let mut attempt = 1;
         loop {
@@ -105,7 +96,7 @@ impl S3Lister {
         }
     }
 
-    async fn page_once(&self, prefix: &str, token: Option<&str>) -> Result<Page, Retry> {
+    async fn page_once(&self, prefix: &str, token: Option<&str>) -> Result<ListPage, Retry> {
         let mut query = vec![("list-type", "2"), ("encoding-type", "url")];
         if !prefix.is_empty() {
             query.push(("prefix", prefix));
@@ -124,8 +115,7 @@ impl S3Lister {
         let status = r.status().as_u16();
         let body = r.bytes().await.map_err(transport)?;
         match status {
-            200 => quick_xml::de::from_reader(&body[..])
-                .map_err(|e| Retry::No(OriginError::Request(format!("listing: unreadable answer: {e}")))),
+            200 => read_page(&body).map_err(Retry::No),
             500.. => Err(Retry::Yes(OriginError::Request(format!("listing: HTTP {status}")))),
             _ => Err(Retry::No(OriginError::Request(format!(
                 "listing: HTTP {status}: {}",
@@ -133,6 +123,33 @@ impl S3Lister {
             )))),
         }
     }
+}
+
+/// One page of a listing as read: what it lists, and the token of the next page if any.
+#[derive(Debug, Default)]
+pub struct ListPage {
+    pub listing: Listing,
+    pub next: Option<String>,
+}
+
+/// A ListObjectsV2 answer body: its objects whose keys are valid paths, the keys that are not,
+/// and the next page's token; an unreadable body is an error.
+pub fn read_page(body: &[u8]) -> Result<ListPage, OriginError> {
+    let page: Page = quick_xml::de::from_reader(body)
+        .map_err(|e| OriginError::Request(crate::error::one_line(format!("listing: unreadable answer: {e}"))))?;
+    let url_encoded = page.encoding_type.as_deref().is_some_and(|e| e.eq_ignore_ascii_case("url"));
+    let mut listing = Listing::default();
+    for e in page.contents {
+        let key = if url_encoded { decode(&e.key) } else { e.key };
+        match Path::parse(&key) {
+            Ok(location) => {
+                listing.objects.push(ObjectMeta { location, last_modified: e.last_modified, size: e.size, e_tag: e.e_tag, version: None })
+            }
+            Err(_) => listing.skipped.push(key),
+        }
+    }
+    let next = page.next_continuation_token.filter(|t| page.is_truncated && !t.is_empty());
+    Ok(ListPage { listing, next })
 }
 
 enum Retry {
@@ -155,12 +172,15 @@ mod tests {
         let xml = r#"<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name><EncodingType>url</EncodingType><IsTruncated>true</IsTruncated><NextContinuationToken>t2</NextContinuationToken><Contents><Key>p/a%2F%2Fb+c%01</Key><LastModified>2024-01-01T00:00:00.000Z</LastModified><ETag>&quot;e1&quot;</ETag><Size>5</Size></Contents><Contents><Key>p/ok.bin</Key><LastModified>2024-01-01T00:00:00.000Z</LastModified><Size>7</Size></Contents></ListBucketResult>"#;
         let page: Page = quick_xml::de::from_str(xml).unwrap();
         assert!(page.is_truncated);
-        assert_eq!(page.next_continuation_token.as_deref(), Some("t2"));
         assert_eq!(page.contents.len(), 2);
         assert_eq!(decode(&page.contents[0].key), "p/a//b c\u{1}");
-        assert_eq!(page.contents[0].e_tag.as_deref(), Some("\"e1\""));
-        assert!(Path::parse(decode(&page.contents[0].key)).is_err());
-        assert_eq!(page.contents[1].size, 7);
+        let read = read_page(xml.as_bytes()).unwrap();
+        assert_eq!(read.next.as_deref(), Some("t2"));
+        assert_eq!(read.listing.skipped, vec!["p/a//b c\u{1}".to_string()]);
+        assert_eq!(read.listing.objects.len(), 1);
+        assert_eq!(read.listing.objects[0].location.as_ref(), "p/ok.bin");
+        assert_eq!(read.listing.objects[0].size, 7);
+        assert!(read_page(b"<ListBucketResult><Contents><Key>k</Key></Contents>").is_err());
         let empty: Page = quick_xml::de::from_str("<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>").unwrap();
         assert!(empty.contents.is_empty());
     }
