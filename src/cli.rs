@@ -143,20 +143,25 @@ pub fn warm(admin: &str, token_file: Option<&std::path::Path>, detach: bool, pat
     }
 }
 
-pub fn drain(admin: &str, token_file: Option<&std::path::Path>) -> ExitCode {
+pub fn drain(admin: &str, handoff: bool, token_file: Option<&std::path::Path>) -> ExitCode {
     let (addr, token) = match admin_addr(admin).and_then(|a| Ok((a, token(token_file)?))) {
         Ok(a) => a,
         Err(e) => return fail(e),
     };
-    let (mut state, mut error) = (String::new(), None);
-    match client::post_lines(addr, "/drain", token.as_deref(), "{}", |_, line| {
+    let (mut state, mut error, mut handed_off, mut lost) = (String::new(), None, None, None);
+    let body = serde_json::json!({ "handoff": handoff }).to_string();
+    match client::post_lines(addr, "/drain", token.as_deref(), &body, |_, line| {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
             state = v["state"].as_str().unwrap_or("").to_string();
             error = v["error"].as_str().map(String::from);
+            (handed_off, lost) = (v["handed_off_bytes"].as_u64(), v["lost_bytes"].as_u64());
         }
     }) {
         Ok(200) if state == "drained" => {
-            println!("drained");
+            match (handed_off, lost) {
+                (Some(h), Some(l)) => println!("drained: {} handed off, {} lost", format_size(h), format_size(l)),
+                _ => println!("drained"),
+            }
             ExitCode::SUCCESS
         }
         Ok(code) if error.is_some() => fail(format!("drain refused (HTTP {code}): {}", error.unwrap_or_default())),

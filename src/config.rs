@@ -70,6 +70,10 @@ pub enum Command {
         /// Admin address of the agent
         #[arg(long, default_value = DEFAULT_ADMIN)]
         admin: String,
+        /// First hand off the chunks no other agent holds to the peers that will own them
+        /// (within the drain timeout), as a preemption notice does
+        #[arg(long)]
+        handoff: bool,
         /// File holding the agent's admin token (its --admin-token-file)
         #[arg(long, env = "CACHEFS_ADMIN_TOKEN_FILE")]
         admin_token_file: Option<PathBuf>,

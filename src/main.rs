@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Status { admin, json } => cachefs::cli::status(&admin, json),
         Command::Warm { admin, admin_token_file, detach, paths } => cachefs::cli::warm(&admin, admin_token_file.as_deref(), detach, &paths),
-        Command::Drain { admin, admin_token_file } => cachefs::cli::drain(&admin, admin_token_file.as_deref()),
+        Command::Drain { admin, handoff, admin_token_file } => cachefs::cli::drain(&admin, handoff, admin_token_file.as_deref()),
         Command::Mount(args) => {
             let cfg = match resolve_mount(args) {
                 Ok(c) => c,

@@ -27,6 +27,19 @@ pub struct FuseErrorLabel {
     pub errno: i32,
 }
 
+/// Which way handed-off bytes went.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    sent,
+    received,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: Direction,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabel {
     pub peer: String,
@@ -55,6 +68,8 @@ pub mod names {
     pub const METADATA_ERRORS: &str = "cachefs_metadata_errors_total";
     pub const WEBHOOK_DELIVERIES: &str = "cachefs_webhook_deliveries_total";
     pub const WEBHOOK_FAILURES: &str = "cachefs_webhook_failures_total";
+    pub const HANDOFF_BYTES: &str = "cachefs_handoff_bytes_total";
+    pub const HANDOFF_LOST_BYTES: &str = "cachefs_handoff_lost_bytes";
 }
 
 /// The agent's metrics. Clone-free: share it behind an `Arc`.
@@ -81,6 +96,8 @@ pub struct Metrics {
     pub metadata_errors: Counter,
     pub webhook_deliveries: Counter,
     pub webhook_failures: Counter,
+    pub handoff_bytes: Family<DirectionLabel, Counter>,
+    pub handoff_lost_bytes: Gauge,
 }
 
 fn base(name: &str) -> &str {
@@ -118,6 +135,8 @@ impl Metrics {
             metadata_errors: Counter::default(),
             webhook_deliveries: Counter::default(),
             webhook_failures: Counter::default(),
+            handoff_bytes: Family::default(),
+            handoff_lost_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         use names::*;
@@ -150,6 +169,15 @@ impl Metrics {
         registry.register(base(METADATA_ERRORS), "Metadata requests that failed or answered a malformed body", m.metadata_errors.clone());
         registry.register(base(WEBHOOK_DELIVERIES), "Scheduler webhook events delivered (2xx)", m.webhook_deliveries.clone());
         registry.register(base(WEBHOOK_FAILURES), "Scheduler webhook events given up on at their deadline", m.webhook_failures.clone());
+        registry.register(base(HANDOFF_BYTES), "Chunk bytes handed off before a preemption, sent or received", m.handoff_bytes.clone());
+        registry.register(
+            base(HANDOFF_LOST_BYTES),
+            "Bytes held by no other agent that the last drain could not hand off",
+            m.handoff_lost_bytes.clone(),
+        );
+        for direction in [Direction::sent, Direction::received] {
+            let _ = m.handoff_bytes.get_or_create(&DirectionLabel { direction });
+        }
         for tier in [Tier::memory, Tier::peer, Tier::origin] {
             let _ = m.read_bytes.get_or_create(&TierLabel { tier });
         }
@@ -162,6 +190,10 @@ impl Metrics {
 
     pub fn add_fuse_error(&self, op: &'static str, errno: i32) {
         self.fuse_errors.get_or_create(&FuseErrorLabel { op, errno }).inc();
+    }
+
+    pub fn add_handoff(&self, direction: Direction, bytes: u64) {
+        self.handoff_bytes.get_or_create(&DirectionLabel { direction }).inc_by(bytes);
     }
 
     pub fn read_bytes_of(&self, tier: Tier) -> u64 {
@@ -190,5 +222,7 @@ mod tests {
         assert!(text.contains("cachefs_origin_bytes_total 7"), "{text}");
         assert!(text.contains("cachefs_cache_capacity_bytes 0"), "{text}");
         assert!(text.contains("cachefs_drain_state 0"), "{text}");
+        assert!(text.contains("cachefs_handoff_bytes_total{direction=\"sent\"} 0"), "{text}");
+        assert!(text.contains("cachefs_handoff_lost_bytes 0"), "{text}");
     }
 }

@@ -172,6 +172,7 @@ fn peer_requests_get_an_answer_or_a_status() {
             draining: Default::default(),
             active: Default::default(),
             raw_data: false,
+            handoff: None,
         };
         (s, versions)
     });

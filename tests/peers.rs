@@ -193,6 +193,12 @@ impl proto::peer_server::Peer for CorruptPeer {
     async fn drain(&self, _r: Request<proto::DrainNotice>) -> Result<Response<proto::DrainAck>, Status> {
         Ok(Response::new(proto::DrainAck {}))
     }
+
+    type HandoffStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::HandoffProgress, Status>> + Send>>;
+
+    async fn handoff(&self, _r: Request<proto::HandoffRequest>) -> Result<Response<Self::HandoffStream>, Status> {
+        Err(Status::unimplemented("takes no handoffs"))
+    }
 }
 
 #[test]

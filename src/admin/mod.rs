@@ -73,11 +73,31 @@ async fn status(State(s): State<AdminState>) -> impl IntoResponse {
     Json(s.status.status())
 }
 
+/// What `POST /drain` may ask (an empty body asks for nothing more).
+#[derive(Debug, Default, serde::Deserialize)]
+struct DrainRequest {
+    /// Hand off the chunks no other agent holds first.
+    #[serde(default)]
+    handoff: bool,
+}
+
 /// Start draining (once) and answer when drained.
-async fn drain(State(s): State<AdminState>) -> impl IntoResponse {
-    s.drain.begin("manual drain (cachefs drain)", s.drain_timeout);
+async fn drain(State(s): State<AdminState>, body: axum::body::Bytes) -> axum::response::Response {
+    let req: DrainRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        DrainRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": format!("bad drain request: {e}") }))).into_response()
+            }
+        }
+    };
+    let policy = if req.handoff { crate::preempt::HandoffPolicy::Always } else { crate::preempt::HandoffPolicy::Never };
+    s.drain.begin("manual drain (cachefs drain)", s.drain_timeout, policy);
     s.drain.wait(s.drain_timeout + std::time::Duration::from_secs(5)).await;
-    Json(serde_json::json!({ "state": crate::preempt::state_name(s.drain.state()) }))
+    let st = s.drain.status();
+    Json(serde_json::json!({ "state": st.state, "handed_off_bytes": st.handed_off_bytes, "lost_bytes": st.lost_bytes })).into_response()
 }
 
 /// Serve until `stop` is cancelled.

@@ -119,13 +119,15 @@ impl Agent {
         };
         let peer_source = peers.as_ref().map(|p| p.source(&storage, cfg.cache.read_timeout, &shared));
         let verifier = peers.as_ref().map(|p| p.verifier.clone());
-        let reader = storage.reader(peer_source, verifier, opts, &shared.metrics, &shared.tasks, &shared.stop);
+        let tier = peer_source.clone().map(|s| s as Arc<dyn crate::cache::ChunkSource>);
+        let reader = storage.reader(tier, verifier, opts, &shared.metrics, &shared.tasks, &shared.stop);
         let core = Arc::new(FsCore::new(storage.catalog.clone(), reader.clone()));
-        if let Some(p) = &peers {
-            p.serve(&cfg.peers, cfg.shown_source(), &storage, &reader, &shared).await?;
+        if let (Some(p), Some(source)) = (&peers, peer_source) {
+            p.serve(&cfg.peers, cfg.shown_source(), &storage, &reader, source, &shared).await?;
             p.join(&shared).await;
         }
-        let drain = start_drain(&cfg, &storage, peers.as_ref(), &shared)?;
+        let handoff = peers.as_ref().map(|p| p.handoff(&storage, cfg.cache.read_timeout, &shared));
+        let drain = start_drain(&cfg, &storage, peers.as_ref(), handoff, &shared)?;
         start_admin(&cfg, &storage, peers.as_ref(), &core, &reader, &drain, &shared).await?;
         let mount = Mount::start(&cfg.fuse, core.clone(), shared.metrics.clone()).await?;
         shared.ready.store(true, Ordering::SeqCst);
@@ -142,7 +144,13 @@ impl Agent {
     }
 }
 
-fn start_drain(cfg: &Config, storage: &Storage, peers: Option<&Peers>, shared: &Shared) -> Result<Arc<Drain>, AgentError> {
+fn start_drain(
+    cfg: &Config,
+    storage: &Storage,
+    peers: Option<&Peers>,
+    handoff: Option<Arc<dyn crate::preempt::HandOff>>,
+    shared: &Shared,
+) -> Result<Arc<Drain>, AgentError> {
     let p = &cfg.preempt;
     let reporter = crate::preempt::report::Reporter::start(
         &p.webhooks,
@@ -162,6 +170,7 @@ fn start_drain(cfg: &Config, storage: &Storage, peers: Option<&Peers>, shared: &
         node_id: shared.node_id.clone(),
         peer_addr: cfg.peers.listen.map(|l| l.to_string()),
         cached_bytes: Arc::new(move || memory.used()),
+        handoff,
     };
     Ok(Drain::new(parts, reporter, shared.tasks.clone()))
 }
@@ -224,7 +233,7 @@ impl RunningAgent {
     async fn drain_for_shutdown(&mut self) {
         let timeout = self.cfg.preempt.drain_timeout;
         info!(?timeout, "shutting down: draining first");
-        self.drain.begin("shutdown signal (SIGTERM/SIGINT)", timeout);
+        self.drain.begin("shutdown signal (SIGTERM/SIGINT)", timeout, crate::preempt::HandoffPolicy::IfTime);
         tokio::select! {
             _ = self.drain.wait(timeout + DRAIN_GRACE) => {}
             _ = shutdown_signal() => warn!("second signal: stopping without waiting for the drain"),

@@ -8,11 +8,13 @@ use tracing::{info, warn, Instrument};
 
 use super::{AgentError, Shared};
 use crate::cache::verify::Verifier;
-use crate::cache::{ChunkSource, Reader};
+use crate::cache::Reader;
 use crate::config::PeerConfig;
 use crate::peer::client::PeerTimeouts;
+use crate::peer::handoff::Handoff;
 use crate::peer::membership::Compat;
 use crate::peer::{Membership, PeerServer, PeerSource};
+use crate::preempt::HandOff;
 
 use super::storage::Storage;
 
@@ -41,12 +43,24 @@ impl Peers {
         Ok(Some(Peers { membership, verifier }))
     }
 
-    /// The chunk source that asks peers before the origin, within `read_timeout`.
-    pub fn source(&self, storage: &Storage, read_timeout: std::time::Duration, shared: &Shared) -> Arc<dyn ChunkSource> {
+    /// The chunk source that asks peers before the origin, within `read_timeout` (it also
+    /// takes the chunks draining peers hand off).
+    pub fn source(&self, storage: &Storage, read_timeout: std::time::Duration, shared: &Shared) -> Arc<PeerSource> {
         let timeouts = PeerTimeouts::within(read_timeout);
         let source =
             PeerSource::new(self.membership.clone(), storage.memory.clone(), shared.draining.clone(), timeouts, shared.metrics.clone());
         Arc::new(source.with_verifier(self.verifier.clone()))
+    }
+
+    /// What hands off this agent's sole copies when it drains.
+    pub fn handoff(&self, storage: &Storage, read_timeout: std::time::Duration, shared: &Shared) -> Arc<dyn HandOff> {
+        Arc::new(Handoff {
+            membership: self.membership.clone(),
+            memory: storage.memory.clone(),
+            catalog: storage.catalog.clone(),
+            metrics: shared.metrics.clone(),
+            inventory_timeout: PeerTimeouts::within(read_timeout).inventory,
+        })
     }
 
     /// Serve this agent's chunks on `cfg.listen` (when set) until shutdown.
@@ -56,6 +70,7 @@ impl Peers {
         source: String,
         storage: &Storage,
         reader: &Arc<Reader>,
+        handoff: Arc<PeerSource>,
         shared: &Shared,
     ) -> Result<(), AgentError> {
         let Some(listen) = cfg.listen else { return Ok(()) };
@@ -70,6 +85,7 @@ impl Peers {
             draining: shared.draining.clone(),
             active: shared.peer_streams.clone(),
             raw_data: cfg.tls.is_none(),
+            handoff: Some(handoff),
         };
         info!(listen = %listen, node = %shared.node_id, "serving chunks to peers");
         let (token, tls, stop, raw_tasks) = (cfg.token.clone(), cfg.tls.clone(), shared.stop.clone(), shared.tasks.clone());

@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 
 use super::membership::{Attempt, Membership, PeerHandle};
 use super::placement;
-use super::proto::{InventoryRequest, ReadChunkRequest};
+use super::proto::{HandoffOutcome, InventoryRequest, ReadChunkRequest};
 use super::{bit, object_ref, PROTOCOL};
 use crate::cache::memory::Fill;
 use crate::cache::reader::Stage;
@@ -273,8 +273,7 @@ impl PeerSource {
         }
     }
 
-    /// Stream chunk `index` from `peer` into the memory tier (or a buffer) and verify it; the
-    /// outcome is reported to the membership.
+    /// Stream chunk `index` from `peer` into the memory tier (or a buffer) and verify it.
     async fn read_from(
         &self,
         peer: &PeerHandle,
@@ -283,13 +282,49 @@ impl PeerSource {
         want: u64,
         allow_fill: bool,
     ) -> Result<Chunk, PeerFetchError> {
-        let attempt = peer.attempt();
-        let limit = if allow_fill { self.timeouts.fill } else { self.timeouts.hit };
-        let req = ReadChunkRequest { object: Some(object_ref(obj)), index, chunk_size: self.chunk_size, allow_fill, protocol: PROTOCOL };
-        let mut sink = match self.memory.begin_fill(obj, index) {
+        let sink = match self.memory.begin_fill(obj, index) {
             Ok(Some(f)) => Sink::File(f),
             _ => Sink::Heap(BytesMut::with_capacity(want as usize)),
         };
+        self.read_into(peer, obj, index, want, allow_fill, sink).await
+    }
+
+    /// A chunk `from` hands off before it goes away (see `peer::handoff`): pulled and stored
+    /// only if room can be made by evicting chunks used longer than `idle` ago.
+    pub async fn take_handoff(&self, from: &PeerHandle, obj: &Arc<ObjectVersion>, index: u64, idle: Duration) -> HandoffOutcome {
+        if self.memory.contains(obj, index) {
+            return HandoffOutcome::HandoffHeld;
+        }
+        let want = crate::cache::chunk::chunk_range(index, obj.size, self.chunk_size);
+        let fill = match self.memory.begin_fill_colder(obj, index, idle) {
+            Ok(Some(f)) => f,
+            Ok(None) if self.memory.contains(obj, index) => return HandoffOutcome::HandoffHeld,
+            Ok(None) => return HandoffOutcome::HandoffNoRoom,
+            Err(e) => {
+                debug!(key = %obj.key, index, error = %e, "cannot store a handed-off chunk");
+                return HandoffOutcome::HandoffFailed;
+            }
+        };
+        match self.read_into(from, obj, index, want.end - want.start, false, Sink::File(fill)).await {
+            Ok(_) => HandoffOutcome::HandoffStored,
+            Err(_) => HandoffOutcome::HandoffFailed,
+        }
+    }
+
+    /// Receive chunk `index` from `peer` into `sink` and verify it; the outcome is reported to
+    /// the membership.
+    async fn read_into(
+        &self,
+        peer: &PeerHandle,
+        obj: &Arc<ObjectVersion>,
+        index: u64,
+        want: u64,
+        allow_fill: bool,
+        mut sink: Sink,
+    ) -> Result<Chunk, PeerFetchError> {
+        let attempt = peer.attempt();
+        let limit = if allow_fill { self.timeouts.fill } else { self.timeouts.hit };
+        let req = ReadChunkRequest { object: Some(object_ref(obj)), index, chunk_size: self.chunk_size, allow_fill, protocol: PROTOCOL };
         let chunk = async {
             let received = if peer.state().raw {
                 self.receive_raw(peer, req, want, &mut sink).boxed()

@@ -4,9 +4,11 @@
 //! - `membership`: who the peers are (static list, DNS), their identity, state and backoff.
 //! - `client`: the peer tier of the read path ([`PeerSource`], a `ChunkSource`).
 //! - `server`: what this agent serves to others ([`PeerServer`]).
+//! - `handoff`: handing off sole copies before this agent goes away, and taking them.
 //! - `raw`: the bulk data path (`ReadChunk` without HTTP/2, on the same port, when not using TLS).
 
 pub mod client;
+pub mod handoff;
 pub mod membership;
 pub mod placement;
 pub mod raw;

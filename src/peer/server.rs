@@ -25,7 +25,8 @@ use tracing::debug;
 use super::membership::Membership;
 use super::proto::peer_server::Peer;
 use super::proto::{
-    ChunkData, DrainAck, DrainNotice, HelloRequest, HelloResponse, InventoryRequest, InventoryResponse, ObjectInventory, ReadChunkRequest,
+    ChunkData, DrainAck, DrainNotice, HandoffProgress, HandoffRequest, HelloRequest, HelloResponse, InventoryRequest, InventoryResponse,
+    ObjectInventory, ReadChunkRequest,
 };
 use super::{bitmap, same_version, MESSAGE_BYTES, PROTOCOL, TOKEN_HEADER};
 use crate::cache::chunk::{chunk_count, chunk_range};
@@ -45,6 +46,8 @@ pub struct PeerServer {
     pub active: Arc<AtomicUsize>,
     /// Chunks are also served on the raw data path (no TLS).
     pub raw_data: bool,
+    /// Pulls chunks that a draining peer hands off (None: handoffs are refused).
+    pub handoff: Option<Arc<super::PeerSource>>,
 }
 
 /// Counts a stream as active until dropped.
@@ -74,6 +77,7 @@ pub fn check_token(expected: Option<Arc<Vec<u8>>>) -> impl FnMut(Request<()>) ->
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChunkData, Status>> + Send>>;
+type HandoffStream = Pin<Box<dyn Stream<Item = Result<HandoffProgress, Status>> + Send>>;
 
 impl PeerServer {
     fn lookup(&self, r: Option<&super::proto::ObjectRef>) -> Result<Arc<ObjectVersion>, Status> {
@@ -143,9 +147,57 @@ impl PeerServer {
     }
 }
 
+impl PeerServer {
+    /// Check a handoff request and turn it into the chunks to pull, from which peer. Only a
+    /// known peer hands off, from its own address, while this agent is not draining itself.
+    fn handoff_plan(&self, r: HandoffRequest, from: Option<std::net::SocketAddr>) -> Result<super::handoff::Pulls, Status> {
+        let source = self.handoff.clone().ok_or_else(|| Status::unimplemented("this agent takes no handoffs"))?;
+        let chunk_size = self.reader.chunk_size();
+        if r.chunk_size != chunk_size {
+            return Err(Status::invalid_argument(format!("chunk size {} differs from this agent's {chunk_size}", r.chunk_size)));
+        }
+        if r.chunks.len() > super::handoff::MAX_BATCH {
+            return Err(Status::invalid_argument(format!("at most {} chunks per handoff request", super::handoff::MAX_BATCH)));
+        }
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(Status::failed_precondition("this agent is draining too"));
+        }
+        let peer = self
+            .membership
+            .all()
+            .into_iter()
+            .find(|p| p.node_id().as_deref() == Some(r.node_id.as_str()))
+            .ok_or_else(|| Status::failed_precondition("handoff from a peer this agent does not know"))?;
+        let peer_ip = peer.addr.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+        if let (Some(from), Some(ip)) = (from, peer_ip) {
+            if from.ip() != ip {
+                return Err(Status::permission_denied("a peer hands off only from its own address"));
+            }
+        }
+        let wanted = r
+            .chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let obj = self.lookup(c.object.as_ref()).ok().filter(|o| c.index < chunk_count(o.size, chunk_size));
+                super::handoff::Wanted { position: i as u32, obj, index: c.index, idle: Duration::from_millis(c.idle_ms) }
+            })
+            .collect();
+        Ok(super::handoff::Pulls { source, from: peer, wanted })
+    }
+}
+
 #[tonic::async_trait]
 impl Peer for PeerServer {
     type ReadChunkStream = ChunkStream;
+    type HandoffStream = HandoffStream;
+
+    async fn handoff(&self, req: Request<HandoffRequest>) -> Result<Response<HandoffStream>, Status> {
+        let from = req.remote_addr();
+        let plan = self.handoff_plan(req.into_inner(), from)?;
+        let pulls = super::handoff::pull_all(plan, self.metrics.clone(), self.reader.chunk_size());
+        Ok(Response::new(Box::pin(futures::StreamExt::map(pulls, Ok))))
+    }
 
     async fn read_chunk(&self, req: Request<ReadChunkRequest>) -> Result<Response<ChunkStream>, Status> {
         let (bytes, crc, guard) = self.chunk(req.into_inner()).await?;

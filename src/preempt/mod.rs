@@ -10,6 +10,10 @@
 //!   serving local readers. `drained` (2) when no peer transfer is in flight, or at the deadline
 //!   minus a safety margin, whichever comes first.
 //! - The deadline is the notice's termination time, or now + the provider's warning time.
+//! - Before `drained`, chunks that no other agent holds are handed off to the peers that will
+//!   own them ([`HandOff`]): always on a notice and on `cachefs drain --handoff`; on a shutdown
+//!   signal only when the drain timeout leaves time for them; never past the drained-by time.
+//!   `drain_ready` says how many of those bytes were handed off and how many are lost.
 //! - Every transition is reported once: `preemption_notice`, `rebalance_recommendation`,
 //!   `drain_ready`, `drain_cancelled` (a notice the provider withdrew).
 
@@ -271,6 +275,38 @@ impl Seen {
     }
 }
 
+/// When a drain hands off the chunks that no other agent holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum HandoffPolicy {
+    /// Count them (reported as lost), send none.
+    #[default]
+    Never,
+    /// Send them if the time left looks enough for all of them (a shutdown signal).
+    IfTime,
+    /// Send as many as the time allows (a preemption notice, `drain --handoff`).
+    Always,
+}
+
+/// What a handoff did: bytes of chunks no other agent held, and of those the bytes that
+/// another agent holds now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HandoffReport {
+    pub sole_bytes: u64,
+    pub handed_off_bytes: u64,
+}
+
+impl HandoffReport {
+    pub fn lost_bytes(&self) -> u64 {
+        self.sole_bytes.saturating_sub(self.handed_off_bytes)
+    }
+}
+
+/// The peer side of a handoff (see `peer::handoff`).
+pub trait HandOff: Send + Sync {
+    /// Find the sole copies and, as `policy` says, hand them off until `until`.
+    fn run(&self, until: Instant, policy: HandoffPolicy) -> futures::future::BoxFuture<'_, HandoffReport>;
+}
+
 /// Why and until when a drain runs; shown by `/status`, sent in reports.
 #[derive(Debug, Clone, Default)]
 struct DrainInfo {
@@ -289,6 +325,10 @@ struct DrainInfo {
     drained_time: Option<DateTime<Utc>>,
     /// Bumped by each start and cancel: a finisher of an older drain stops.
     generation: u64,
+    /// The strongest handoff any start of this drain asked for.
+    handoff: HandoffPolicy,
+    /// What the handoff did, once it ran.
+    handed: Option<HandoffReport>,
 }
 
 /// What the drain machine acts on.
@@ -304,6 +344,8 @@ pub struct DrainParts {
     pub node_id: String,
     pub peer_addr: Option<String>,
     pub cached_bytes: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Hands off sole copies (None without peers).
+    pub handoff: Option<Arc<dyn HandOff>>,
 }
 
 pub struct Drain {
@@ -366,6 +408,8 @@ impl Drain {
             "reason": info.reason,
             "peer_addr": self.parts.peer_addr,
             "cached_bytes": (self.parts.cached_bytes)(),
+            "handed_off_bytes": info.handed.map(|h| h.handed_off_bytes),
+            "lost_bytes": info.handed.map(|h| h.lost_bytes()),
         })
     }
 
@@ -379,7 +423,7 @@ impl Drain {
         self.metrics.preemption_notices.inc();
         let now = Utc::now();
         let deadline = time.unwrap_or(now + provider.warning());
-        self.start(format!("{}: {what}", provider.name()), true, Some(now), time, deadline);
+        self.start(format!("{}: {what}", provider.name()), HandoffPolicy::Always, Some(now), time, deadline);
     }
 
     /// A hint only: reported, no drain.
@@ -389,24 +433,27 @@ impl Drain {
         self.report("rebalance_recommendation", &info);
     }
 
-    /// `cachefs drain` or SIGTERM: drain with `timeout` as the deadline. False if one is already
-    /// running (its deadline is shortened when this one is earlier).
-    pub fn begin(self: &Arc<Self>, reason: &str, timeout: Duration) -> bool {
+    /// `cachefs drain` or SIGTERM: drain with `timeout` as the deadline, handing off as
+    /// `handoff` says. False if one is already running (its deadline is shortened when this one
+    /// is earlier).
+    pub fn begin(self: &Arc<Self>, reason: &str, timeout: Duration, handoff: HandoffPolicy) -> bool {
         let deadline = Utc::now() + timeout;
-        self.start(reason.to_string(), false, None, None, deadline)
+        self.start(reason.to_string(), handoff, None, None, deadline)
     }
 
     fn start(
         self: &Arc<Self>,
         reason: String,
-        from_notice: bool,
+        handoff: HandoffPolicy,
         notice_time: Option<DateTime<Utc>>,
         termination_time: Option<DateTime<Utc>>,
         deadline: DateTime<Utc>,
     ) -> bool {
         let window = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
         let drained_by = Instant::now() + window.saturating_sub(safety_margin(window));
+        let from_notice = notice_time.is_some();
         let mut info = self.info();
+        info.handoff = info.handoff.max(handoff);
         if from_notice {
             info.from_notice = true;
             info.notice_time = notice_time;
@@ -429,6 +476,7 @@ impl Drain {
         info.deadline = Some(deadline);
         info.drained_by = Some(drained_by);
         info.drained_time = None;
+        info.handed = None;
         info.generation += 1;
         let generation = info.generation;
         info!(reason = %reason, deadline = %deadline.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "draining: readiness off, peers told; local readers keep being served");
@@ -446,11 +494,13 @@ impl Drain {
         true
     }
 
-    /// Tell peers, wait for in-flight peer transfers (at most until `drained_by`), declare drained.
+    /// Tell peers, hand off sole copies, wait for in-flight peer transfers (all at most until
+    /// `drained_by`), declare drained.
     async fn finish(self: Arc<Self>, generation: u64) {
         if let Some(m) = &self.parts.membership {
             m.announce_drain(true).await;
         }
+        self.hand_off(generation).await;
         loop {
             let by = {
                 let info = self.info();
@@ -479,6 +529,22 @@ impl Drain {
         }
         info!(in_flight, "drain_ready");
         self.report("drain_ready", &info);
+    }
+
+    /// Hand off what no other agent holds, as the drain's policy says, until `drained_by`.
+    async fn hand_off(&self, generation: u64) {
+        let Some(h) = &self.parts.handoff else { return };
+        let (policy, by) = {
+            let info = self.info();
+            (info.handoff, info.drained_by.unwrap_or_else(Instant::now))
+        };
+        let report = h.run(by, policy).await;
+        self.metrics.handoff_lost_bytes.set(report.lost_bytes() as i64);
+        info!(sole_bytes = report.sole_bytes, handed_off = report.handed_off_bytes, lost = report.lost_bytes(), "handoff done");
+        let mut info = self.info();
+        if info.generation == generation {
+            info.handed = Some(report);
+        }
     }
 
     /// The provider withdrew its notice: serve again, unless an operator or a signal asked for
@@ -534,6 +600,8 @@ impl Drain {
             deadline: t(&info.deadline),
             drained_time: t(&info.drained_time),
             peer_streams: self.parts.peer_streams.load(Ordering::SeqCst),
+            handed_off_bytes: info.handed.map(|h| h.handed_off_bytes),
+            lost_bytes: info.handed.map(|h| h.lost_bytes()),
         }
     }
 }
@@ -554,6 +622,11 @@ pub struct DrainStatus {
     pub drained_time: Option<String>,
     /// Chunk streams to peers in flight.
     pub peer_streams: usize,
+    /// Of the chunks no other agent held: bytes handed off, and bytes lost (once handed off).
+    #[serde(default)]
+    pub handed_off_bytes: Option<u64>,
+    #[serde(default)]
+    pub lost_bytes: Option<u64>,
 }
 
 /// Start the configured watcher as a tracked task. `auto` detects the cloud inside that task
@@ -715,6 +788,7 @@ mod tests {
             node_id: "n".into(),
             peer_addr: None,
             cached_bytes: Arc::new(|| 7),
+            handoff: None,
         };
         (Drain::new(parts, Reporter::none(), TaskTracker::new()), streams, ready)
     }
@@ -736,7 +810,7 @@ mod tests {
         assert_eq!(d.state(), SERVING);
         assert!(ready.load(Ordering::SeqCst));
         // A manual drain is not withdrawn by the provider.
-        assert!(d.begin("manual", Duration::from_secs(5)));
+        assert!(d.begin("manual", Duration::from_secs(5), HandoffPolicy::Never));
         d.cancel();
         assert_ne!(d.state(), SERVING);
     }
@@ -744,7 +818,7 @@ mod tests {
     #[tokio::test]
     async fn a_withdrawn_notice_does_not_cancel_an_operator_drain() {
         let (d, _, ready) = drain();
-        assert!(d.begin("sigterm", Duration::from_secs(30)));
+        assert!(d.begin("sigterm", Duration::from_secs(30), HandoffPolicy::IfTime));
         d.notice(Provider::Aws, Some(Utc::now() + chrono::Duration::seconds(120)), "spot interruption");
         d.cancel();
         assert_ne!(d.state(), SERVING, "SIGTERM asked for this drain: the notice's withdrawal does not end it");
@@ -762,7 +836,7 @@ mod tests {
         let (d, streams, _) = drain();
         streams.store(1, Ordering::SeqCst);
         // A 2 s window with a 1 s margin: drained after about 1 s although a stream stays open.
-        d.begin("sigterm", Duration::from_secs(2));
+        d.begin("sigterm", Duration::from_secs(2), HandoffPolicy::IfTime);
         let t0 = std::time::Instant::now();
         d.wait(Duration::from_secs(5)).await;
         assert_eq!(d.state(), DRAINED);

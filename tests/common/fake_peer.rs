@@ -101,6 +101,13 @@ impl Peer for Svc {
     async fn drain(&self, _req: Request<DrainNotice>) -> Result<Response<DrainAck>, Status> {
         Ok(Response::new(DrainAck {}))
     }
+
+    type HandoffStream = Pin<Box<dyn Stream<Item = Result<HandoffProgress, Status>> + Send>>;
+
+    /// A misbehaving peer takes no handoffs.
+    async fn handoff(&self, _req: Request<HandoffRequest>) -> Result<Response<Self::HandoffStream>, Status> {
+        Err(Status::unimplemented("takes no handoffs"))
+    }
 }
 
 use futures::StreamExt;

@@ -3,8 +3,12 @@
 //! # Contract
 //! - The bytes held (present chunks plus reservations) never exceed the budget, even briefly.
 //! - Eviction takes least recently used chunks, never one that is pinned or has a live view;
-//!   when the budget cannot be met without those, nothing is evicted.
+//!   when the budget cannot be met without those, nothing is evicted. A fill that may evict
+//!   only colder chunks (a chunk handed off by a peer, with its own last use) evicts nothing
+//!   used after that time.
 //! - A pinned version keeps every chunk until its last pin is released.
+
+use std::time::{Duration, Instant};
 
 use lru::LruCache;
 use tracing::warn;
@@ -16,8 +20,24 @@ use crate::catalog::ObjectVersion;
 use crate::error::lock;
 
 pub(super) struct Index {
-    pub(super) lru: LruCache<ChunkKey, u64>,
+    pub(super) lru: LruCache<ChunkKey, Held>,
     pub(super) used: u64,
+}
+
+/// A present chunk in the index: its length and when it was last used.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Held {
+    pub(super) len: u64,
+    pub(super) used: Instant,
+}
+
+impl Index {
+    /// Mark `key` just used (most recent).
+    pub(super) fn touch(&mut self, key: &ChunkKey) {
+        if let Some(h) = self.lru.get_mut(key) {
+            h.used = Instant::now();
+        }
+    }
 }
 
 impl MemoryTier {
@@ -36,10 +56,17 @@ impl MemoryTier {
             self.capacity.store(now, std::sync::atomic::Ordering::Relaxed);
             self.metrics.cache_capacity_bytes.set(now as i64);
             warn!(dir = %self.dir.display(), was = %crate::size::format_size(was), now = %crate::size::format_size(now), "the cache directory's filesystem is full: cache budget lowered (free space there, or give it a bigger tmpfs, and restart to raise it)");
-            self.choose_victims(&mut idx)
+            self.choose_victims(&mut idx, None)
         };
         let kept = self.evict(victims);
         put_back(&mut lock(&self.index), kept);
+    }
+
+    /// Every present chunk with its length and how long ago it was last used, most recently
+    /// used first.
+    pub fn held(&self) -> Vec<(ChunkKey, u64, Duration)> {
+        let idx = lock(&self.index);
+        idx.lru.iter().map(|(k, h)| (k.clone(), h.len, h.used.elapsed())).collect()
     }
 
     /// Bytes of chunks held now.
@@ -72,14 +99,15 @@ impl MemoryTier {
         lock(&self.pins).contains_key(&obj.id)
     }
 
-    /// Make room for `len` more bytes, evicting least recently used chunks. Pinned and read
-    /// chunks are passed over; false (nothing reserved) if room cannot be made: the budget is a
-    /// hard limit, and the tmpfs files never hold more than it, even briefly.
-    pub(super) fn reserve(&self, len: u64) -> bool {
+    /// Make room for `len` more bytes, evicting least recently used chunks (with `colder_than`,
+    /// only chunks last used before it). Pinned and read chunks are passed over; false (nothing
+    /// reserved) if room cannot be made: the budget is a hard limit, and the tmpfs files never
+    /// hold more than it, even briefly.
+    pub(super) fn reserve(&self, len: u64, colder_than: Option<Instant>) -> bool {
         let (victims, fits) = {
             let mut idx = lock(&self.index);
             idx.used += len;
-            let victims = self.choose_victims(&mut idx);
+            let victims = self.choose_victims(&mut idx, colder_than);
             let fits = idx.used <= self.capacity();
             if !fits {
                 idx.used -= len;
@@ -103,10 +131,11 @@ impl MemoryTier {
     }
 
     /// Take least recently used chunks out of the index until the budget holds, passing over
-    /// pinned ones (in use through an open file). If the budget cannot be met without them,
-    /// nothing is taken: evicting everything else would still not make room. The caller punches
-    /// the holes with [`MemoryTier::evict`], outside the index lock.
-    pub(super) fn choose_victims(&self, idx: &mut Index) -> Vec<(ChunkKey, u64)> {
+    /// pinned ones (in use through an open file) and, with `colder_than`, stopping at the first
+    /// chunk used since then. If the budget cannot be met so, nothing is taken: evicting
+    /// everything else would still not make room. The caller punches the holes with
+    /// [`MemoryTier::evict`], outside the index lock.
+    pub(super) fn choose_victims(&self, idx: &mut Index, colder_than: Option<Instant>) -> Vec<(ChunkKey, Held)> {
         let over = idx.used.saturating_sub(self.capacity());
         if over == 0 {
             return Vec::new();
@@ -114,28 +143,28 @@ impl MemoryTier {
         let pins = lock(&self.pins);
         let mut chosen = Vec::new();
         let mut freed = 0;
-        for (k, l) in idx.lru.iter().rev() {
-            if freed >= over {
+        for (k, h) in idx.lru.iter().rev() {
+            if freed >= over || colder_than.is_some_and(|t| h.used >= t) {
                 break;
             }
             if !pins.contains_key(&k.object) {
                 chosen.push(k.clone());
-                freed += l;
+                freed += h.len;
             }
         }
         if freed < over {
             return Vec::new();
         }
-        let victims: Vec<(ChunkKey, u64)> = chosen.into_iter().filter_map(|k| idx.lru.pop_entry(&k)).collect();
-        idx.used -= victims.iter().map(|(_, l)| l).sum::<u64>();
+        let victims: Vec<(ChunkKey, Held)> = chosen.into_iter().filter_map(|k| idx.lru.pop_entry(&k)).collect();
+        idx.used -= victims.iter().map(|(_, h)| h.len).sum::<u64>();
         victims
     }
 
     /// Punch the victims' holes; returns those that could not go (pinned, or read since they
     /// were chosen), for the caller to put back.
-    pub(super) fn evict(&self, victims: Vec<(ChunkKey, u64)>) -> Vec<(ChunkKey, u64)> {
+    pub(super) fn evict(&self, victims: Vec<(ChunkKey, Held)>) -> Vec<(ChunkKey, Held)> {
         let mut kept = Vec::new();
-        for (key, len) in victims {
+        for (key, held) in victims {
             let Some(f) = lock(&self.files).get(&key.object).cloned() else { continue };
             // The pins lock is held until the hole is punched, so `pin_if_complete` never sees a
             // chunk that is about to go; the slot lock, so no reader view starts meanwhile.
@@ -143,7 +172,7 @@ impl MemoryTier {
             let mut slots = f.slots();
             let Some(s) = slots.get_mut(key.index as usize) else { continue };
             if pins.contains_key(&key.object) || s.readers > 0 {
-                kept.push((key, len));
+                kept.push((key, held));
                 continue;
             }
             s.present = false;
@@ -159,9 +188,9 @@ impl MemoryTier {
 }
 
 /// Return chunks that could not be evicted to the index.
-pub(super) fn put_back(idx: &mut Index, kept: Vec<(ChunkKey, u64)>) {
-    for (k, l) in kept {
-        idx.used += l;
-        idx.lru.put(k, l);
+pub(super) fn put_back(idx: &mut Index, kept: Vec<(ChunkKey, Held)>) {
+    for (k, h) in kept {
+        idx.used += h.len;
+        idx.lru.put(k, h);
     }
 }

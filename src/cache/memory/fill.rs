@@ -28,6 +28,8 @@ pub struct Fill {
     pub(super) reserved: bool,
     /// Small pieces (an HTTP body arrives in a few KiB at a time) gathered into larger writes.
     pub(super) staged: Vec<u8>,
+    /// The chunk's last use to record once stored (None: now).
+    pub(super) used: Option<std::time::Instant>,
 }
 
 /// Writes smaller than this are staged and written together.
@@ -123,7 +125,8 @@ impl Fill {
         self.file.journal(&format!("+{index} {crc}\n"));
         {
             let mut idx = lock(&self.tier.index);
-            idx.lru.put(self.key.clone(), len);
+            let used = self.used.unwrap_or_else(std::time::Instant::now);
+            idx.lru.put(self.key.clone(), super::budget::Held { len, used });
             self.tier.metrics.cache_bytes.set(idx.used as i64);
         }
         self.reserved = false;

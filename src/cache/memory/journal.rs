@@ -135,7 +135,7 @@ impl MemoryTier {
         // The budget holds after a restart too (the budget may have shrunk).
         let victims = {
             let mut idx = lock(&self.index);
-            let victims = self.choose_victims(&mut idx);
+            let victims = self.choose_victims(&mut idx, None);
             self.metrics.cache_bytes.set(idx.used as i64);
             victims
         };
@@ -206,7 +206,7 @@ impl MemoryTier {
         lock(&self.files).insert(obj.id.clone(), f);
         let mut idx = lock(&self.index);
         for (i, _, len) in good {
-            idx.lru.put(ChunkKey { object: obj.id.clone(), index: i }, len);
+            idx.lru.put(ChunkKey { object: obj.id.clone(), index: i }, super::budget::Held { len, used: std::time::Instant::now() });
             idx.used += len;
             r.chunks += 1;
             r.bytes += len;

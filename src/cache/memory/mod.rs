@@ -38,6 +38,7 @@ use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lru::LruCache;
@@ -169,9 +170,9 @@ impl MemoryTier {
         {
             let mut idx = lock(&self.index);
             for i in &gone {
-                if let Some(len) = idx.lru.pop(&ChunkKey { object: obj.id.clone(), index: *i }) {
-                    idx.used -= len;
-                    freed += len;
+                if let Some(h) = idx.lru.pop(&ChunkKey { object: obj.id.clone(), index: *i }) {
+                    idx.used -= h.len;
+                    freed += h.len;
                 }
             }
             self.metrics.cache_bytes.set(idx.used as i64);
@@ -261,8 +262,7 @@ impl MemoryTier {
         }
         let f = self.existing(obj)?;
         let (bytes, slot) = f.view(index, chunk, within)?;
-        let key = ChunkKey { object: obj.id.clone(), index };
-        lock(&self.index).lru.promote(&key);
+        lock(&self.index).touch(&ChunkKey { object: obj.id.clone(), index });
         Some((bytes, slot.source.unwrap_or(Tier::memory)))
     }
 
@@ -282,6 +282,18 @@ impl MemoryTier {
     /// Reserve room for chunk `index` of `obj` and mark it being written. `Ok(None)` if it is
     /// present, being written by someone else, or cannot be given room within the budget.
     pub fn begin_fill(self: &Arc<Self>, obj: &ObjectVersion, index: u64) -> io::Result<Option<Fill>> {
+        self.begin_fill_used(obj, index, None)
+    }
+
+    /// As [`MemoryTier::begin_fill`], for a chunk last used `idle` ago elsewhere (handed off by
+    /// a peer): room is made only by evicting chunks used less recently than that, and the
+    /// chunk keeps that last use once stored.
+    pub fn begin_fill_colder(self: &Arc<Self>, obj: &ObjectVersion, index: u64, idle: Duration) -> io::Result<Option<Fill>> {
+        let used = Instant::now().checked_sub(idle).unwrap_or_else(Instant::now);
+        self.begin_fill_used(obj, index, Some(used))
+    }
+
+    fn begin_fill_used(self: &Arc<Self>, obj: &ObjectVersion, index: u64, used: Option<Instant>) -> io::Result<Option<Fill>> {
         let chunk = chunk_range(index, obj.size, self.chunk_size);
         let len = chunk.end - chunk.start;
         if len > self.capacity() || len == 0 {
@@ -299,8 +311,9 @@ impl MemoryTier {
         // Dropped unreserved, it only clears `writing`.
         let key = ChunkKey { object: obj.id.clone(), index };
         let crc64 = self.crc64.map(crc_fast::Digest::new);
-        let mut fill = Fill { tier: self.clone(), file: f, key, chunk, written: 0, crc: 0, crc64, reserved: false, staged: Vec::new() };
-        fill.reserved = self.reserve(len);
+        let mut fill =
+            Fill { tier: self.clone(), file: f, key, chunk, written: 0, crc: 0, crc64, reserved: false, staged: Vec::new(), used };
+        fill.reserved = self.reserve(len, used);
         Ok(fill.reserved.then_some(fill))
     }
 
@@ -310,8 +323,7 @@ impl MemoryTier {
         let f = self.existing(obj)?;
         let chunk = chunk_range(index, obj.size, self.chunk_size);
         let (bytes, slot) = f.view(index, chunk.clone(), 0..chunk.end - chunk.start)?;
-        let key = ChunkKey { object: obj.id.clone(), index };
-        lock(&self.index).lru.promote(&key);
+        lock(&self.index).touch(&ChunkKey { object: obj.id.clone(), index });
         Some((bytes, slot.crc))
     }
 

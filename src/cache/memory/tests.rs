@@ -149,3 +149,31 @@ fn chunk_larger_than_budget_is_not_stored() {
     assert!(!tier.insert(&o, 0, &[1u8; 4096], Tier::origin).unwrap());
     assert_eq!(tier.used(), 0);
 }
+
+/// A handed-off chunk evicts only chunks used less recently than it was, and keeps that age.
+#[test]
+fn a_colder_fill_evicts_only_colder_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 2 * 4096, Arc::new(Metrics::new())).unwrap());
+    let o = obj(4 * 4096);
+    let data = vec![7u8; 4096];
+    assert!(tier.insert(&o, 0, &data, Tier::origin).unwrap());
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(tier.insert(&o, 1, &data, Tier::origin).unwrap());
+    // Used 10 ms ago elsewhere: colder than chunk 1, hotter than chunk 0.
+    let fill = tier.begin_fill_colder(&o, 2, Duration::from_millis(10)).unwrap();
+    assert!(fill.is_some(), "chunk 0 (used ~30 ms ago) is colder and should make room");
+    let mut fill = fill.unwrap();
+    fill.write(&data).unwrap();
+    let crc = fill.crc();
+    fill.commit(crc, Tier::peer).unwrap();
+    assert!(!tier.contains(&o, 0) && tier.contains(&o, 1) && tier.contains(&o, 2));
+    // An hour idle: colder than everything here, so nothing is evicted for it.
+    assert!(tier.begin_fill_colder(&o, 3, Duration::from_secs(3600)).unwrap().is_none());
+    assert!(tier.contains(&o, 1) && tier.contains(&o, 2));
+    // Most recent first, and the handed-off chunk kept its age (older than chunk 1's).
+    let held: Vec<u64> = tier.held().iter().map(|(k, _, _)| k.index).collect();
+    assert_eq!(held, vec![2, 1]);
+    let ages: Vec<Duration> = tier.held().iter().map(|(_, _, idle)| *idle).collect();
+    assert!(ages[0] >= Duration::from_millis(10));
+}

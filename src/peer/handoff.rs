@@ -1,0 +1,226 @@
+//! Handing off sole copies before this agent goes away (a preemption notice, `drain --handoff`).
+//!
+//! # Contract
+//! - [`Handoff`] (the draining side) finds the chunks it holds that no live, non-draining peer
+//!   holds (their inventories; a peer that does not answer counts as holding nothing) and asks
+//!   each chunk's owner among those survivors (rendezvous over the survivors only) to pull it,
+//!   most recently used first, until every sole chunk is placed or `until` passes. It reports
+//!   the bytes of sole copies and, of those, the bytes a survivor confirmed it holds.
+//! - [`pull_all`] (the surviving side) pulls each chunk from the draining peer over the chunk
+//!   stream and stores it only within its own budget, evicting only chunks used less recently
+//!   than the draining peer last used it; one outcome per chunk, in order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{Stream, StreamExt};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::membership::{Membership, PeerHandle};
+use super::proto::{HandoffChunk, HandoffOutcome, HandoffProgress, HandoffRequest, InventoryRequest};
+use super::{bit, object_ref, placement, PeerSource};
+use crate::cache::chunk::{chunk_range, ChunkKey};
+use crate::cache::MemoryTier;
+use crate::catalog::{Catalog, ObjectVersion};
+use crate::metrics::{Direction, Metrics};
+use crate::preempt::{HandOff, HandoffPolicy, HandoffReport};
+
+/// Chunks asked for in one `Handoff` request.
+const BATCH: usize = 16;
+/// Chunks a survivor pulls at once.
+const PULLS: usize = 4;
+/// Objects named in one inventory request.
+const INVENTORY_OBJECTS: usize = 256;
+/// The rate a plain shutdown drain assumes when it decides whether there is time to hand off.
+pub const PLANNING_RATE: u64 = 200_000_000;
+/// Most chunks one `Handoff` request may name.
+pub const MAX_BATCH: usize = 256;
+
+/// One sole chunk to hand off.
+struct Sole {
+    obj: Arc<ObjectVersion>,
+    index: u64,
+    len: u64,
+    idle: Duration,
+}
+
+/// The draining side.
+pub struct Handoff {
+    pub membership: Arc<Membership>,
+    pub memory: Arc<MemoryTier>,
+    pub catalog: Arc<Catalog>,
+    pub metrics: Arc<Metrics>,
+    pub inventory_timeout: Duration,
+}
+
+impl HandOff for Handoff {
+    fn run(&self, until: Instant, policy: HandoffPolicy) -> BoxFuture<'_, HandoffReport> {
+        Box::pin(self.hand_off(until, policy))
+    }
+}
+
+impl Handoff {
+    async fn hand_off(&self, until: Instant, policy: HandoffPolicy) -> HandoffReport {
+        let survivors = self.membership.owner_candidates();
+        let sole = self.sole_copies(&survivors).await;
+        let sole_bytes = sole.iter().map(|s| s.len).sum::<u64>();
+        let left = until.saturating_duration_since(Instant::now());
+        let fits = Duration::from_secs_f64(sole_bytes as f64 / PLANNING_RATE as f64) <= left;
+        let send = match policy {
+            HandoffPolicy::Never => false,
+            HandoffPolicy::IfTime => fits,
+            HandoffPolicy::Always => true,
+        };
+        if !send || survivors.is_empty() || sole.is_empty() {
+            if sole_bytes > 0 {
+                info!(sole_bytes, survivors = survivors.len(), policy = ?policy, "not handing off chunks no peer holds");
+            }
+            return HandoffReport { sole_bytes, handed_off_bytes: 0 };
+        }
+        info!(chunks = sole.len(), bytes = sole_bytes, survivors = survivors.len(), left = ?left, "handing off chunks no peer holds");
+        let plan = assign(sole, &survivors);
+        let sends = plan.into_iter().map(|(peer, chunks)| async move {
+            let mut done = 0u64;
+            if tokio::time::timeout_at(until, self.send_to(&peer, &chunks, &mut done)).await.is_err() {
+                warn!(peer = %peer.addr, "handoff to this peer ran out of time");
+            }
+            done
+        });
+        let handed_off_bytes = futures::future::join_all(sends).await.into_iter().sum();
+        HandoffReport { sole_bytes, handed_off_bytes }
+    }
+
+    /// Held chunks of listed objects that no survivor holds, most recently used first.
+    async fn sole_copies(&self, survivors: &[Arc<PeerHandle>]) -> Vec<Sole> {
+        let versions: HashMap<Arc<str>, Arc<ObjectVersion>> = self.catalog.files().into_iter().map(|o| (o.id.clone(), o)).collect();
+        let held: Vec<(Arc<ObjectVersion>, u64, Duration)> =
+            self.memory.held().into_iter().filter_map(|(k, _, idle)| Some((versions.get(&k.object)?.clone(), k.index, idle))).collect();
+        let mut objects: Vec<Arc<ObjectVersion>> = Vec::new();
+        for (o, _, _) in &held {
+            if !objects.iter().any(|x| x.id == o.id) {
+                objects.push(o.clone());
+            }
+        }
+        let mut present: HashMap<Arc<str>, Vec<Vec<u8>>> = HashMap::new();
+        for p in survivors {
+            for (id, bits) in self.inventory(p, &objects).await {
+                present.entry(id).or_default().push(bits);
+            }
+        }
+        let chunk_size = self.memory.chunk_size();
+        held.into_iter()
+            .filter(|(o, i, _)| !present.get(&o.id).is_some_and(|maps| maps.iter().any(|m| bit(m, *i))))
+            .map(|(obj, index, idle)| {
+                let r = chunk_range(index, obj.size, chunk_size);
+                Sole { obj, index, len: r.end - r.start, idle }
+            })
+            .collect()
+    }
+
+    /// What `peer` holds of `objects`: object id → present bitmap (nothing if it does not answer).
+    async fn inventory(&self, peer: &PeerHandle, objects: &[Arc<ObjectVersion>]) -> Vec<(Arc<str>, Vec<u8>)> {
+        let mut out = Vec::new();
+        for group in objects.chunks(INVENTORY_OBJECTS) {
+            let req = InventoryRequest { objects: group.iter().map(|o| object_ref(o)).collect(), chunk_size: self.memory.chunk_size() };
+            let mut req = tonic::Request::new(req);
+            req.set_timeout(self.inventory_timeout);
+            match tokio::time::timeout(self.inventory_timeout * 2, peer.client().inventory(req)).await {
+                Ok(Ok(r)) => {
+                    for inv in r.into_inner().objects {
+                        if let Some(o) = group.iter().find(|o| o.key == inv.key) {
+                            out.push((o.id.clone(), inv.present.to_vec()));
+                        }
+                    }
+                }
+                _ => debug!(peer = %peer.addr, "no inventory for the handoff: it counts as holding nothing"),
+            }
+        }
+        out
+    }
+
+    /// Ask `peer` to pull `chunks`, a batch at a time; `done` counts the bytes it holds now.
+    async fn send_to(&self, peer: &PeerHandle, chunks: &[Sole], done: &mut u64) {
+        for batch in chunks.chunks(BATCH) {
+            let req = HandoffRequest {
+                node_id: self.membership.self_id().to_string(),
+                chunk_size: self.memory.chunk_size(),
+                chunks: batch
+                    .iter()
+                    .map(|s| HandoffChunk { object: Some(object_ref(&s.obj)), index: s.index, idle_ms: s.idle.as_millis() as u64 })
+                    .collect(),
+            };
+            let mut stream = match peer.client().handoff(req).await {
+                Ok(r) => r.into_inner(),
+                Err(status) => {
+                    warn!(peer = %peer.addr, error = %status.message(), "peer refused the handoff");
+                    return;
+                }
+            };
+            while let Ok(Some(p)) = stream.message().await {
+                let Some(s) = batch.get(p.position as usize) else { continue };
+                match p.outcome() {
+                    HandoffOutcome::HandoffStored => {
+                        self.metrics.add_handoff(Direction::sent, s.len);
+                        *done += s.len;
+                    }
+                    HandoffOutcome::HandoffHeld => *done += s.len,
+                    other => debug!(peer = %peer.addr, key = %s.obj.key, index = s.index, outcome = ?other, "chunk not handed off"),
+                }
+            }
+        }
+    }
+}
+
+/// Each sole chunk with the survivor that will own it once this agent is gone.
+fn assign(sole: Vec<Sole>, survivors: &[Arc<PeerHandle>]) -> Vec<(Arc<PeerHandle>, Vec<Sole>)> {
+    let named: Vec<(String, Arc<PeerHandle>)> = survivors.iter().filter_map(|p| Some((p.node_id()?, p.clone()))).collect();
+    let names: Vec<String> = named.iter().map(|(n, _)| n.clone()).collect();
+    let mut plan: Vec<(Arc<PeerHandle>, Vec<Sole>)> = named.iter().map(|(_, p)| (p.clone(), Vec::new())).collect();
+    for s in sole {
+        let key = ChunkKey { object: s.obj.id.clone(), index: s.index };
+        if let Some(i) = placement::owner(&key, &names) {
+            plan[i].1.push(s);
+        }
+    }
+    plan.retain(|(_, c)| !c.is_empty());
+    plan
+}
+
+/// One chunk a survivor was asked to pull: its object here (None: unknown or another version).
+pub struct Wanted {
+    pub position: u32,
+    pub obj: Option<Arc<ObjectVersion>>,
+    pub index: u64,
+    pub idle: Duration,
+}
+
+/// What a survivor was asked: pull `wanted` from `from` into `source`'s memory tier.
+pub struct Pulls {
+    pub source: Arc<PeerSource>,
+    pub from: Arc<PeerHandle>,
+    pub wanted: Vec<Wanted>,
+}
+
+/// The surviving side: pull the chunks, a few at a time, one outcome each, in order.
+pub fn pull_all(pulls: Pulls, metrics: Arc<Metrics>, chunk_size: u64) -> impl Stream<Item = HandoffProgress> + Send {
+    let Pulls { source, from, wanted } = pulls;
+    futures::stream::iter(wanted)
+        .map(move |w| {
+            let (source, from, metrics) = (source.clone(), from.clone(), metrics.clone());
+            async move {
+                let Some(obj) = w.obj else {
+                    return HandoffProgress { position: w.position, outcome: HandoffOutcome::HandoffFailed as i32, bytes: 0 };
+                };
+                let r = chunk_range(w.index, obj.size, chunk_size);
+                let outcome = source.take_handoff(&from, &obj, w.index, w.idle).await;
+                if outcome == HandoffOutcome::HandoffStored {
+                    metrics.add_handoff(Direction::received, r.end - r.start);
+                }
+                HandoffProgress { position: w.position, outcome: outcome as i32, bytes: r.end - r.start }
+            }
+        })
+        .buffered(PULLS)
+}
