@@ -425,6 +425,42 @@ impl Bench {
     }
 }
 
+/// Handoff: A holds the file alone, then `cachefs drain --handoff` hands it to a survivor S;
+/// the time is the drain's, from the command to drained.
+fn handoff_row(b: &mut Bench, runs: usize, size: u64, src_crc: u32) {
+    eprintln!("handoff ...");
+    let (mut secs, mut note) = (vec![], String::new());
+    for i in 0..runs {
+        let (a_port, s_port) = (common::free_port(), common::free_port());
+        let a = b.start_agent(a_port, &[s_port]);
+        let (n, _) = read_file(&key_path(&a));
+        assert_eq!(n, size);
+        let s = b.start_agent(s_port, &[a_port]);
+        for x in [&a, &s] {
+            let live = || http_get(x.admin, "/status").is_some_and(|(_, t)| t.contains("\"live\""));
+            assert!(poll_until(Duration::from_secs(10), live), "the handoff pair never saw each other live");
+        }
+        pretouch(size);
+        let t = Instant::now();
+        let out = std::process::Command::new(common::bin())
+            .args(["drain", "--handoff", "--admin", &a.admin.to_string()])
+            .output()
+            .expect("cachefs drain runs");
+        let took = t.elapsed().as_secs_f64();
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let sent = metric(&a, "cachefs_handoff_bytes_total{direction=\"sent\"}");
+        eprintln!("    handoff run {i}: {took:.3} s, {said}, sent {sent}");
+        assert_eq!(sent as u64, size, "handoff: not all of the file was handed off ({said})");
+        if i == 0 {
+            assert_eq!(crc_file(&key_path(&s)), src_crc, "handoff: wrong bytes at the survivor");
+            note = format!("{said}; survivor origin bytes {}", metric(&s, "cachefs_origin_bytes_total"));
+        }
+        secs.push(took);
+    }
+    let gib4 = median(secs.clone()) * (4u64 << 30) as f64 / size as f64;
+    b.row("handoff: a draining agent hands its sole copies to a survivor", secs, size, format!("{note}; 4 GiB at this rate: {gib4:.1} s"));
+}
+
 fn key_path(a: &Agent) -> PathBuf {
     a.path("model.safetensors")
 }
@@ -714,6 +750,8 @@ fn main() {
         wall.push(s);
     }
     b.row("scale-out: 4 agents cold-load at once (wall time, per agent)", wall, size, note);
+
+    handoff_row(&mut b, runs, size, src_crc);
 
     // Report.
     let mut table = String::new();
