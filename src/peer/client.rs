@@ -273,31 +273,21 @@ impl PeerSource {
         }
     }
 
-    /// Stream chunk `index` from `peer` into the memory tier (or a buffer) and verify it.
-    async fn read_from(
-        &self,
-        peer: &PeerHandle,
-        obj: &Arc<ObjectVersion>,
-        index: u64,
-        want: u64,
-        allow_fill: bool,
-    ) -> Result<Chunk, PeerFetchError> {
-        let sink = match self.memory.begin_fill(obj, index) {
+    /// Where chunk `index` of `obj` goes as it arrives: the memory tier, or (no room) a buffer.
+    fn sink(&self, obj: &ObjectVersion, index: u64, want: u64) -> Sink {
+        match self.memory.begin_fill(obj, index) {
             Ok(Some(f)) => Sink::File(f),
             _ => Sink::Heap(BytesMut::with_capacity(want as usize)),
-        };
-        self.read_into(peer, obj, index, want, allow_fill, sink).await
+        }
     }
 
     /// A chunk `from` hands off before it goes away (see `peer::handoff`): pulled and stored
     /// only if room can be made by evicting chunks used longer than `idle` ago.
     pub async fn take_handoff(&self, from: &PeerHandle, obj: &Arc<ObjectVersion>, index: u64, idle: Duration) -> HandoffOutcome {
-        if self.memory.contains(obj, index) {
-            return HandoffOutcome::HandoffHeld;
-        }
         let want = crate::cache::chunk::chunk_range(index, obj.size, self.chunk_size);
         let fill = match self.memory.begin_fill_colder(obj, index, idle) {
             Ok(Some(f)) => f,
+            // Present already, or being written by another fill here.
             Ok(None) if self.memory.contains(obj, index) => return HandoffOutcome::HandoffHeld,
             Ok(None) => return HandoffOutcome::HandoffNoRoom,
             Err(e) => {
@@ -311,7 +301,7 @@ impl PeerSource {
         }
     }
 
-    /// Receive chunk `index` from `peer` into `sink` and verify it; the outcome is reported to
+    /// Stream chunk `index` from `peer` into `sink` and verify it; the outcome is reported to
     /// the membership.
     async fn read_into(
         &self,
@@ -409,7 +399,7 @@ impl PeerSource {
         let n = peers.len();
         for k in 0..n {
             let p = &peers[(first + k) % n];
-            if let Ok(c) = self.read_from(p, obj, index, want, allow_fill).await {
+            if let Ok(c) = self.read_into(p, obj, index, want, allow_fill, self.sink(obj, index, want)).await {
                 return Some(c);
             }
         }
@@ -463,7 +453,7 @@ impl PeerSource {
             return Err(Error::unavailable(format!("peer {} could not fill the chunk", owner.addr)));
         }
         stage.waiting_on_peer(true);
-        match self.read_from(owner, obj, index, want, true).await {
+        match self.read_into(owner, obj, index, want, true, self.sink(obj, index, want)).await {
             Ok(c) => Ok(Some(c)),
             Err(e) => Err(Error::unavailable(format!("peer {}: {e}", owner.addr))),
         }

@@ -98,12 +98,9 @@ impl Handoff {
         let versions: HashMap<Arc<str>, Arc<ObjectVersion>> = self.catalog.files().into_iter().map(|o| (o.id.clone(), o)).collect();
         let held: Vec<(Arc<ObjectVersion>, u64, Duration)> =
             self.memory.held().into_iter().filter_map(|(k, _, idle)| Some((versions.get(&k.object)?.clone(), k.index, idle))).collect();
-        let mut objects: Vec<Arc<ObjectVersion>> = Vec::new();
-        for (o, _, _) in &held {
-            if !objects.iter().any(|x| x.id == o.id) {
-                objects.push(o.clone());
-            }
-        }
+        let mut seen = std::collections::HashSet::new();
+        let objects: Vec<Arc<ObjectVersion>> =
+            held.iter().filter(|(o, _, _)| seen.insert(o.id.clone())).map(|(o, _, _)| o.clone()).collect();
         let mut present: HashMap<Arc<str>, Vec<Vec<u8>>> = HashMap::new();
         for p in survivors {
             for (id, bits) in self.inventory(p, &objects).await {
