@@ -25,4 +25,5 @@ if [ -z "${WEED:-}" ]; then
 fi
 export WEED
 
-cargo test --release --locked "$@"
+# --no-fail-fast: one failing test binary does not hide the results of the others.
+cargo test --release --locked --no-fail-fast "$@"

@@ -36,6 +36,8 @@ pub struct ObjectVersion {
     pub mtime: SystemTime,
     /// Stable identity of this version (hex), used for chunk keys and cache file names.
     pub id: Arc<str>,
+    /// Permission bits at the origin, where it has them (a local directory); see [`Entry::perm`].
+    pub mode: Option<u32>,
 }
 
 impl ObjectVersion {
@@ -47,7 +49,7 @@ impl ObjectVersion {
         }
         h.update(size.to_le_bytes());
         let id: Arc<str> = hex::encode(&h.finalize()[..16]).into();
-        ObjectVersion { key, location, etag, version, size, mtime, id }
+        ObjectVersion { key, location, etag, version, size, mtime, id, mode: None }
     }
 
     /// Same bytes at the origin (same etag, version and size).
@@ -62,6 +64,11 @@ pub enum Kind {
     File,
 }
 
+/// Permission bits of files whose origin has none (object stores): everyone may read.
+pub const DEFAULT_FILE_PERM: u16 = 0o444;
+/// Permission bits of directories.
+pub const DIR_PERM: u16 = 0o555;
+
 /// What `lookup`/`getattr` return.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -69,6 +76,20 @@ pub struct Entry {
     pub kind: Kind,
     pub size: u64,
     pub mtime: SystemTime,
+    /// Origin permission bits of a file, if the origin has them.
+    pub mode: Option<u32>,
+}
+
+impl Entry {
+    /// Permission bits the mount shows: a file's origin bits without write bits (the mount is
+    /// read-only), else [`DEFAULT_FILE_PERM`]; [`DIR_PERM`] for directories.
+    pub fn perm(&self) -> u16 {
+        match (self.kind, self.mode) {
+            (Kind::Dir, _) => DIR_PERM,
+            (Kind::File, Some(m)) => (m & 0o555) as u16,
+            (Kind::File, None) => DEFAULT_FILE_PERM,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -225,8 +246,8 @@ impl Catalog {
     fn entry(&self, tree: &Tree, ino: u64) -> Result<Entry, Error> {
         let node = node(tree, ino)?;
         Ok(match &node.data {
-            NodeData::Dir { .. } => Entry { ino, kind: Kind::Dir, size: 0, mtime: tree.mtime.unwrap_or(self.started) },
-            NodeData::File(o) => Entry { ino, kind: Kind::File, size: o.size, mtime: o.mtime },
+            NodeData::Dir { .. } => Entry { ino, kind: Kind::Dir, size: 0, mtime: tree.mtime.unwrap_or(self.started), mode: None },
+            NodeData::File(o) => Entry { ino, kind: Kind::File, size: o.size, mtime: o.mtime, mode: o.mode },
         })
     }
 

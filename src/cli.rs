@@ -1,4 +1,4 @@
-//! The `status` and `warm` commands: clients of a running agent's admin endpoint.
+//! The `status`, `warm`, `drain` and `resume` commands: clients of a running agent's admin endpoint.
 
 use std::process::ExitCode;
 
@@ -92,54 +92,95 @@ pub fn warm(admin: &str, token_file: Option<&std::path::Path>, detach: bool, pat
             Some(r) if path.starts_with('/') && !mountpoint.is_empty() => r.trim_start_matches('/').to_string(),
             _ => path.trim_start_matches("./").to_string(),
         };
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        bar.set_message(path.clone());
-        let mut error: Option<String> = None;
-        let mut done = false;
-        let body = serde_json::json!({ "path": rel, "detach": detach }).to_string();
-        let r = client::post_lines(addr, "/warm", token.as_deref(), &body, |_, line| {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { return };
-            if let Some(t) = v["total"].as_u64() {
-                bar.set_length(t);
-            }
-            if let Some(l) = v["loaded"].as_u64() {
-                bar.set_position(l);
-            }
-            if let Some(e) = v["error"].as_str() {
-                error = Some(e.to_string());
-            }
-            if v["done"].as_bool() == Some(true) {
-                done = true;
-            }
-        });
-        match (r, error, done) {
-            (Ok(_), None, true) => bar.finish(),
-            (Ok(_), Some(e), _) => {
-                bar.abandon();
-                eprintln!("cachefs: error: warm {path}: {e}");
-                failed += 1;
-            }
-            (Ok(code), None, false) => {
-                bar.abandon();
-                eprintln!("cachefs: error: warm {path}: the agent stopped before finishing (HTTP {code})");
-                failed += 1;
-            }
-            (Err(e), _, _) => {
-                bar.abandon();
-                eprintln!("cachefs: error: warm {path}: {e}");
-                failed += 1;
-            }
+        if let Err(e) = warm_one(addr, token.as_deref(), detach, path, &rel) {
+            eprintln!("cachefs: error: warm {path}: {e}");
+            failed += 1;
         }
     }
     if failed > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Warm one path (`rel` to the mount root), showing progress as it streams in.
+fn warm_one(addr: std::net::SocketAddr, token: Option<&str>, detach: bool, path: &str, rel: &str) -> Result<(), String> {
+    let mut progress = Progress::new(path);
+    let (mut error, mut done) = (None, false);
+    let body = serde_json::json!({ "path": rel, "detach": detach }).to_string();
+    let r = client::post_lines(addr, "/warm", token, &body, |_, line| {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { return };
+        progress.update(v["total"].as_u64(), v["loaded"].as_u64());
+        error = error.take().or_else(|| v["error"].as_str().map(String::from));
+        done |= v["done"].as_bool() == Some(true);
+    });
+    match (r, error, done) {
+        (Ok(_), None, true) => {
+            progress.finish();
+            Ok(())
+        }
+        (Ok(_), Some(e), _) => Err(progress.abandon(e)),
+        (Ok(code), None, false) => Err(progress.abandon(format!("the agent stopped before finishing (HTTP {code})"))),
+        (Err(e), _, _) => Err(progress.abandon(e)),
+    }
+}
+
+/// How `warm` shows progress: a bar on a terminal, else a line on stdout at most every
+/// [`PROGRESS_LINE_EVERY`] (logs and CI).
+enum Progress {
+    Bar(indicatif::ProgressBar),
+    Lines { path: String, total: u64, loaded: u64, last: Option<std::time::Instant> },
+}
+
+/// How often `warm` prints a progress line when stdout is not a terminal.
+const PROGRESS_LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Progress {
+    fn new(path: &str) -> Progress {
+        if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            return Progress::Lines { path: path.to_string(), total: 0, loaded: 0, last: None };
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_message(path.to_string());
+        Progress::Bar(bar)
+    }
+
+    fn update(&mut self, total: Option<u64>, loaded: Option<u64>) {
+        match self {
+            Progress::Bar(bar) => {
+                total.inspect(|t| bar.set_length(*t));
+                loaded.inspect(|l| bar.set_position(*l));
+            }
+            Progress::Lines { path, total: t, loaded: l, last } => {
+                *t = total.unwrap_or(*t);
+                *l = loaded.unwrap_or(*l);
+                if last.is_none_or(|at| at.elapsed() >= PROGRESS_LINE_EVERY) {
+                    *last = Some(std::time::Instant::now());
+                    println!("warm {path}: {} of {}", format_size(*l), format_size(*t));
+                }
+            }
+        }
+    }
+
+    fn finish(self) {
+        match self {
+            Progress::Bar(bar) => bar.finish(),
+            Progress::Lines { path, total, .. } => println!("warm {path}: done, {} in memory", format_size(total)),
+        }
+    }
+
+    /// Stop showing progress; gives `why` back.
+    fn abandon(self, why: String) -> String {
+        if let Progress::Bar(bar) = self {
+            bar.abandon();
+        }
+        why
     }
 }
 
@@ -166,6 +207,27 @@ pub fn drain(admin: &str, handoff: bool, token_file: Option<&std::path::Path>) -
         }
         Ok(code) if error.is_some() => fail(format!("drain refused (HTTP {code}): {}", error.unwrap_or_default())),
         Ok(code) => fail(format!("drain did not complete (HTTP {code}, state {state:?})")),
+        Err(e) => fail(e),
+    }
+}
+
+pub fn resume(admin: &str, token_file: Option<&std::path::Path>) -> ExitCode {
+    let (addr, token) = match admin_addr(admin).and_then(|a| Ok((a, token(token_file)?))) {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    let (mut state, mut error) = (String::new(), None);
+    match client::post_lines(addr, "/resume", token.as_deref(), "{}", |_, line| {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+            state = v["state"].as_str().unwrap_or("").to_string();
+            error = v["error"].as_str().map(String::from);
+        }
+    }) {
+        Ok(200) => {
+            println!("{state}");
+            ExitCode::SUCCESS
+        }
+        Ok(code) => fail(format!("resume refused (HTTP {code}): {}", error.unwrap_or_default())),
         Err(e) => fail(e),
     }
 }

@@ -78,6 +78,16 @@ pub enum Command {
         #[arg(long, env = "CACHEFS_ADMIN_TOKEN_FILE")]
         admin_token_file: Option<PathBuf>,
     },
+    /// Serve again after `cachefs drain`: readiness on, peers told. Refused while a preemption
+    /// notice or a shutdown signal holds the drain.
+    Resume {
+        /// Admin address of the agent
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: String,
+        /// File holding the agent's admin token (its --admin-token-file)
+        #[arg(long, env = "CACHEFS_ADMIN_TOKEN_FILE")]
+        admin_token_file: Option<PathBuf>,
+    },
 }
 
 /// Parse an admin address given to `status` or `warm`.
@@ -123,6 +133,11 @@ pub struct Settings {
     #[arg(skip)]
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub source_options: BTreeMap<String, String>,
+    /// Refuse to start when the source lists no files (a mistyped bucket or prefix); without it an
+    /// empty source is a warning.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "is_false")]
+    pub require_files: bool,
     /// Let users other than the mounting one read the mount (needed for containers).
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]
@@ -245,6 +260,8 @@ pub struct SourceConfig {
     pub options: Vec<(String, String)>,
     pub concurrency: usize,
     pub catalog_ttl: Duration,
+    /// An empty listing at start is an error, not a warning.
+    pub require_files: bool,
 }
 
 /// The memory tier and the reader in front of it.
@@ -322,6 +339,7 @@ impl Config {
                 options: Vec::new(),
                 concurrency: DEFAULT_ORIGIN_CONCURRENCY,
                 catalog_ttl: Duration::from_secs(DEFAULT_CATALOG_TTL_SECS),
+                require_files: false,
             },
             cache: CacheConfig {
                 dir: cache_dir,
@@ -453,11 +471,14 @@ fn resolve_source(s: &Settings) -> Result<SourceConfig, ConfigError> {
     }
     let concurrency = positive("origin-concurrency", s.origin_concurrency.unwrap_or(DEFAULT_ORIGIN_CONCURRENCY) as u64)? as usize;
     let catalog_ttl = Duration::from_secs(positive("catalog-ttl", s.catalog_ttl.unwrap_or(DEFAULT_CATALOG_TTL_SECS))?);
-    Ok(SourceConfig { url, options, concurrency, catalog_ttl })
+    Ok(SourceConfig { url, options, concurrency, catalog_ttl, require_files: s.require_files })
 }
 
 fn resolve_cache(s: &Settings) -> Result<CacheConfig, ConfigError> {
     let dir = s.cache_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
+    if dir.exists() && !dir.is_dir() {
+        return Err(ConfigError::Invalid(format!("--cache-dir {} is a file, not a directory", dir.display())));
+    }
     let limits = crate::memlimit::Limits::gather(&dir);
     let size = match s.cache_size.as_deref().filter(|v| v.trim() != "auto") {
         Some(v) => {

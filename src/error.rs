@@ -4,6 +4,11 @@
 
 use std::sync::Arc;
 
+/// Exit code of a command that failed at run time (README, Exit codes).
+pub const EXIT_RUNTIME: u8 = 1;
+/// Exit code of bad flags, config, source or options: nothing was started.
+pub const EXIT_USAGE: u8 = 2;
+
 /// What went wrong, in terms a filesystem caller understands.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {

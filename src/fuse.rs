@@ -105,9 +105,16 @@ impl CachefsFuse {
     }
 
     /// Answer `open` of handle `fh` with passthrough to `path`, the backing file of `ino` (one
-    /// backing id per inode, shared by its handles of one version). Gives the reply back when
-    /// the handle must be served the normal way.
-    fn open_backing(&self, ino: u64, fh: u64, version: &Arc<str>, path: &std::path::Path, reply: ReplyOpen) -> Result<(), ReplyOpen> {
+    /// backing id per inode, shared by its handles of one version of `size` bytes). Gives the
+    /// reply back when the handle must be served the normal way.
+    fn open_backing(
+        &self,
+        ino: u64,
+        fh: u64,
+        (version, size): (&Arc<str>, u64),
+        path: &std::path::Path,
+        reply: ReplyOpen,
+    ) -> Result<(), ReplyOpen> {
         let mut backings = lock(&self.backings);
         match backings.get_mut(&ino) {
             Some(b) if &b.version == version => b.handles += 1,
@@ -126,6 +133,7 @@ impl CachefsFuse {
         let Some(b) = backings.get(&ino) else { return Err(reply) };
         lock(&self.pt_handles).insert(fh, ino);
         self.metrics.passthrough_opens.inc();
+        self.metrics.passthrough_open_bytes.inc_by(size);
         reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b.id);
         Ok(())
     }
@@ -143,10 +151,11 @@ impl CachefsFuse {
     }
 
     fn attr(&self, e: &Entry) -> FileAttr {
-        let (kind, perm, nlink) = match e.kind {
-            Kind::Dir => (FileType::Directory, 0o555, 2),
-            Kind::File => (FileType::RegularFile, 0o444, 1),
+        let (kind, nlink) = match e.kind {
+            Kind::Dir => (FileType::Directory, 2),
+            Kind::File => (FileType::RegularFile, 1),
         };
+        let perm = e.perm();
         FileAttr {
             ino: INodeNo(e.ino),
             size: e.size,
@@ -220,11 +229,11 @@ impl Filesystem for CachefsFuse {
         };
         let (uncached, reply) = match &o.mode {
             OpenMode::Passthrough(path) => {
-                let version = match self.core.handle(o.fh) {
-                    Ok(h) => h.obj.id.clone(),
+                let (version, size) = match self.core.handle(o.fh) {
+                    Ok(h) => (h.obj.id.clone(), h.obj.size),
                     Err(e) => return fail(&self.metrics, "open", &e, reply),
                 };
-                let Err(reply) = self.open_backing(ino.0, o.fh, &version, path, reply) else { return };
+                let Err(reply) = self.open_backing(ino.0, o.fh, (&version, size), path, reply) else { return };
                 self.core.passthrough_refused(o.fh);
                 (false, reply)
             }
@@ -409,6 +418,23 @@ impl Filesystem for CachefsFuse {
         reply: fuser::ReplyWrite,
     ) {
         reply.error(Errno::EROFS);
+    }
+
+    /// No ioctl applies to these files: ENOTTY, as for a regular file (Python and others probe some).
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        debug!(cmd, "ioctl: not supported (ENOTTY)");
+        reply.error(Errno::ENOTTY);
     }
 
     fn create(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, _flags: i32, reply: fuser::ReplyCreate) {

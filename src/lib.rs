@@ -24,4 +24,4 @@ pub mod size;
 pub mod sys;
 pub mod systemd;
 
-pub use error::Error;
+pub use error::{Error, EXIT_RUNTIME, EXIT_USAGE};

@@ -34,29 +34,40 @@ fn install_panic_hook() {
     }));
 }
 
+/// clap's message on one line: its text up to the usage block (so a missing argument is named:
+/// "the following required arguments were not provided: <PATHS>...").
+fn clap_message(text: &str) -> String {
+    let head: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:")).collect();
+    let msg = cachefs::error::one_line(head.join(" "));
+    let msg = msg.trim_start_matches("error: ");
+    if msg.is_empty() {
+        "invalid arguments".into()
+    } else {
+        msg.to_string()
+    }
+}
+
 fn main() -> ExitCode {
     install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
-            // One line: clap's first line, without the usage block.
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            eprintln!("cachefs: error: {first} (see cachefs --help)");
-            return ExitCode::from(2);
+            eprintln!("cachefs: error: {} (see cachefs --help)", clap_message(&e.to_string()));
+            return ExitCode::from(cachefs::EXIT_USAGE);
         }
     };
     match cli.command {
         Command::Status { admin, json } => cachefs::cli::status(&admin, json),
         Command::Warm { admin, admin_token_file, detach, paths } => cachefs::cli::warm(&admin, admin_token_file.as_deref(), detach, &paths),
         Command::Drain { admin, handoff, admin_token_file } => cachefs::cli::drain(&admin, handoff, admin_token_file.as_deref()),
+        Command::Resume { admin, admin_token_file } => cachefs::cli::resume(&admin, admin_token_file.as_deref()),
         Command::Mount(args) => {
             let cfg = match resolve_mount(args) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("cachefs: error: {}", cachefs::error::report(&e));
-                    return ExitCode::from(2);
+                    return ExitCode::from(cachefs::EXIT_USAGE);
                 }
             };
             init_tracing(cfg.log_format);
@@ -74,7 +85,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("cachefs: error: {}", cachefs::error::report(&e));
-                    ExitCode::FAILURE
+                    ExitCode::from(e.exit_code())
                 }
             }
         }

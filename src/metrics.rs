@@ -61,6 +61,7 @@ pub mod names {
     pub const READ_ERRORS: &str = "cachefs_read_errors_total";
     pub const FUSE_ERRORS: &str = "cachefs_fuse_errors_total";
     pub const PASSTHROUGH_OPENS: &str = "cachefs_passthrough_opens_total";
+    pub const PASSTHROUGH_OPEN_BYTES: &str = "cachefs_passthrough_open_bytes_total";
     pub const PEER_ERRORS: &str = "cachefs_peer_errors_total";
     pub const PEER_CHECKSUM_ERRORS: &str = "cachefs_peer_checksum_errors_total";
     pub const VERIFY_FAILURES: &str = "cachefs_verify_failures_total";
@@ -92,6 +93,8 @@ pub struct Metrics {
     pub peer_checksum_errors: Counter,
     pub verify_failures: Counter,
     pub passthrough_opens: Counter,
+    /// Sizes of the files opened with passthrough (their reads never reach the agent).
+    pub passthrough_open_bytes: Counter,
     pub preemption_notices: Counter,
     pub metadata_errors: Counter,
     pub webhook_deliveries: Counter,
@@ -131,6 +134,7 @@ impl Metrics {
             peer_checksum_errors: Counter::default(),
             verify_failures: Counter::default(),
             passthrough_opens: Counter::default(),
+            passthrough_open_bytes: Counter::default(),
             preemption_notices: Counter::default(),
             metadata_errors: Counter::default(),
             webhook_deliveries: Counter::default(),
@@ -154,6 +158,11 @@ impl Metrics {
         registry.register(base(READ_ERRORS), "FUSE reads answered with an error", m.read_errors.clone());
         registry.register(base(FUSE_ERRORS), "FUSE operations answered with an error, by operation and errno", m.fuse_errors.clone());
         registry.register(base(PASSTHROUGH_OPENS), "Opens answered with FUSE passthrough to the tmpfs file", m.passthrough_opens.clone());
+        registry.register(
+            base(PASSTHROUGH_OPEN_BYTES),
+            "Sizes of the files opened with FUSE passthrough (the kernel reads them without the agent)",
+            m.passthrough_open_bytes.clone(),
+        );
         registry.register(base(PEER_ERRORS), "Failed requests to a peer, by peer address", m.peer_errors.clone());
         registry.register(base(PEER_CHECKSUM_ERRORS), "Chunks from peers rejected by their checksum", m.peer_checksum_errors.clone());
         registry.register(

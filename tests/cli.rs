@@ -12,7 +12,8 @@ fn run(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), stderr)
 }
 
-fn assert_one_line_error(args: &[&str], needle: &str) {
+/// `args` fail with one `cachefs: error:` line mentioning `needle`; returns the exit code.
+fn assert_one_line_error(args: &[&str], needle: &str) -> i32 {
     let (code, err) = run(args);
     assert_ne!(code, 0, "{args:?} should fail");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
@@ -20,6 +21,7 @@ fn assert_one_line_error(args: &[&str], needle: &str) {
     assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
     assert!(lines[0].starts_with("cachefs: error: "), "{args:?}: {err}");
     assert!(lines[0].contains(needle), "{args:?}: {err:?} should mention {needle:?}");
+    code
 }
 
 #[test]
@@ -39,11 +41,13 @@ fn bad_input_gives_one_clear_line() {
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
-    let check = |extra: &[&str], needle: &str| {
+    // Usage errors (flags, config, source, options, paths of the wrong kind) exit 2.
+    let check_code = |extra: &[&str], needle: &str, code: i32| {
         let v = base(extra);
         let args: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
-        assert_one_line_error(&args, needle);
+        assert_eq!(assert_one_line_error(&args, needle), code, "{args:?}: exit code");
     };
+    let check = |extra: &[&str], needle: &str| check_code(extra, needle, 2);
     check(&["--source", "ftp://host/x", "--mountpoint", &mp], "unknown scheme");
     check(&["--source", "/no/such/dir/anywhere", "--mountpoint", &mp], "does not exist");
     check(&["--source", &d, "--mountpoint", &f], "is a file");
@@ -58,11 +62,15 @@ fn bad_input_gives_one_clear_line() {
     let bad_toml = src.path().join("bad.toml");
     std::fs::write(&bad_toml, "cache_size = [1, 2\n").unwrap();
     check(&["--source", &d, "--mountpoint", &mp, "--config", &bad_toml.display().to_string()], "invalid config");
-    // An origin nobody answers: the listing fails with a clear line, in bounded time.
+    let args = ["mount", "--source", &d, "--mountpoint", &mp, "--cache-dir", &f, "--cache-size", "64MiB", "--admin", "127.0.0.1:0"];
+    assert_eq!(assert_one_line_error(&args, "--cache-dir"), 2);
+    assert_eq!(assert_one_line_error(&args, "is a file, not a directory"), 2);
+    check(&["--source", &d, "--mountpoint", &mp, "--source-option", "region=x"], "for a local directory source");
+    // An origin nobody answers: the listing fails with a clear line, in bounded time (exit 1).
     let port = free_port();
     let ep = format!("endpoint=http://127.0.0.1:{port}");
     let t = std::time::Instant::now();
-    check(
+    check_code(
         &[
             "--source",
             "s3://bucket/x",
@@ -80,9 +88,10 @@ fn bad_input_gives_one_clear_line() {
             "region=us-east-1",
         ],
         "cannot list the source",
+        1,
     );
     assert!(t.elapsed() < std::time::Duration::from_secs(90));
-    check(&["--source", "s3://bucket/x", "--mountpoint", &mp, "--source-option", "colour=blue"], "unknown --source-option");
+    check(&["--source", "s3://bucket/x", "--mountpoint", &mp, "--source-option", "colour=blue"], "for an s3 source");
     // A scheme-less endpoint (it used to panic in object_store's request signing).
     let keys = ["--source-option", "access_key_id=k", "--source-option", "secret_access_key=s", "--source-option", "region=us-east-1"];
     for ep in ["endpoint=127.0.0.1:18333", "endpoint=localhost", "aws_endpoint=ftp://127.0.0.1:1"] {
@@ -90,6 +99,36 @@ fn bad_input_gives_one_clear_line() {
         args.extend(keys);
         check(&args, "must be an http:// or https:// URL");
     }
+}
+
+#[test]
+fn commands_name_what_is_missing() {
+    // A missing argument is named (clap's message continues on the next line).
+    assert_eq!(assert_one_line_error(&["warm"], "<PATHS>"), 2);
+    assert_eq!(assert_one_line_error(&["mount", "--bogus"], "--bogus"), 2);
+    // A command that cannot reach its agent is a runtime failure: 1.
+    let admin = format!("127.0.0.1:{}", free_port());
+    for cmd in ["status", "drain", "resume"] {
+        assert_eq!(assert_one_line_error(&[cmd, "--admin", &admin], "cannot reach the agent"), 1, "{cmd}");
+    }
+}
+
+#[test]
+fn a_bad_mountpoint_is_found_before_the_admin_port_is_bound() {
+    if !fuse_available("a_bad_mountpoint_is_found_before_the_admin_port_is_bound") {
+        return;
+    }
+    // The mountpoint is taken (another agent's mount): the error names it even though the admin
+    // address is taken too, so the mountpoint was checked first.
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("f"), b"x").unwrap();
+    let a = Agent::start(&src.path().display().to_string(), &[]);
+    let cache = tempfile::tempdir().unwrap();
+    let (mp, admin, cache) = (a.mountpoint.display().to_string(), a.admin.to_string(), cache.path().join("c").display().to_string());
+    let args = ["mount", "--source", &src.path().display().to_string(), "--mountpoint", &mp, "--admin", &admin, "--cache-dir", &cache];
+    let code = assert_one_line_error(&[&args[..], &["--cache-size", "16MiB"]].concat(), "already mounted there");
+    assert_eq!(code, 1);
+    assert_eq!(http_get(a.admin, "/readyz").map(|r| r.0), Some(200), "the first agent keeps serving");
 }
 
 #[test]

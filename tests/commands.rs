@@ -22,6 +22,9 @@ fn warm_and_status() {
     // warm a cold file by its absolute path in the mount: it lands in memory...
     let out = Command::new(bin()).args(["warm", "--admin", &admin]).arg(a.path("m.bin")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // stdout is not a terminal here: progress comes as lines (for logs and CI), not a bar.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.lines().last().is_some_and(|l| l.starts_with("warm ") && l.ends_with("done, 30.00 MiB in memory")), "{said}");
     let origin = a.metric("cachefs_origin_bytes_total");
     assert_eq!(origin, data.len() as f64);
     assert_eq!(a.metric("cachefs_cache_bytes"), data.len() as f64, "warm returned before the file was in memory");
@@ -30,6 +33,10 @@ fn warm_and_status() {
     assert!(std::fs::read(a.path("m.bin")).unwrap() == data);
     assert_eq!(a.metric("cachefs_origin_bytes_total"), origin);
     assert_eq!(a.metric("cachefs_fuse_read_requests_total"), reads);
+    // What passthrough serves never reaches the agent; its opens are counted with their sizes.
+    let opens = a.metric("cachefs_passthrough_opens_total");
+    assert!(opens >= 1.0);
+    assert_eq!(a.metric("cachefs_passthrough_open_bytes_total"), opens * data.len() as f64);
 
     // A directory, by its path relative to the mount root.
     let out = Command::new(bin()).args(["warm", "--admin", &admin, "dir"]).output().unwrap();
@@ -57,4 +64,39 @@ fn warm_and_status() {
     let out = Command::new(bin()).args(["status", "--admin", &format!("127.0.0.1:{}", free_port())]).output().unwrap();
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the agent"));
+}
+
+#[test]
+fn drain_then_resume_serves_again() {
+    if !fuse_available("drain_then_resume_serves_again") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    write_random(&src.path().join("m.bin"), 3 << 20, 164);
+    let a = Agent::start(&src.path().display().to_string(), &["--drain-timeout", "5"]);
+    let admin = a.admin.to_string();
+    let readyz = || http_get(a.admin, "/readyz").map(|(c, _)| c);
+    assert_eq!(readyz(), Some(200));
+
+    let out = Command::new(bin()).args(["drain", "--admin", &admin]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(readyz(), Some(503));
+    assert_eq!(a.metric("cachefs_drain_state"), 2.0);
+
+    let out = Command::new(bin()).args(["resume", "--admin", &admin]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "serving");
+    assert_eq!(readyz(), Some(200));
+    assert_eq!(a.metric("cachefs_drain_state"), 0.0);
+    let st: serde_json::Value = serde_json::from_str(&http_get(a.admin, "/status").unwrap().1).unwrap();
+    assert_eq!(st["drain"]["state"], "serving");
+    // The mount kept serving throughout, and still does.
+    assert_eq!(sha256_file(&a.path("m.bin")), sha256_file(&src.path().join("m.bin")));
+
+    // Resuming a serving agent is a no-op that succeeds; a second drain works again.
+    let out = Command::new(bin()).args(["resume", "--admin", &admin]).output().unwrap();
+    assert!(out.status.success());
+    let out = Command::new(bin()).args(["drain", "--admin", &admin]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(readyz(), Some(503));
 }

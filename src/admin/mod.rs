@@ -1,6 +1,7 @@
 //! Admin HTTP: `GET /healthz` (alive), `GET /readyz` (200 only when mounted and serving),
 //! `GET /metrics` (Prometheus text), `GET /status` (JSON), `POST /warm` (load files into memory;
-//! the response streams one JSON line of progress at a time), `POST /drain` (manual drain).
+//! the response streams one JSON line of progress at a time), `POST /drain` (manual drain),
+//! `POST /resume` (undo a manual drain).
 //! Who may call what is in [`guard`].
 
 pub mod guard;
@@ -53,6 +54,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/status", get(status))
         .route("/warm", axum::routing::post(warm::warm))
         .route("/drain", axum::routing::post(drain))
+        .route("/resume", axum::routing::post(resume))
         .layer(axum::middleware::from_fn_with_state(state.guard.clone(), guard::check))
         .with_state(state)
 }
@@ -94,10 +96,18 @@ async fn drain(State(s): State<AdminState>, body: axum::body::Bytes) -> axum::re
         }
     };
     let policy = if req.handoff { crate::preempt::HandoffPolicy::Always } else { crate::preempt::HandoffPolicy::Never };
-    s.drain.begin("manual drain (cachefs drain)", s.drain_timeout, policy);
+    s.drain.begin(crate::preempt::Asker::Operator, s.drain_timeout, policy);
     s.drain.wait(s.drain_timeout + std::time::Duration::from_secs(5)).await;
     let st = s.drain.status();
     Json(serde_json::json!({ "state": st.state, "handed_off_bytes": st.handed_off_bytes, "lost_bytes": st.lost_bytes })).into_response()
+}
+
+/// Undo a drain an operator asked for: serving again (200), or 409 with the reason.
+async fn resume(State(s): State<AdminState>) -> axum::response::Response {
+    match s.drain.resume() {
+        Ok(()) => Json(serde_json::json!({ "state": s.drain.status().state })).into_response(),
+        Err(why) => error_reply(StatusCode::CONFLICT, why),
+    }
 }
 
 /// Serve until `stop` is cancelled.

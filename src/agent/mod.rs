@@ -48,6 +48,8 @@ pub enum AgentError {
     Origin(#[from] crate::origin::OriginError),
     #[error("cannot list the source {0}: {1}")]
     List(String, String),
+    #[error("the source {0} lists no files (check the bucket and prefix; --require-files is set)")]
+    Empty(String),
     #[error("cannot use cache directory {0}: {1}")]
     CacheDir(String, std::io::Error),
     #[error("cannot listen on admin address {0}: {1}")]
@@ -62,6 +64,17 @@ pub enum AgentError {
     Reports(#[from] crate::preempt::report::ReportError),
     #[error("cannot listen for peers on {0}: {1}")]
     Listen(String, std::io::Error),
+}
+
+impl AgentError {
+    /// The exit code of `cachefs mount` for this error (README, Exit codes): 2 for a source the
+    /// configuration names wrongly, 1 for what went wrong at run time.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AgentError::Origin(e) if e.is_config() => crate::EXIT_USAGE,
+            _ => crate::EXIT_RUNTIME,
+        }
+    }
 }
 
 /// What every part of a running agent shares: metrics, the one task tracker and cancellation
@@ -109,6 +122,7 @@ pub struct RunningAgent {
 impl Agent {
     /// Build every part in order and mount; returns once the mount serves and readiness is on.
     pub async fn start(cfg: Config) -> Result<RunningAgent, AgentError> {
+        mount::prepare_mountpoint(&cfg.fuse.mountpoint)?;
         let shared = Shared::new();
         let storage = Storage::open(&cfg.source, &cfg.cache, &cfg.shown_source(), &shared.metrics).await?;
         let peers = Peers::build(&cfg.peers, cfg.shown_source(), &storage, &shared)?;
@@ -233,7 +247,7 @@ impl RunningAgent {
     async fn drain_for_shutdown(&mut self) {
         let timeout = self.cfg.preempt.drain_timeout;
         info!(?timeout, "shutting down: draining first");
-        self.drain.begin("shutdown signal (SIGTERM/SIGINT)", timeout, crate::preempt::HandoffPolicy::IfTime);
+        self.drain.begin(crate::preempt::Asker::Signal, timeout, crate::preempt::HandoffPolicy::IfTime);
         tokio::select! {
             _ = self.drain.wait(timeout + DRAIN_GRACE) => {}
             _ = shutdown_signal() => warn!("second signal: stopping without waiting for the drain"),

@@ -31,11 +31,10 @@ pub struct Mount {
 }
 
 impl Mount {
-    /// Mount `core` at `cfg.mountpoint` and return once the mount answers (or after
-    /// [`MOUNT_ANSWER_TIMEOUT`], with a warning).
+    /// Mount `core` at `cfg.mountpoint` (made ready by [`prepare_mountpoint`]) and return once
+    /// the mount answers (or after [`MOUNT_ANSWER_TIMEOUT`], with a warning).
     pub async fn start(cfg: &FuseConfig, core: Arc<FsCore>, metrics: Arc<Metrics>) -> Result<Mount, AgentError> {
         let err = |m: String| AgentError::Mount(cfg.mountpoint.display().to_string(), m);
-        prepare_mountpoint(&cfg.mountpoint)?;
         let fuse_tasks = TaskTracker::new();
         let fs = CachefsFuse::new(core, metrics, tokio::runtime::Handle::current(), fuse_tasks.clone(), cfg.passthrough);
         let fcfg = session_config(cfg);
@@ -115,8 +114,9 @@ fn session_config(cfg: &FuseConfig) -> fuser::Config {
     fcfg
 }
 
-/// Detach a stale FUSE mount (ENOTCONN) left by a killed agent; create a missing directory.
-fn prepare_mountpoint(path: &Path) -> Result<(), AgentError> {
+/// Detach a stale FUSE mount (ENOTCONN) left by a killed agent; create a missing directory;
+/// warn when the directory has files (the mount hides them). Done before anything is bound.
+pub fn prepare_mountpoint(path: &Path) -> Result<(), AgentError> {
     let err = |m: String| AgentError::Mountpoint(path.display().to_string(), m);
     let enotconn = |r: std::io::Result<()>| r.err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN);
     // statfs of a FUSE mount always asks its daemon: ENOTCONN means the daemon is gone.
@@ -128,7 +128,12 @@ fn prepare_mountpoint(path: &Path) -> Result<(), AgentError> {
         return Err(err("something is already mounted there (another agent?)".into()));
     }
     match std::fs::metadata(path) {
-        Ok(md) if md.is_dir() => Ok(()),
+        Ok(md) if md.is_dir() => {
+            if std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_some()) {
+                warn!(mountpoint = %path.display(), "mountpoint is not empty: its files are hidden while cachefs is mounted there");
+            }
+            Ok(())
+        }
         Ok(_) => Err(err("it is a file, not a directory".into())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(path).map_err(|e| err(e.to_string()))?;

@@ -26,9 +26,18 @@ pub async fn list_versions(origin: &Origin) -> Result<Vec<ObjectVersion>, Origin
         .into_iter()
         .filter_map(|m| {
             let key = origin.relative_key(&m.location)?;
-            Some(ObjectVersion::new(key, m.location, m.e_tag, m.version, m.size, m.last_modified.into()))
+            let mode = origin.mode_of(&m.location);
+            let mut v = ObjectVersion::new(key, m.location, m.e_tag, m.version, m.size, m.last_modified.into());
+            v.mode = mode;
+            Some(v)
         })
         .collect())
+}
+
+/// The bucket (or host, or directory) and the prefix a source URL names, for messages.
+fn bucket_and_prefix(source: &str) -> (String, String) {
+    let parts = url::Url::parse(source).ok().and_then(|u| Some((u.host_str()?.to_string(), u.path().trim_start_matches('/').to_string())));
+    parts.unwrap_or_else(|| (source.to_string(), String::new()))
 }
 
 /// Origin, catalog and memory tier of one agent.
@@ -52,6 +61,13 @@ impl Storage {
         let files = storage.catalog.files();
         let total: u64 = files.iter().map(|v| v.size).sum();
         info!(source = %shown_source, files = files.len(), bytes = %format_size(total), "listed source");
+        if files.is_empty() {
+            if source.require_files {
+                return Err(AgentError::Empty(shown_source.to_string()));
+            }
+            let (bucket, prefix) = bucket_and_prefix(shown_source);
+            warn!(source = %shown_source, bucket, prefix, "the source lists no files: the mount is empty (a mistyped bucket or prefix?)");
+        }
         let rec = storage.memory.recover(&files).map_err(dir_err)?;
         if rec != Default::default() {
             let (objects, chunks, bytes, dropped, removed_files) =

@@ -48,7 +48,8 @@ pub const STORE_RETRIES: usize = 2;
 pub enum OriginError {
     #[error("invalid source {0:?}: {1}")]
     BadUrl(String, String),
-    #[error("unknown --source-option {0:?} for a {1} source")]
+    /// An option this kind of source does not take; the kind with its article ("an s3 source").
+    #[error("unknown --source-option {0:?} for {1}")]
     UnknownOption(String, &'static str),
     #[error("--source-option {0}: {1}")]
     BadOption(String, String),
@@ -78,6 +79,19 @@ pub enum OriginError {
 }
 
 impl OriginError {
+    /// The source as configured cannot work (URL, options, directory): a usage error, found
+    /// before anything is fetched.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            OriginError::BadUrl(..)
+                | OriginError::UnknownOption(..)
+                | OriginError::BadOption(..)
+                | OriginError::NoDirectory(_)
+                | OriginError::Build(_)
+        )
+    }
+
     /// Worth another attempt by [`Origin::get_range`]: what the store's own retries do not cover
     /// (a failed request has already been retried by the store).
     fn retryable(&self) -> bool {
@@ -123,6 +137,8 @@ pub struct Origin {
     lister: Option<s3list::S3Lister>,
     /// Keys skipped by the last listing (warned about when it changes).
     skipped: std::sync::atomic::AtomicUsize,
+    /// The directory of a local origin (its files' modes are shown in the mount).
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl Origin {
@@ -139,6 +155,7 @@ impl Origin {
             checksums: None,
             lister: None,
             skipped: Default::default(),
+            local_root: None,
         }
     }
 
@@ -161,6 +178,7 @@ impl Origin {
         let mut o = Origin::new(built.store, built.prefix, concurrency, metrics);
         o.checksums = built.checksums;
         o.lister = built.lister;
+        o.local_root = built.local_root;
         o.description = crate::redact::source(source);
         o.request_timeout = t;
         Ok(o)
@@ -216,6 +234,14 @@ impl Origin {
             let first: Vec<&String> = skipped.iter().take(5).collect();
             warn!(count = skipped.len(), first = ?first, "skipped object keys that cannot be file paths (empty, '.' or '..' segments, control characters)");
         }
+    }
+
+    /// Permission bits of the object at `location`, where the origin has them (a local directory).
+    pub fn mode_of(&self, location: &Path) -> Option<u32> {
+        use std::os::unix::fs::PermissionsExt;
+        let root = self.local_root.as_ref()?;
+        let md = std::fs::metadata(root.join(location.as_ref())).ok()?;
+        Some(md.permissions().mode() & 0o7777)
     }
 
     /// The key of `meta` relative to the prefix, `/`-separated.
@@ -370,6 +396,8 @@ struct Built {
     prefix: Path,
     checksums: Option<Checksums>,
     lister: Option<s3list::S3Lister>,
+    /// The directory of a local origin.
+    local_root: Option<std::path::PathBuf>,
 }
 
 /// The source as a URL: a bare path is a `file://` directory.
@@ -424,14 +452,14 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
     let store: Arc<dyn ObjectStore> = match scheme {
         ObjectStoreScheme::Local => {
             if !options.is_empty() {
-                return Err(OriginError::UnknownOption(options[0].0.clone(), "local directory"));
+                return Err(OriginError::UnknownOption(options[0].0.clone(), "a local directory source"));
             }
             let dir = url.to_file_path().map_err(|_| bad("not a local path"))?;
             if !dir.is_dir() {
                 return Err(OriginError::NoDirectory(dir.display().to_string()));
             }
             let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(build)?;
-            return Ok(Built { store: Arc::new(fs), prefix: Path::default(), checksums: None, lister: None });
+            return Ok(Built { store: Arc::new(fs), prefix: Path::default(), checksums: None, lister: None, local_root: Some(dir) });
         }
         ObjectStoreScheme::AmazonS3 => {
             use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
@@ -440,7 +468,7 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
                 .with_retry(retry)
                 .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), timeout)
                 .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout), "5s");
-            let b = with_options!(b, AmazonS3ConfigKey, "s3");
+            let b = with_options!(b, AmazonS3ConfigKey, "an s3 source");
             let endpoint = b.get_config_value(&AmazonS3ConfigKey::Endpoint);
             // From the options or the environment (AWS_ENDPOINT): checked either way.
             endpoint.as_deref().map(|e| check_option("endpoint", e)).transpose()?;
@@ -455,7 +483,7 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
                 .with_url(url.as_str())
                 .with_retry(retry)
                 .with_config(GoogleConfigKey::Client(ClientConfigKey::Timeout), timeout);
-            Arc::new(with_options!(b, GoogleConfigKey, "gcs").build().map_err(build)?)
+            Arc::new(with_options!(b, GoogleConfigKey, "a gcs source").build().map_err(build)?)
         }
         ObjectStoreScheme::MicrosoftAzure => {
             use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
@@ -463,17 +491,17 @@ fn build_store(source: &str, options: &[(String, String)], request_timeout: Dura
                 .with_url(url.as_str())
                 .with_retry(retry)
                 .with_config(AzureConfigKey::Client(ClientConfigKey::Timeout), timeout);
-            Arc::new(with_options!(b, AzureConfigKey, "azure").build().map_err(build)?)
+            Arc::new(with_options!(b, AzureConfigKey, "an azure source").build().map_err(build)?)
         }
         ObjectStoreScheme::Http => {
             let base = &url[..url::Position::BeforePath];
             let b = object_store::http::HttpBuilder::new().with_url(base).with_retry(retry).with_config(ClientConfigKey::Timeout, timeout);
-            Arc::new(with_options!(b, ClientConfigKey, "http").build().map_err(build)?)
+            Arc::new(with_options!(b, ClientConfigKey, "an http source").build().map_err(build)?)
         }
         _ => return Err(bad("unsupported scheme")),
     };
     let prefix = Path::parse(path.as_ref()).map_err(|e| bad(&e.to_string()))?;
-    Ok(Built { store, prefix, checksums, lister })
+    Ok(Built { store, prefix, checksums, lister, local_root: None })
 }
 
 /// The origin as the last tier of the read path: chunks are written into the memory tier as

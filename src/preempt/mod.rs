@@ -275,6 +275,24 @@ impl Seen {
     }
 }
 
+/// Who asked for a drain that no cloud notice started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asker {
+    /// `cachefs drain` (`POST /drain`): `cachefs resume` can undo it.
+    Operator,
+    /// SIGTERM or SIGINT: the agent stops once drained.
+    Signal,
+}
+
+impl Asker {
+    fn reason(self) -> &'static str {
+        match self {
+            Asker::Operator => "manual drain (cachefs drain)",
+            Asker::Signal => "shutdown signal (SIGTERM/SIGINT)",
+        }
+    }
+}
+
 /// When a drain hands off the chunks that no other agent holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum HandoffPolicy {
@@ -317,6 +335,8 @@ struct DrainInfo {
     from_notice: bool,
     /// `cachefs drain` or SIGTERM asked for it too: a withdrawn notice does not end it.
     manual: bool,
+    /// A shutdown signal asked for it: the process is stopping, `resume` cannot undo it.
+    from_signal: bool,
     notice_time: Option<DateTime<Utc>>,
     termination_time: Option<DateTime<Utc>>,
     deadline: Option<DateTime<Utc>>,
@@ -433,12 +453,15 @@ impl Drain {
         self.report("rebalance_recommendation", &info);
     }
 
-    /// `cachefs drain` or SIGTERM: drain with `timeout` as the deadline, handing off as
+    /// `cachefs drain` or SIGTERM (`by`): drain with `timeout` as the deadline, handing off as
     /// `handoff` says. False if one is already running (its deadline is shortened when this one
     /// is earlier).
-    pub fn begin(self: &Arc<Self>, reason: &str, timeout: Duration, handoff: HandoffPolicy) -> bool {
+    pub fn begin(self: &Arc<Self>, by: Asker, timeout: Duration, handoff: HandoffPolicy) -> bool {
         let deadline = Utc::now() + timeout;
-        self.start(reason.to_string(), handoff, None, None, deadline)
+        if by == Asker::Signal {
+            self.info().from_signal = true;
+        }
+        self.start(by.reason().to_string(), handoff, None, None, deadline)
     }
 
     fn start(
@@ -559,13 +582,37 @@ impl Drain {
             (info.from_notice, info.notice_time, info.termination_time) = (false, None, None);
             return;
         }
+        self.serve_again(info, "serving (preemption notice withdrawn)");
+    }
+
+    /// `cachefs resume`: serve again after a drain an operator asked for. Refused (with the
+    /// reason) while a preemption notice or a shutdown signal holds the drain; nothing to do
+    /// when serving.
+    pub fn resume(self: &Arc<Self>) -> Result<(), String> {
+        let info = self.info();
+        if self.state() == SERVING {
+            return Ok(());
+        }
+        if info.from_notice {
+            let why = info.reason.as_deref().unwrap_or("a cloud notice");
+            return Err(format!("a preemption notice holds this drain ({why}); it ends only if the provider withdraws it"));
+        }
+        if info.from_signal {
+            return Err("the agent is shutting down (SIGTERM/SIGINT); it cannot resume".into());
+        }
+        self.serve_again(info, "serving (resumed by an operator)");
+        Ok(())
+    }
+
+    /// Readiness back on, peers told, `drain_cancelled` reported; a running finisher stops.
+    fn serve_again(self: &Arc<Self>, mut info: std::sync::MutexGuard<'_, DrainInfo>, why: &str) {
         info.generation += 1;
         self.parts.draining.store(false, Ordering::SeqCst);
         self.parts.ready.store(true, Ordering::SeqCst);
         self.metrics.drain_state.set(SERVING as i64);
         self.state.send_replace(SERVING);
-        crate::systemd::status("serving (preemption notice withdrawn)");
-        info!("drain cancelled: serving again");
+        crate::systemd::status(why);
+        info!(why, "drain cancelled: serving again");
         self.report("drain_cancelled", &info);
         *info =
             DrainInfo { provider: info.provider, instance_id: info.instance_id.clone(), generation: info.generation, ..Default::default() };
@@ -810,7 +857,7 @@ mod tests {
         assert_eq!(d.state(), SERVING);
         assert!(ready.load(Ordering::SeqCst));
         // A manual drain is not withdrawn by the provider.
-        assert!(d.begin("manual", Duration::from_secs(5), HandoffPolicy::Never));
+        assert!(d.begin(Asker::Operator, Duration::from_secs(5), HandoffPolicy::Never));
         d.cancel();
         assert_ne!(d.state(), SERVING);
     }
@@ -818,7 +865,7 @@ mod tests {
     #[tokio::test]
     async fn a_withdrawn_notice_does_not_cancel_an_operator_drain() {
         let (d, _, ready) = drain();
-        assert!(d.begin("sigterm", Duration::from_secs(30), HandoffPolicy::IfTime));
+        assert!(d.begin(Asker::Signal, Duration::from_secs(30), HandoffPolicy::IfTime));
         d.notice(Provider::Aws, Some(Utc::now() + chrono::Duration::seconds(120)), "spot interruption");
         d.cancel();
         assert_ne!(d.state(), SERVING, "SIGTERM asked for this drain: the notice's withdrawal does not end it");
@@ -832,11 +879,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn resume_undoes_only_an_operator_drain() {
+        let (d, _, ready) = drain();
+        assert_eq!(d.resume(), Ok(()), "serving: nothing to undo");
+        assert!(d.begin(Asker::Operator, Duration::from_secs(5), HandoffPolicy::Never));
+        d.wait(Duration::from_secs(2)).await;
+        assert_eq!(d.state(), DRAINED);
+        assert_eq!(d.resume(), Ok(()));
+        assert_eq!((d.state(), ready.load(Ordering::SeqCst), d.metrics.drain_state.get()), (SERVING, true, 0));
+        // Draining (not yet drained) resumes too, and its finisher never declares drained.
+        d.begin(Asker::Operator, Duration::from_secs(5), HandoffPolicy::Never);
+        assert_eq!(d.resume(), Ok(()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(d.state(), SERVING);
+        // A notice or a signal holds the drain.
+        d.begin(Asker::Operator, Duration::from_secs(5), HandoffPolicy::Never);
+        d.notice(Provider::Aliyun, None, "spot termination");
+        assert!(d.resume().unwrap_err().contains("aliyun"));
+        let (d, _, _) = drain();
+        d.begin(Asker::Signal, Duration::from_secs(5), HandoffPolicy::Never);
+        assert!(d.resume().unwrap_err().contains("shutting down"));
+        assert_ne!(d.state(), SERVING);
+    }
+
+    #[tokio::test]
     async fn deadline_bounds_the_wait() {
         let (d, streams, _) = drain();
         streams.store(1, Ordering::SeqCst);
         // A 2 s window with a 1 s margin: drained after about 1 s although a stream stays open.
-        d.begin("sigterm", Duration::from_secs(2), HandoffPolicy::IfTime);
+        d.begin(Asker::Signal, Duration::from_secs(2), HandoffPolicy::IfTime);
         let t0 = std::time::Instant::now();
         d.wait(Duration::from_secs(5)).await;
         assert_eq!(d.state(), DRAINED);

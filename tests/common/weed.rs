@@ -14,6 +14,8 @@ use super::{free_port, poll_until};
 
 pub struct Weed {
     child: Child,
+    /// Every port weed listens on (its unix sockets in /tmp are named after them).
+    ports: Vec<u16>,
     pub s3_port: u16,
     pub bucket: String,
     _dir: tempfile::TempDir,
@@ -61,6 +63,8 @@ impl Weed {
             "-admin.ui=false".into(),
             "-webdav=false".into(),
         ];
+        // weed puts its S3 gRPC port at the S3 port + 10000.
+        let mut ports = vec![s3_port, s3_port.wrapping_add(10000)];
         for flag in [
             "master.port",
             "master.port.grpc",
@@ -71,7 +75,9 @@ impl Weed {
             "admin.port",
             "admin.port.grpc",
         ] {
-            args.push(format!("-{flag}={}", free_port()));
+            let port = free_port();
+            ports.push(port);
+            args.push(format!("-{flag}={port}"));
         }
         let log = std::fs::File::create(dir.path().join("weed.log")).unwrap();
         let child = Command::new(&bin)
@@ -82,7 +88,7 @@ impl Weed {
             .stderr(log)
             .spawn()
             .expect("start weed");
-        let w = Weed { child, s3_port, bucket: bucket.to_string(), _dir: dir };
+        let w = Weed { child, ports, s3_port, bucket: bucket.to_string(), _dir: dir };
         let up = poll_until(Duration::from_secs(60), || TcpStream::connect(("127.0.0.1", s3_port)).is_ok());
         assert!(up, "weed S3 did not come up");
         Some(w)
@@ -127,8 +133,18 @@ impl Weed {
 }
 
 impl Drop for Weed {
+    /// Stop weed and remove the unix sockets it made in /tmp (`seaweedfs-NAME-PORT.sock`, one per
+    /// port; weed puts them there whatever TMPDIR says): exactly this server's, by its ports.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let Ok(dir) = std::fs::read_dir("/tmp") else { return };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let port = name.strip_prefix("seaweedfs-").and_then(|n| n.strip_suffix(".sock")).and_then(|n| n.rsplit('-').next());
+            if port.and_then(|p| p.parse::<u16>().ok()).is_some_and(|p| self.ports.contains(&p)) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 }

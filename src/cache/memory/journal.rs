@@ -75,7 +75,7 @@ impl ObjFile {
             n += 1;
         }
         let tmp = self.journal_path.with_extension(JOURNAL_TMP_SUFFIX.trim_start_matches('.'));
-        std::fs::write(&tmp, body)?;
+        super::private::write(&tmp, body.as_bytes())?;
         std::fs::rename(&tmp, &self.journal_path)?;
         self.journal_lines.store(n, std::sync::atomic::Ordering::Relaxed);
         OpenOptions::new().append(true).open(&self.journal_path)
@@ -84,7 +84,7 @@ impl ObjFile {
 
 pub(super) fn open_journal(path: &Path, header: Option<&JournalHeader>) -> io::Result<File> {
     use std::io::Write;
-    let mut f = OpenOptions::new().create(true).append(true).open(path)?;
+    let mut f = super::private::options().create(true).append(true).open(path)?;
     if let Some(h) = header {
         let mut line = serde_json::to_string(h).map_err(io::Error::other)?;
         line.push('\n');

@@ -28,11 +28,12 @@ mod budget;
 mod file;
 mod fill;
 mod journal;
+pub mod private;
 #[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
@@ -80,7 +81,7 @@ pub const LOCK_FILE: &str = ".lock";
 /// Take the cache directory for this process, or say which process has it.
 fn lock_dir(dir: &Path) -> io::Result<File> {
     use std::io::{Read, Seek, Write};
-    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join(LOCK_FILE))?;
+    let mut f = private::options().read(true).write(true).create(true).truncate(false).open(dir.join(LOCK_FILE))?;
     // SAFETY: flock on an owned, open fd.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = io::Error::last_os_error();
@@ -102,11 +103,11 @@ fn lock_dir(dir: &Path) -> io::Result<File> {
 }
 
 impl MemoryTier {
-    /// Open the tier in `dir` (created if missing). Files of an earlier run stay until
+    /// Open the tier in `dir` (created if missing; made private, see [`private`]). Files of an earlier run stay until
     /// [`MemoryTier::recover`] reuses or removes them.
     /// Fails if another agent (process or tier) uses `dir`.
     pub fn new(dir: &Path, chunk_size: u64, capacity: u64, metrics: Arc<Metrics>) -> io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        private::prepare_dir(dir)?;
         let lock = lock_dir(dir)?;
         metrics.cache_capacity_bytes.set(capacity as i64);
         metrics.cache_bytes.set(0);
@@ -223,7 +224,7 @@ impl MemoryTier {
             return Ok(f.clone());
         }
         // A new version starts empty: whatever an earlier run left under this name is not trusted.
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(self.file_path(obj))?;
+        let file = private::options().read(true).write(true).create(true).truncate(true).open(self.file_path(obj))?;
         file.set_len(obj.size)?;
         let journal =
             match std::fs::remove_file(self.journal_path(obj))
