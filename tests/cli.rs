@@ -99,6 +99,10 @@ fn bad_input_gives_one_clear_line() {
         args.extend(keys);
         check(&args, "must be an http:// or https:// URL");
     }
+    // Booleans and regions that the store would misread are refused too.
+    for (opt, why) in [("allow_http=ture", "must be true or false"), ("region=us east 1", "is not a region name")] {
+        check(&["--source", "s3://bucket/x", "--mountpoint", &mp, "--source-option", opt], why);
+    }
 }
 
 #[test]

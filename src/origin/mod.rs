@@ -413,15 +413,46 @@ fn source_url(source: &str) -> Result<url::Url, OriginError> {
 
 /// A value a store would choke on later (a scheme-less endpoint panics in request signing) is
 /// a clear error now: options naming an endpoint or URL must be http(s) URLs with a host.
+/// Options whose value is a boolean (any prefix: `aws_allow_http`, `allow_http`).
+const BOOLEAN_OPTIONS: &[&str] = &[
+    "allow_http",
+    "allow_invalid_certificates",
+    "virtual_hosted_style_request",
+    "skip_signature",
+    "unsigned_payload",
+    "imdsv1_fallback",
+    "s3_express",
+    "disable_tagging",
+    "request_payer",
+    "use_emulator",
+    "use_fabric_endpoint",
+    "use_azure_cli",
+    "http1_only",
+    "http2_only",
+];
+
+/// An option value the store could choke on, or silently misread, is refused before the store
+/// is built: endpoints and URLs must be http(s) URLs with a scheme, booleans must say true or
+/// false (the store reads any other word as false), regions must look like one.
 fn check_option(key: &str, value: &str) -> Result<(), OriginError> {
     let k = key.to_ascii_lowercase();
-    if !(k.contains("endpoint") || k.ends_with("url")) {
-        return Ok(());
+    let bad = |why: &str| Err(OriginError::BadOption(key.to_string(), format!("{value:?} {why}")));
+    if k.contains("endpoint") || k.ends_with("url") {
+        if !crate::config::is_http_url(value) {
+            return bad("must be an http:// or https:// URL (scheme included)");
+        }
+    } else if BOOLEAN_OPTIONS.iter().any(|b| k.ends_with(b)) {
+        let v = value.trim().to_ascii_lowercase();
+        if !matches!(v.as_str(), "true" | "false" | "1" | "0" | "yes" | "no" | "on" | "off") {
+            return bad("must be true or false");
+        }
+    } else if k.ends_with("region") {
+        let ok = !value.is_empty() && value.len() <= 64 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            return bad("is not a region name (like us-east-1 or cn-shanghai)");
+        }
     }
-    match crate::config::is_http_url(value) {
-        true => Ok(()),
-        false => Err(OriginError::BadOption(key.to_string(), format!("{value:?} must be an http:// or https:// URL (scheme included)"))),
-    }
+    Ok(())
 }
 
 fn build_store(source: &str, options: &[(String, String)], request_timeout: Duration) -> Result<Built, OriginError> {
