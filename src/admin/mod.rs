@@ -67,8 +67,16 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+/// OpenMetrics when the scraper asks for it (Prometheus does), else the Prometheus text format.
+async fn metrics(State(s): State<AdminState>, headers: axum::http::HeaderMap) -> impl IntoResponse {
+    use crate::metrics::{OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE};
+    s.metrics.ready.set(i64::from(s.ready.load(Ordering::SeqCst)));
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if accept.contains("application/openmetrics-text") {
+        ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], s.metrics.encode())
+    } else {
+        ([(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)], s.metrics.encode_text())
+    }
 }
 
 async fn status(State(s): State<AdminState>) -> impl IntoResponse {
