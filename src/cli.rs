@@ -1,4 +1,5 @@
-//! The `status`, `warm`, `drain` and `resume` commands: clients of a running agent's admin endpoint.
+//! The `status`, `warm`, `drain` and `resume` commands (clients of a running agent's admin endpoint), and
+//! the `completions` and `manpage` commands (what the package installs).
 
 use std::process::ExitCode;
 
@@ -229,5 +230,32 @@ pub fn resume(admin: &str, token_file: Option<&std::path::Path>) -> ExitCode {
         }
         Ok(code) => fail(format!("resume refused (HTTP {code}): {}", error.unwrap_or_default())),
         Err(e) => fail(e),
+    }
+}
+
+/// `cachefs completions SHELL`: the completion script on stdout.
+pub fn completions(shell: clap_complete::Shell) -> ExitCode {
+    let mut cmd = <crate::config::Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut cmd, "cachefs", &mut std::io::stdout());
+    ExitCode::SUCCESS
+}
+
+/// `cachefs manpages DIR`: cachefs(1) and a page per command (cachefs-mount(1), ...), in roff.
+pub fn manpages(dir: &std::path::Path) -> ExitCode {
+    let cmd = <crate::config::Cli as clap::CommandFactory>::command();
+    let mut pages = vec![("cachefs".to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("cachefs-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name).version(cmd.get_version().unwrap_or_default().to_string())));
+    }
+    let write = |name: &str, page: clap::Command| -> std::io::Result<()> {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page).render(&mut out)?;
+        std::fs::write(dir.join(format!("{name}.1")), out)
+    };
+    let result = std::fs::create_dir_all(dir).and_then(|_| pages.into_iter().try_for_each(|(name, page)| write(&name, page)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("cannot write man pages into {}: {e}", dir.display())),
     }
 }

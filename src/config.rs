@@ -78,6 +78,18 @@ pub enum Command {
         #[arg(long, env = "CACHEFS_ADMIN_TOKEN_FILE")]
         admin_token_file: Option<PathBuf>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (cachefs.1 and cachefs-COMMAND.1, roff) into a directory.
+    #[command(hide = true)]
+    Manpages {
+        /// Directory to write them into (created if missing)
+        dir: PathBuf,
+    },
     /// Serve again after `cachefs drain`: readiness on, peers told. Refused while a preemption
     /// notice or a shutdown signal holds the drain.
     Resume {

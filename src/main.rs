@@ -62,6 +62,8 @@ fn main() -> ExitCode {
         Command::Warm { admin, admin_token_file, detach, paths } => cachefs::cli::warm(&admin, admin_token_file.as_deref(), detach, &paths),
         Command::Drain { admin, handoff, admin_token_file } => cachefs::cli::drain(&admin, handoff, admin_token_file.as_deref()),
         Command::Resume { admin, admin_token_file } => cachefs::cli::resume(&admin, admin_token_file.as_deref()),
+        Command::Completions { shell } => cachefs::cli::completions(shell),
+        Command::Manpages { dir } => cachefs::cli::manpages(&dir),
         Command::Mount(args) => {
             let cfg = match resolve_mount(args) {
                 Ok(c) => c,
