@@ -5,11 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # openssl makes the certificates of the mutual-TLS peer test; systemd-analyze verifies the unit;
-# promtool (Debian's prometheus) checks the alert rules and a live agent's /metrics.
+# promtool (Debian's prometheus) checks the alert rules and a live agent's /metrics;
+# debootstrap makes the Debian rootfs that systemd boots in for the package test.
 missing=""
 command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
 command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
+command -v debootstrap >/dev/null 2>&1 || missing="$missing debootstrap"
 if [ -n "$missing" ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
 fi

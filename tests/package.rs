@@ -1,8 +1,11 @@
 //! The Debian package, built and installed the way an operator would: `scripts/package.sh`
 //! (cargo-deb) packs this build's binary; `dpkg -i` installs it on this machine; its files, unit,
 //! man pages, completions and conffile are checked; `dpkg -r` removes it keeping the edited
-//! config, `dpkg -P` purges that too. Needs root and dpkg: skipped loudly without them, a
-//! failure under `CI=true`.
+//! config, `dpkg -P` purges that too. Then the service under a real systemd: systemd boots as
+//! PID 1 of fresh pid/mount/net namespaces over a minimal Debian rootfs (debootstrap), the
+//! package is installed there and the unit is driven with systemctl. Needs root, dpkg (and
+//! debootstrap, unshare, nsenter for the second): skipped loudly without them, a failure under
+//! `CI=true`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,14 +14,18 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn available(test: &str) -> bool {
+/// Root and these commands, or a loud skip (a failure under CI=true).
+fn available(test: &str, commands: &[&str]) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let dpkg = Command::new("dpkg").arg("--version").output().is_ok_and(|o| o.status.success());
-    if root && dpkg {
+    let missing: Vec<&&str> = commands
+        .iter()
+        .filter(|c| Command::new("sh").args(["-c", &format!("command -v {c}")]).output().map_or(true, |o| !o.status.success()))
+        .collect();
+    if root && missing.is_empty() {
         return true;
     }
-    let msg = format!("SKIPPED {test}: needs root and dpkg (root={root}, dpkg={dpkg})");
+    let msg = format!("SKIPPED {test}: needs root and {commands:?} (root={root}, missing {missing:?})");
     assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}; CI=true requires them");
     eprintln!("\n!!!!!!!! {msg} !!!!!!!!\n");
     false
@@ -38,8 +45,10 @@ fn installed() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("ok installed"))
 }
 
-/// Build the package from this test run's binary; its path.
+/// Build the package from this test run's binary (one build at a time); its path.
 fn build_package() -> PathBuf {
+    static ONE_BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_BUILD.lock().unwrap_or_else(|e| e.into_inner());
     run(Command::new("bash").arg(root().join("scripts/package.sh")).env("CACHEFS_BIN", env!("CARGO_BIN_EXE_cachefs")).current_dir(root()));
     let dir = root().join("target/debian");
     let version = env!("CARGO_PKG_VERSION");
@@ -52,7 +61,7 @@ fn build_package() -> PathBuf {
 
 #[test]
 fn the_debian_package_installs_verifies_and_removes_cleanly() {
-    if !available("the_debian_package_installs_verifies_and_removes_cleanly") {
+    if !available("the_debian_package_installs_verifies_and_removes_cleanly", &["dpkg"]) {
         return;
     }
     if installed() {
@@ -103,4 +112,190 @@ fn the_debian_package_installs_verifies_and_removes_cleanly() {
     run(Command::new("dpkg").args(["-P", "cachefs"]));
     assert!(!Path::new("/etc/cachefs").exists(), "/etc/cachefs left after dpkg -P");
     assert!(!installed());
+}
+
+/// A cached minimal Debian rootfs with systemd (debootstrap once; later runs copy it).
+const ROOTFS_CACHE: &str = "/var/tmp/cachefs-test-rootfs-bookworm";
+
+fn cached_rootfs() -> PathBuf {
+    let cache = PathBuf::from(ROOTFS_CACHE);
+    if !cache.join("lib/systemd/systemd").is_file() {
+        let new = cache.with_extension("new");
+        let _ = std::fs::remove_dir_all(&new);
+        run(Command::new("debootstrap")
+            .args(["--variant=minbase", "--include=systemd,systemd-sysv,dbus", "bookworm"])
+            .arg(&new)
+            .arg("http://deb.debian.org/debian"));
+        let _ = std::fs::remove_dir_all(&cache);
+        std::fs::rename(&new, &cache).unwrap();
+    }
+    cache
+}
+
+/// systemd running as PID 1 of its own pid, mount and network namespaces, chrooted into a
+/// copy of the rootfs. Dropping it kills the namespace (every process in it) and removes the copy.
+struct Booted {
+    unshare: std::process::Child,
+    pid: u32,
+    root: tempfile::TempDir,
+    shm: PathBuf,
+}
+
+/// Mount what systemd needs and exec it as PID 1 (inside `unshare --pid --fork --mount`).
+const BOOT: &str = r#"set -e
+R=$1
+mount -t proc proc "$R/proc"
+mount --rbind /sys "$R/sys"
+mount --rbind /dev "$R/dev"
+mount -t tmpfs -o mode=755 tmpfs "$R/run"
+mount -t tmpfs tmpfs "$R/tmp"
+exec env -i container=other PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot "$R" /lib/systemd/systemd --log-target=console"#;
+
+impl Booted {
+    fn boot() -> Booted {
+        let root = tempfile::Builder::new().prefix("cachefs-systemd-").tempdir_in("/var/tmp").unwrap();
+        run(Command::new("cp").arg("-a").arg(format!("{}/.", cached_rootfs().display())).arg(root.path()));
+        let unshare = Command::new("unshare")
+            .args(["--pid", "--fork", "--mount", "--net", "--propagation", "private", "sh", "-c", BOOT, "boot"])
+            .arg(root.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let children = format!("/proc/{0}/task/{0}/children", unshare.id());
+        let mut pid = 0;
+        let found = poll(std::time::Duration::from_secs(10), || {
+            pid =
+                std::fs::read_to_string(&children).unwrap_or_default().split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            pid != 0 && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e.ends_with("systemd"))
+        });
+        let shm = PathBuf::from(format!("/dev/shm/cachefs-systemd-test-{}", std::process::id()));
+        let b = Booted { unshare, pid, root, shm };
+        assert!(found, "systemd did not start as PID 1 of the new namespaces");
+        // "degraded": units of a full system that a container lacks (logind) may fail.
+        let state = b.inside(&["timeout", "60", "systemctl", "is-system-running", "--wait"]);
+        assert!(state.contains("running") || state.contains("degraded"), "systemd state: {state}");
+        b
+    }
+
+    /// Run a command inside the booted system (its namespaces, root and working directory).
+    fn inside(&self, args: &[&str]) -> String {
+        let out = Command::new("nsenter").args(["-t", &self.pid.to_string(), "-a", "-r", "-w"]).args(args).output().unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = Command::new("nsenter").args(["-t", &self.pid.to_string(), "-a", "-r", "-w"]).args(args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?} inside failed:\n{text}\n--- journal:\n{}",
+            self.inside(&["journalctl", "-u", "cachefs", "--no-pager"])
+        );
+        text
+    }
+
+    fn sha256_inside(&self, path: &str) -> String {
+        self.ok(&["sha256sum", path]).split_whitespace().next().unwrap_or_default().to_string()
+    }
+
+    fn show(&self, prop: &str) -> String {
+        self.inside(&["systemctl", "show", "-p", prop, "--value", "cachefs"]).trim().to_string()
+    }
+
+    fn origin_bytes(&self) -> u64 {
+        let st: serde_json::Value = serde_json::from_str(&self.ok(&["cachefs", "status", "--json"])).unwrap();
+        st["origin"]["bytes"].as_u64().unwrap()
+    }
+}
+
+impl Drop for Booted {
+    fn drop(&mut self) {
+        // SAFETY: SIGKILL to the namespace's PID 1 ends every process in it.
+        unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+        let _ = self.unshare.wait();
+        let _ = std::fs::remove_dir_all(&self.shm);
+        let _ = self.root.path();
+    }
+}
+
+fn poll(limit: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    cond()
+}
+
+#[test]
+fn the_service_runs_under_a_real_systemd() {
+    if !available("the_service_runs_under_a_real_systemd", &["dpkg", "debootstrap", "unshare", "nsenter"])
+        || !Path::new("/dev/fuse").exists()
+    {
+        assert!(std::env::var("CI").as_deref() != Ok("true") || Path::new("/dev/fuse").exists(), "CI=true needs /dev/fuse");
+        return;
+    }
+    let deb = build_package();
+    let b = Booted::boot();
+    let r = b.root.path();
+    std::fs::copy(&deb, r.join("root/cachefs.deb")).unwrap();
+    std::fs::create_dir_all(r.join("srv/models")).unwrap();
+    let model = r.join("srv/models/model.bin");
+    common_random(&model, (48 << 20) + 3);
+    let want = sha256(&std::fs::read(&model).unwrap());
+    b.ok(&["dpkg", "-i", "/root/cachefs.deb"]);
+    let config = format!(
+        "source = \"/srv/models\"\nmountpoint = \"/mnt/models\"\ncache_dir = \"{}\"\ncache_size = \"256MiB\"\ndrain_timeout = 5\n",
+        b.shm.display()
+    );
+    std::fs::write(r.join("etc/cachefs/cachefs.toml"), config).unwrap();
+
+    // enable --now: active once the mount answers (Type=notify), STATUS= says serving.
+    b.ok(&["systemctl", "enable", "--now", "cachefs"]);
+    assert_eq!(b.show("ActiveState"), "active");
+    assert!(b.show("StatusText").starts_with("serving /srv/models at /mnt/models"), "{}", b.show("StatusText"));
+    assert_eq!(b.sha256_inside("/mnt/models/model.bin"), want);
+    assert_eq!(b.origin_bytes(), (48 << 20) + 3);
+
+    // SIGKILL: Restart=on-failure brings it back, the stale mount is replaced, the cache is warm.
+    let first = b.show("MainPID");
+    b.ok(&["systemctl", "kill", "-s", "SIGKILL", "cachefs"]);
+    assert!(
+        poll(std::time::Duration::from_secs(30), || b.show("NRestarts") == "1" && b.show("ActiveState") == "active"),
+        "no restart after SIGKILL"
+    );
+    assert_ne!(b.show("MainPID"), first);
+    assert_eq!(b.sha256_inside("/mnt/models/model.bin"), want);
+    assert_eq!(b.origin_bytes(), 0, "the restarted agent read the origin instead of its warm cache");
+
+    // A hung agent (SIGSTOP): the watchdog (WatchdogSec=30) kills and restarts it.
+    let hung = b.show("MainPID");
+    b.ok(&["systemctl", "kill", "-s", "SIGSTOP", "cachefs"]);
+    let restarted = poll(std::time::Duration::from_secs(75), || b.show("NRestarts") == "2" && b.show("ActiveState") == "active");
+    assert!(restarted, "the watchdog did not restart a stopped agent: {}", b.inside(&["systemctl", "status", "cachefs", "--no-pager"]));
+    assert_ne!(b.show("MainPID"), hung);
+    assert_eq!(b.sha256_inside("/mnt/models/model.bin"), want);
+
+    // stop: drains (drain_ready reported), unmounts, exits cleanly.
+    b.ok(&["systemctl", "stop", "cachefs"]);
+    assert_eq!((b.show("ActiveState"), b.show("Result")), ("inactive".to_string(), "success".to_string()));
+    let journal = b.inside(&["journalctl", "-u", "cachefs", "--no-pager"]);
+    assert!(journal.contains("drain_ready") && journal.contains("stopped"), "{journal}");
+    assert!(!b.ok(&["cat", "/proc/mounts"]).contains("/mnt/models"), "still mounted after stop");
+}
+
+fn sha256(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+fn common_random(p: &Path, len: usize) {
+    use rand::{RngCore, SeedableRng};
+    let mut data = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(191).fill_bytes(&mut data);
+    std::fs::write(p, data).unwrap();
 }
