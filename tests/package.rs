@@ -45,18 +45,24 @@ fn installed() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("ok installed"))
 }
 
-/// Build the package from this test run's binary (one build at a time); its path.
+/// The package built from this test run's binary, once for all tests here; its path.
 fn build_package() -> PathBuf {
-    static ONE_BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = ONE_BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    run(Command::new("bash").arg(root().join("scripts/package.sh")).env("CACHEFS_BIN", env!("CARGO_BIN_EXE_cachefs")).current_dir(root()));
-    let dir = root().join("target/debian");
-    let version = env!("CARGO_PKG_VERSION");
-    let deb = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).find(|p| {
-        let name = p.file_name().unwrap().to_string_lossy().to_string();
-        name.starts_with(&format!("cachefs_{version}")) && name.ends_with(".deb")
-    });
-    deb.expect("scripts/package.sh made no .deb")
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            run(Command::new("bash")
+                .arg(root().join("scripts/package.sh"))
+                .env("CACHEFS_BIN", env!("CARGO_BIN_EXE_cachefs"))
+                .current_dir(root()));
+            let dir = root().join("target/debian");
+            let prefix = format!("cachefs_{}", env!("CARGO_PKG_VERSION"));
+            let deb = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).find(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().to_string();
+                name.starts_with(&prefix) && name.ends_with(".deb")
+            });
+            deb.expect("scripts/package.sh made no .deb")
+        })
+        .clone()
 }
 
 #[test]
@@ -286,6 +292,15 @@ fn the_service_runs_under_a_real_systemd() {
     let journal = b.inside(&["journalctl", "-u", "cachefs", "--no-pager"]);
     assert!(journal.contains("drain_ready") && journal.contains("stopped"), "{journal}");
     assert!(!b.ok(&["cat", "/proc/mounts"]).contains("/mnt/models"), "still mounted after stop");
+
+    // dpkg -r of a running service: prerm stops it (drained, unmounted) before its files go.
+    b.ok(&["systemctl", "start", "cachefs"]);
+    assert_eq!(b.show("ActiveState"), "active");
+    b.ok(&["dpkg", "-r", "cachefs"]);
+    assert!(!b.ok(&["cat", "/proc/mounts"]).contains("/mnt/models"), "still mounted after dpkg -r");
+    let comms = b.ok(&["sh", "-c", "cat /proc/[0-9]*/comm 2>/dev/null || true"]);
+    assert!(!comms.lines().any(|c| c.trim() == "cachefs"), "an agent still runs after dpkg -r:\n{comms}");
+    assert!(!r.join("usr/bin/cachefs").exists());
 }
 
 fn sha256(b: &[u8]) -> String {

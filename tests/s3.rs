@@ -72,6 +72,29 @@ async fn mount_through_seaweedfs_s3() {
     assert_ne!(out.status.code(), Some(0));
     assert!(err.starts_with("cachefs: error: cannot list the source s3://no-such-bucket/x"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // A mistyped prefix: an empty mount, with a warning naming the bucket and the prefix.
+    let opts: Vec<String> =
+        s3_options(weed.s3_port).into_iter().flat_map(|(k, v)| ["--source-option".to_string(), format!("{k}={v}")]).collect();
+    let empty = tokio::task::spawn_blocking(move || {
+        let argv: Vec<&str> = opts.iter().map(|s| s.as_str()).collect();
+        Agent::start("s3://models/nothing-here", &argv)
+    })
+    .await
+    .unwrap();
+    let log = empty.log_text();
+    assert!(
+        log.contains("WARN") && log.contains("the source lists no files") && log.contains("bucket=models prefix=nothing-here"),
+        "{log}"
+    );
+    drop(empty);
+
+    // Nothing of the server is left in /tmp once it stops (its unix sockets, its logs).
+    let sockets = weed.sockets();
+    assert!(!sockets.is_empty(), "weed made no sockets in /tmp (are they elsewhere now?)");
+    drop(weed);
+    let left: Vec<_> = sockets.iter().filter(|p| p.exists()).collect();
+    assert!(left.is_empty(), "left in /tmp: {left:?}");
 }
 
 /// Two agents on SeaweedFS, the object uploaded with a CRC64NVME checksum: the file B assembles

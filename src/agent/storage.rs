@@ -66,7 +66,7 @@ impl Storage {
                 return Err(AgentError::Empty(shown_source.to_string()));
             }
             let (bucket, prefix) = bucket_and_prefix(shown_source);
-            warn!(source = %shown_source, bucket, prefix, "the source lists no files: the mount is empty (a mistyped bucket or prefix?)");
+            warn!(source = %shown_source, %bucket, %prefix, "the source lists no files: the mount is empty (a mistyped bucket or prefix?)");
         }
         let rec = storage.memory.recover(&files).map_err(dir_err)?;
         if rec != Default::default() {

@@ -132,19 +132,26 @@ impl Weed {
     }
 }
 
+impl Weed {
+    /// The unix sockets this server made in /tmp (`seaweedfs-NAME-PORT.sock`, one per port; weed
+    /// puts them there whatever TMPDIR says): exactly this server's, by its ports.
+    pub fn sockets(&self) -> Vec<PathBuf> {
+        let Ok(dir) = std::fs::read_dir("/tmp") else { return Vec::new() };
+        let ours = |name: &str| {
+            let port = name.strip_prefix("seaweedfs-").and_then(|n| n.strip_suffix(".sock")).and_then(|n| n.rsplit('-').next());
+            port.and_then(|p| p.parse::<u16>().ok()).is_some_and(|p| self.ports.contains(&p))
+        };
+        dir.flatten().filter(|e| ours(&e.file_name().to_string_lossy())).map(|e| e.path()).collect()
+    }
+}
+
 impl Drop for Weed {
-    /// Stop weed and remove the unix sockets it made in /tmp (`seaweedfs-NAME-PORT.sock`, one per
-    /// port; weed puts them there whatever TMPDIR says): exactly this server's, by its ports.
+    /// Stop weed and remove its sockets in /tmp.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let Ok(dir) = std::fs::read_dir("/tmp") else { return };
-        for e in dir.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            let port = name.strip_prefix("seaweedfs-").and_then(|n| n.strip_suffix(".sock")).and_then(|n| n.rsplit('-').next());
-            if port.and_then(|p| p.parse::<u16>().ok()).is_some_and(|p| self.ports.contains(&p)) {
-                let _ = std::fs::remove_file(e.path());
-            }
+        for s in self.sockets() {
+            let _ = std::fs::remove_file(s);
         }
     }
 }
