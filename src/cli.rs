@@ -1,5 +1,5 @@
-//! The `status`, `warm`, `drain` and `resume` commands (clients of a running agent's admin endpoint), and
-//! the `completions` and `manpage` commands (what the package installs).
+//! The `status`, `warm`, `drain` and `resume` commands (clients of a running agent's admin
+//! endpoint), and the `completions` and `manpages` commands (what the package installs).
 
 use std::process::ExitCode;
 
