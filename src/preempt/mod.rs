@@ -13,7 +13,8 @@
 //! - Before `drained`, chunks that no other agent holds are handed off to the peers that will
 //!   own them ([`HandOff`]): always on a notice and on `cachefs drain --handoff`; on a shutdown
 //!   signal only when the drain timeout leaves time for them; never past the drained-by time.
-//!   `drain_ready` says how many of those bytes were handed off and how many are lost.
+//!   `drain_ready` says how many of those bytes were handed off and how many are lost. A drain
+//!   that is cancelled (notice withdrawn, `cachefs resume`) stops its handoff.
 //! - Every transition is reported once: `preemption_notice`, `rebalance_recommendation`,
 //!   `drain_ready`, `drain_cancelled` (a notice the provider withdrew).
 
@@ -561,7 +562,15 @@ impl Drain {
             let info = self.info();
             (info.handoff, info.drained_by.unwrap_or_else(Instant::now))
         };
-        let report = h.run(by, policy).await;
+        // A drain cancelled or resumed meanwhile stops its handoff (its requests are dropped).
+        let mut state = self.subscribe();
+        let report = tokio::select! {
+            r = h.run(by, policy) => r,
+            _ = state.wait_for(|s| *s == SERVING) => {
+                info!("drain cancelled: handoff stopped");
+                return;
+            }
+        };
         self.metrics.handoff_lost_bytes.set(report.lost_bytes() as i64);
         info!(sole_bytes = report.sole_bytes, handed_off = report.handed_off_bytes, lost = report.lost_bytes(), "handoff done");
         let mut info = self.info();
@@ -824,6 +833,10 @@ mod tests {
     }
 
     fn drain() -> (Arc<Drain>, Arc<AtomicUsize>, Arc<AtomicBool>) {
+        drain_with(None)
+    }
+
+    fn drain_with(handoff: Option<Arc<dyn HandOff>>) -> (Arc<Drain>, Arc<AtomicUsize>, Arc<AtomicBool>) {
         let streams = Arc::new(AtomicUsize::new(0));
         let ready = Arc::new(AtomicBool::new(true));
         let parts = DrainParts {
@@ -835,7 +848,7 @@ mod tests {
             node_id: "n".into(),
             peer_addr: None,
             cached_bytes: Arc::new(|| 7),
-            handoff: None,
+            handoff,
         };
         (Drain::new(parts, Reporter::none(), TaskTracker::new()), streams, ready)
     }
@@ -876,6 +889,45 @@ mod tests {
         d.cancel();
         assert_eq!(d.state(), SERVING);
         assert!(ready.load(Ordering::SeqCst));
+    }
+
+    /// A handoff that runs until its deadline and says when it is dropped.
+    struct SlowHandoff(Arc<AtomicBool>);
+
+    struct SetOnDrop(Arc<AtomicBool>);
+
+    impl Drop for SetOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl HandOff for SlowHandoff {
+        fn run(&self, until: Instant, _: HandoffPolicy) -> futures::future::BoxFuture<'_, HandoffReport> {
+            let guard = SetOnDrop(self.0.clone());
+            Box::pin(async move {
+                tokio::time::sleep_until(until).await;
+                drop(guard);
+                HandoffReport::default()
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn resume_stops_a_handoff_in_progress() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let (d, _, _) = drain_with(Some(Arc::new(SlowHandoff(dropped.clone()))));
+        d.begin(Asker::Operator, Duration::from_secs(60), HandoffPolicy::Always);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!dropped.load(Ordering::SeqCst), "the handoff runs while draining");
+        assert_eq!(d.resume(), Ok(()));
+        let mut stopped = false;
+        for _ in 0..50 {
+            stopped |= dropped.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(stopped, "resume left the handoff running");
+        assert_eq!(d.state(), SERVING);
     }
 
     #[tokio::test]
