@@ -81,6 +81,11 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The attributes of `o` under inode `ino`.
+    pub fn file(ino: u64, o: &ObjectVersion) -> Entry {
+        Entry { ino, kind: Kind::File, size: o.size, mtime: o.mtime, mode: o.mode }
+    }
+
     /// Permission bits the mount shows: a file's origin bits without write bits (the mount is
     /// read-only), else [`DEFAULT_FILE_PERM`]; [`DIR_PERM`] for directories.
     pub fn perm(&self) -> u16 {
@@ -247,7 +252,7 @@ impl Catalog {
         let node = node(tree, ino)?;
         Ok(match &node.data {
             NodeData::Dir { .. } => Entry { ino, kind: Kind::Dir, size: 0, mtime: tree.mtime.unwrap_or(self.started), mode: None },
-            NodeData::File(o) => Entry { ino, kind: Kind::File, size: o.size, mtime: o.mtime, mode: o.mode },
+            NodeData::File(o) => Entry::file(ino, o),
         })
     }
 

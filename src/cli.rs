@@ -72,14 +72,19 @@ fn print_status(st: &Status) {
     }
 }
 
+/// The agent's admin address and the token to present to it.
+fn target(admin: &str, token_file: Option<&std::path::Path>) -> Result<(std::net::SocketAddr, Option<String>), String> {
+    Ok((admin_addr(admin)?, token(token_file)?))
+}
+
 /// The admin token from `--admin-token-file`, if one was given.
 fn token(file: Option<&std::path::Path>) -> Result<Option<String>, String> {
     file.map(|p| crate::config::read_token("--admin-token-file", p)).transpose().map_err(|e| crate::error::report(&e))
 }
 
 pub fn warm(admin: &str, token_file: Option<&std::path::Path>, detach: bool, paths: &[String]) -> ExitCode {
-    let (addr, token) = match admin_addr(admin).and_then(|a| Ok((a, token(token_file)?))) {
-        Ok(a) => a,
+    let (addr, token) = match target(admin, token_file) {
+        Ok(t) => t,
         Err(e) => return fail(e),
     };
     let mountpoint = match fetch_status(admin) {
@@ -186,8 +191,8 @@ impl Progress {
 }
 
 pub fn drain(admin: &str, handoff: bool, token_file: Option<&std::path::Path>) -> ExitCode {
-    let (addr, token) = match admin_addr(admin).and_then(|a| Ok((a, token(token_file)?))) {
-        Ok(a) => a,
+    let (addr, token) = match target(admin, token_file) {
+        Ok(t) => t,
         Err(e) => return fail(e),
     };
     let (mut state, mut error, mut handed_off, mut lost) = (String::new(), None, None, None);
@@ -213,8 +218,8 @@ pub fn drain(admin: &str, handoff: bool, token_file: Option<&std::path::Path>) -
 }
 
 pub fn resume(admin: &str, token_file: Option<&std::path::Path>) -> ExitCode {
-    let (addr, token) = match admin_addr(admin).and_then(|a| Ok((a, token(token_file)?))) {
-        Ok(a) => a,
+    let (addr, token) = match target(admin, token_file) {
+        Ok(t) => t,
         Err(e) => return fail(e),
     };
     let (mut state, mut error) = (String::new(), None);

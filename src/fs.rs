@@ -128,13 +128,13 @@ impl FsCore {
     /// Attributes of `ino`; with an open handle `fh`, those of the version that handle reads.
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Result<Entry, Error> {
         if let Some(h) = fh.and_then(|fh| self.handle(fh).ok()) {
-            return Ok(Entry { ino, kind: crate::catalog::Kind::File, size: h.obj.size, mtime: h.obj.mtime, mode: h.obj.mode });
+            return Ok(Entry::file(ino, &h.obj));
         }
         match self.catalog.getattr(ino) {
             Err(Error::Stale(why)) => {
                 let open = lock(&self.handles).values().find(|h| h.ino == ino).map(|h| h.obj.clone());
                 let o = open.ok_or(Error::Stale(why))?;
-                Ok(Entry { ino, kind: crate::catalog::Kind::File, size: o.size, mtime: o.mtime, mode: o.mode })
+                Ok(Entry::file(ino, &o))
             }
             r => r,
         }

@@ -7,8 +7,12 @@
 //! debootstrap, unshare, nsenter for the second): skipped loudly without them, a failure under
 //! `CI=true`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use common::{poll_until, run_ok, sha256_file, skip, write_random};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -22,20 +26,7 @@ fn available(test: &str, commands: &[&str]) -> bool {
         .iter()
         .filter(|c| Command::new("sh").args(["-c", &format!("command -v {c}")]).output().map_or(true, |o| !o.status.success()))
         .collect();
-    if root && missing.is_empty() {
-        return true;
-    }
-    let msg = format!("SKIPPED {test}: needs root and {commands:?} (root={root}, missing {missing:?})");
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg}; CI=true requires them");
-    eprintln!("\n!!!!!!!! {msg} !!!!!!!!\n");
-    false
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
+    (root && missing.is_empty()) || skip(test, &format!("needs root and {commands:?} (root={root}, missing {missing:?})"))
 }
 
 fn installed() -> bool {
@@ -50,10 +41,12 @@ fn build_package() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            run(Command::new("bash")
-                .arg(root().join("scripts/package.sh"))
-                .env("CACHEFS_BIN", env!("CARGO_BIN_EXE_cachefs"))
-                .current_dir(root()));
+            run_ok(
+                Command::new("bash")
+                    .arg(root().join("scripts/package.sh"))
+                    .env("CACHEFS_BIN", env!("CARGO_BIN_EXE_cachefs"))
+                    .current_dir(root()),
+            );
             let dir = root().join("target/debian");
             let prefix = format!("cachefs_{}", env!("CARGO_PKG_VERSION"));
             let deb = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).find(|p| {
@@ -74,7 +67,7 @@ fn the_debian_package_installs_verifies_and_removes_cleanly() {
         eprintln!("a cachefs package is installed on this machine: it is replaced by this test and purged at the end");
     }
     let deb = build_package();
-    run(Command::new("dpkg").arg("-i").arg(&deb));
+    run_ok(Command::new("dpkg").arg("-i").arg(&deb));
     assert!(installed());
 
     // The files an operator expects, where Debian puts them.
@@ -92,7 +85,7 @@ fn the_debian_package_installs_verifies_and_removes_cleanly() {
     ] {
         assert!(Path::new(f).is_file(), "{f} missing after dpkg -i");
     }
-    let version = run(Command::new("/usr/bin/cachefs").arg("--version"));
+    let version = run_ok(Command::new("/usr/bin/cachefs").arg("--version"));
     assert_eq!(version.trim(), format!("cachefs {}", env!("CARGO_PKG_VERSION")));
     let unit = std::fs::read_to_string("/lib/systemd/system/cachefs.service").unwrap();
     assert!(unit.contains("ExecStart=/usr/bin/cachefs mount --config /etc/cachefs/cachefs.toml"), "{unit}");
@@ -101,9 +94,9 @@ fn the_debian_package_installs_verifies_and_removes_cleanly() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success() && !err.contains("cachefs.service:"), "systemd-analyze verify:\n{err}");
     }
-    let man = run(Command::new("sh").arg("-c").arg("gzip -dc /usr/share/man/man1/cachefs-mount.1.gz"));
+    let man = run_ok(Command::new("sh").arg("-c").arg("gzip -dc /usr/share/man/man1/cachefs-mount.1.gz"));
     assert!(man.contains(".TH cachefs-mount 1") && man.contains("require\\-files"), "{man}");
-    let conffiles = run(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", "cachefs"]));
+    let conffiles = run_ok(Command::new("dpkg-query").args(["-W", "-f=${Conffiles}", "cachefs"]));
     assert!(conffiles.contains("/etc/cachefs/cachefs.toml"), "{conffiles}");
     // The packaged example config is one the agent accepts.
     let toml = std::fs::read_to_string("/etc/cachefs/cachefs.toml").unwrap();
@@ -111,11 +104,11 @@ fn the_debian_package_installs_verifies_and_removes_cleanly() {
 
     // Remove: the program goes, the operator's edited config stays.
     std::fs::write("/etc/cachefs/cachefs.toml", format!("{toml}\n# edited by the operator\n")).unwrap();
-    run(Command::new("dpkg").args(["-r", "cachefs"]));
+    run_ok(Command::new("dpkg").args(["-r", "cachefs"]));
     assert!(!Path::new("/usr/bin/cachefs").exists() && !Path::new("/lib/systemd/system/cachefs.service").exists());
     assert!(std::fs::read_to_string("/etc/cachefs/cachefs.toml").unwrap().contains("edited by the operator"));
     // Purge: the config goes too, and nothing of the package is left.
-    run(Command::new("dpkg").args(["-P", "cachefs"]));
+    run_ok(Command::new("dpkg").args(["-P", "cachefs"]));
     assert!(!Path::new("/etc/cachefs").exists(), "/etc/cachefs left after dpkg -P");
     assert!(!installed());
 }
@@ -128,10 +121,12 @@ fn cached_rootfs() -> PathBuf {
     if !cache.join("lib/systemd/systemd").is_file() {
         let new = cache.with_extension("new");
         let _ = std::fs::remove_dir_all(&new);
-        run(Command::new("debootstrap")
-            .args(["--variant=minbase", "--include=systemd,systemd-sysv,dbus", "bookworm"])
-            .arg(&new)
-            .arg("http://deb.debian.org/debian"));
+        run_ok(
+            Command::new("debootstrap")
+                .args(["--variant=minbase", "--include=systemd,systemd-sysv,dbus", "bookworm"])
+                .arg(&new)
+                .arg("http://deb.debian.org/debian"),
+        );
         let _ = std::fs::remove_dir_all(&cache);
         std::fs::rename(&new, &cache).unwrap();
     }
@@ -160,7 +155,7 @@ exec env -i container=other PATH=/usr/sbin:/usr/bin:/sbin:/bin chroot "$R" /lib/
 impl Booted {
     fn boot() -> Booted {
         let root = tempfile::Builder::new().prefix("cachefs-systemd-").tempdir_in("/var/tmp").unwrap();
-        run(Command::new("cp").arg("-a").arg(format!("{}/.", cached_rootfs().display())).arg(root.path()));
+        run_ok(Command::new("cp").arg("-a").arg(format!("{}/.", cached_rootfs().display())).arg(root.path()));
         let unshare = Command::new("unshare")
             .args(["--pid", "--fork", "--mount", "--net", "--propagation", "private", "sh", "-c", BOOT, "boot"])
             .arg(root.path())
@@ -171,7 +166,7 @@ impl Booted {
             .unwrap();
         let children = format!("/proc/{0}/task/{0}/children", unshare.id());
         let mut pid = 0;
-        let found = poll(std::time::Duration::from_secs(10), || {
+        let found = poll_until(std::time::Duration::from_secs(10), || {
             pid =
                 std::fs::read_to_string(&children).unwrap_or_default().split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(0);
             pid != 0 && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e.ends_with("systemd"))
@@ -179,26 +174,33 @@ impl Booted {
         let shm = PathBuf::from(format!("/dev/shm/cachefs-systemd-test-{}", std::process::id()));
         let b = Booted { unshare, pid, root, shm };
         assert!(found, "systemd did not start as PID 1 of the new namespaces");
-        // "degraded": units of a full system that a container lacks (logind) may fail.
-        let state = b.inside(&["timeout", "60", "systemctl", "is-system-running", "--wait"]);
-        assert!(state.contains("running") || state.contains("degraded"), "systemd state: {state}");
+        // Until systemd has made its bus socket, systemctl cannot connect: ask again. "degraded":
+        // units of a full system that a container lacks (logind) may fail.
+        let mut state = String::new();
+        let up = poll_until(std::time::Duration::from_secs(60), || {
+            state = b.inside(&["timeout", "60", "systemctl", "is-system-running", "--wait"]);
+            state.contains("running") || state.contains("degraded")
+        });
+        assert!(up, "systemd state: {state}");
         b
     }
 
-    /// Run a command inside the booted system (its namespaces, root and working directory).
-    fn inside(&self, args: &[&str]) -> String {
+    /// Run a command inside the booted system (its namespaces, root and working directory):
+    /// whether it succeeded, and its stdout and stderr.
+    fn exec(&self, args: &[&str]) -> (bool, String) {
         let out = Command::new("nsenter").args(["-t", &self.pid.to_string(), "-a", "-r", "-w"]).args(args).output().unwrap();
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 
+    /// [`Booted::exec`]'s output, whatever the outcome.
+    fn inside(&self, args: &[&str]) -> String {
+        self.exec(args).1
+    }
+
+    /// [`Booted::exec`]'s output; a failure panics with the agent's journal.
     fn ok(&self, args: &[&str]) -> String {
-        let out = Command::new("nsenter").args(["-t", &self.pid.to_string(), "-a", "-r", "-w"]).args(args).output().unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(
-            out.status.success(),
-            "{args:?} inside failed:\n{text}\n--- journal:\n{}",
-            self.inside(&["journalctl", "-u", "cachefs", "--no-pager"])
-        );
+        let (ok, text) = self.exec(args);
+        assert!(ok, "{args:?} inside failed:\n{text}\n--- journal:\n{}", self.inside(&["journalctl", "-u", "cachefs", "--no-pager"]));
         text
     }
 
@@ -226,17 +228,6 @@ impl Drop for Booted {
     }
 }
 
-fn poll(limit: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = std::time::Instant::now() + limit;
-    while std::time::Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    cond()
-}
-
 #[test]
 fn the_service_runs_under_a_real_systemd() {
     if !available("the_service_runs_under_a_real_systemd", &["dpkg", "debootstrap", "unshare", "nsenter"])
@@ -251,8 +242,8 @@ fn the_service_runs_under_a_real_systemd() {
     std::fs::copy(&deb, r.join("root/cachefs.deb")).unwrap();
     std::fs::create_dir_all(r.join("srv/models")).unwrap();
     let model = r.join("srv/models/model.bin");
-    common_random(&model, (48 << 20) + 3);
-    let want = sha256(&std::fs::read(&model).unwrap());
+    write_random(&model, (48 << 20) + 3, 191);
+    let want = sha256_file(&model);
     b.ok(&["dpkg", "-i", "/root/cachefs.deb"]);
     let config = format!(
         "source = \"/srv/models\"\nmountpoint = \"/mnt/models\"\ncache_dir = \"{}\"\ncache_size = \"256MiB\"\ndrain_timeout = 5\n",
@@ -271,7 +262,7 @@ fn the_service_runs_under_a_real_systemd() {
     let first = b.show("MainPID");
     b.ok(&["systemctl", "kill", "-s", "SIGKILL", "cachefs"]);
     assert!(
-        poll(std::time::Duration::from_secs(30), || b.show("NRestarts") == "1" && b.show("ActiveState") == "active"),
+        poll_until(std::time::Duration::from_secs(30), || b.show("NRestarts") == "1" && b.show("ActiveState") == "active"),
         "no restart after SIGKILL"
     );
     assert_ne!(b.show("MainPID"), first);
@@ -281,7 +272,7 @@ fn the_service_runs_under_a_real_systemd() {
     // A hung agent (SIGSTOP): the watchdog (WatchdogSec=30) kills and restarts it.
     let hung = b.show("MainPID");
     b.ok(&["systemctl", "kill", "-s", "SIGSTOP", "cachefs"]);
-    let restarted = poll(std::time::Duration::from_secs(75), || b.show("NRestarts") == "2" && b.show("ActiveState") == "active");
+    let restarted = poll_until(std::time::Duration::from_secs(75), || b.show("NRestarts") == "2" && b.show("ActiveState") == "active");
     assert!(restarted, "the watchdog did not restart a stopped agent: {}", b.inside(&["systemctl", "status", "cachefs", "--no-pager"]));
     assert_ne!(b.show("MainPID"), hung);
     assert_eq!(b.sha256_inside("/mnt/models/model.bin"), want);
@@ -301,16 +292,4 @@ fn the_service_runs_under_a_real_systemd() {
     let comms = b.ok(&["sh", "-c", "cat /proc/[0-9]*/comm 2>/dev/null || true"]);
     assert!(!comms.lines().any(|c| c.trim() == "cachefs"), "an agent still runs after dpkg -r:\n{comms}");
     assert!(!r.join("usr/bin/cachefs").exists());
-}
-
-fn sha256(b: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(b))
-}
-
-fn common_random(p: &Path, len: usize) {
-    use rand::{RngCore, SeedableRng};
-    let mut data = vec![0u8; len];
-    rand::rngs::StdRng::seed_from_u64(191).fill_bytes(&mut data);
-    std::fs::write(p, data).unwrap();
 }

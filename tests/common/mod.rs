@@ -20,12 +20,25 @@ pub fn fuse_available(test: &str) -> bool {
     if root && dev {
         return true;
     }
-    let msg = format!("SKIPPED {test}: FUSE tests need root and /dev/fuse (root={root}, /dev/fuse={dev})");
+    skip(test, &format!("FUSE tests need root and /dev/fuse (root={root}, /dev/fuse={dev})"))
+}
+
+/// A test that cannot run here (`why`): a loud skip (false), or a failure under CI=true.
+pub fn skip(test: &str, why: &str) -> bool {
+    let msg = format!("SKIPPED {test}: {why}");
     if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg}; CI=true requires them");
+        panic!("{msg}; CI=true requires it");
     }
     eprintln!("\n!!!!!!!! {msg} !!!!!!!!\n");
     false
+}
+
+/// Run `cmd`; its stdout and stderr, or a panic with them if it fails.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
 }
 
 /// Poll `cond` every 50 ms until it holds or `limit` passes.
