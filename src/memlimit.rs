@@ -8,6 +8,8 @@
 //!   the cgroup leaves, at most the room on the cache filesystem.
 //! - [`Limits::check`] refuses an explicit size the cgroup or the filesystem cannot hold, with a
 //!   one-line reason.
+//! - The cache files already in the cache directory count as room in every limit (they are
+//!   this agent's own, reused or removed at start): a size that fitted fits again on restart.
 
 use std::path::{Path, PathBuf};
 
@@ -23,18 +25,41 @@ pub struct Limits {
     /// The tightest `memory.max` of this process's cgroup and its parents, minus what the
     /// cgroup uses now (cgroup v2).
     pub cgroup_room: Option<u64>,
-    /// Free bytes on the cache directory's filesystem, plus those of cache files already there
-    /// (an earlier run's, reused or removed at start).
+    /// Free bytes on the cache directory's filesystem.
     pub fs_room: Option<u64>,
+}
+
+/// Where [`Limits::gather_from`] reads the machine's limits.
+pub struct Sources<'a> {
+    pub meminfo: &'a Path,
+    pub cgroup_root: &'a Path,
+    /// The text of `/proc/self/cgroup` (None: unknown).
+    pub proc_cgroup: Option<String>,
 }
 
 impl Limits {
     /// The limits of this process with its cache in `cache_dir`.
     pub fn gather(cache_dir: &Path) -> Limits {
+        let proc_cgroup = std::fs::read_to_string("/proc/self/cgroup").ok();
+        Self::gather_from(
+            cache_dir,
+            &Sources { meminfo: Path::new("/proc/meminfo"), cgroup_root: Path::new("/sys/fs/cgroup"), proc_cgroup },
+        )
+    }
+
+    /// The limits read from `src`, with the cache files already in `cache_dir` (an earlier
+    /// run's, reused or removed at start) counted back as room in every limit they take from:
+    /// the free space of their filesystem and, on tmpfs, `MemAvailable` (which excludes tmpfs
+    /// pages) and the cgroup's use (which includes them). Without that, a restart would see
+    /// its own warm cache as used and refuse, or shrink, the size that fitted before.
+    pub fn gather_from(cache_dir: &Path, src: &Sources) -> Limits {
+        let ours = cache_file_bytes(cache_dir);
+        let in_memory = ours > 0 && crate::sys::is_tmpfs(cache_dir);
+        let back = |room: Option<u64>| room.map(|r| if in_memory { r.saturating_add(ours) } else { r });
         Limits {
-            host_available: host_available(Path::new("/proc/meminfo")),
-            cgroup_room: std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|c| cgroup_room(Path::new("/sys/fs/cgroup"), &c)),
-            fs_room: fs_room(cache_dir),
+            host_available: back(host_available(src.meminfo)),
+            cgroup_room: back(src.proc_cgroup.as_deref().and_then(|c| cgroup_room(src.cgroup_root, c))),
+            fs_room: fs_free(cache_dir).map(|f| f.saturating_add(ours)),
         }
     }
 
@@ -100,9 +125,8 @@ pub fn cgroup_room(root: &Path, proc_cgroup: &str) -> Option<u64> {
     room
 }
 
-/// Free bytes on the filesystem holding `dir` (or its nearest existing parent), plus the bytes
-/// of cache files already in `dir`.
-pub fn fs_room(dir: &Path) -> Option<u64> {
+/// Free bytes on the filesystem holding `dir` (or its nearest existing parent).
+pub fn fs_free(dir: &Path) -> Option<u64> {
     let mut at = dir.to_path_buf();
     while !at.exists() {
         if !at.pop() {
@@ -111,8 +135,12 @@ pub fn fs_room(dir: &Path) -> Option<u64> {
     }
     let s = crate::sys::statfs(&at).ok()?;
     let block = if s.f_frsize > 0 { s.f_frsize } else { s.f_bsize };
-    let free = s.f_bavail.saturating_mul(block as u64);
-    let ours: u64 = std::fs::read_dir(dir)
+    Some(s.f_bavail.saturating_mul(block as u64))
+}
+
+/// Bytes allocated to the memory tier's data files in `dir` (0 if there are none).
+pub fn cache_file_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
                 .filter(|e| e.file_name().to_string_lossy().ends_with(crate::cache::memory::DATA_SUFFIX))
@@ -120,8 +148,7 @@ pub fn fs_room(dir: &Path) -> Option<u64> {
                 .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
                 .sum()
         })
-        .unwrap_or(0);
-    Some(free + ours)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -155,6 +182,32 @@ mod tests {
         assert!(Limits { fs_room: Some(1 << 20), ..Default::default() }.check(2 << 20).unwrap_err().to_string().contains("free space"));
         assert_eq!(Limits::default().default_cache_size(), None);
         assert!(Limits::default().check(u64::MAX).is_ok());
+    }
+
+    /// A warm restart: the previous run's cache file (as large as the configured size) is in
+    /// the tmpfs cache directory, so MemAvailable, the cgroup's use and the filesystem's free
+    /// space all count its pages as taken. The same size must still be accepted.
+    #[test]
+    fn a_warm_restart_accepts_the_size_its_cache_already_has() {
+        let size: u64 = 64 << 20;
+        let cache = tempfile::tempdir_in("/dev/shm").unwrap();
+        std::fs::write(cache.path().join(format!("v1{}", crate::cache::memory::DATA_SUFFIX)), vec![7u8; size as usize]).unwrap();
+        let proc = tempfile::tempdir().unwrap();
+        let meminfo = proc.path().join("meminfo");
+        // The host has 16 MiB available besides the cache's own pages.
+        std::fs::write(&meminfo, format!("MemTotal: 1000000 kB\nMemAvailable: {} kB\n", 16 << 10)).unwrap();
+        let cg = proc.path().join("cg");
+        std::fs::create_dir_all(cg.join("agent")).unwrap();
+        // The cgroup allows the cache plus 8 MiB, and its use includes the cache.
+        std::fs::write(cg.join("agent/memory.max"), format!("{}\n", size + (8 << 20))).unwrap();
+        std::fs::write(cg.join("agent/memory.current"), format!("{}\n", size + (1 << 20))).unwrap();
+        let src = Sources { meminfo: &meminfo, cgroup_root: &cg, proc_cgroup: Some("0::/agent\n".into()) };
+        let l = Limits::gather_from(cache.path(), &src);
+        assert_eq!(l.host_available, Some((16 << 20) + size));
+        assert_eq!(l.cgroup_room, Some(size + (7 << 20)));
+        assert!(l.check(size).is_ok(), "a restart refused the size its cache already holds: {:?}", l.check(size));
+        assert!(l.check(size + (32 << 20)).is_err(), "room beyond the cache's own was made up");
+        assert!(l.default_cache_size().is_some_and(|d| d >= size / 2), "the default shrank below the warm cache: {l:?}");
     }
 
     #[test]

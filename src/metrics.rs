@@ -40,6 +40,22 @@ pub struct DirectionLabel {
     pub direction: Direction,
 }
 
+/// A peer message that carries no chunk bytes.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ControlKind {
+    hello,
+    inventory,
+    drain,
+    handoff,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControlLabel {
+    pub kind: ControlKind,
+    pub direction: Direction,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabel {
     pub peer: String,
@@ -72,6 +88,7 @@ pub mod names {
     pub const WEBHOOK_FAILURES: &str = "cachefs_webhook_failures_total";
     pub const HANDOFF_BYTES: &str = "cachefs_handoff_bytes_total";
     pub const HANDOFF_LOST_BYTES: &str = "cachefs_handoff_lost_bytes";
+    pub const CONTROL_MESSAGES: &str = "cachefs_control_messages_total";
 }
 
 /// The agent's metrics. Clone-free: share it behind an `Arc`.
@@ -104,6 +121,8 @@ pub struct Metrics {
     pub webhook_failures: Counter,
     pub handoff_bytes: Family<DirectionLabel, Counter>,
     pub handoff_lost_bytes: Gauge,
+    /// Peer requests without chunk bytes (Hello, Inventory, Drain, Handoff), sent or answered.
+    pub control_messages: Family<ControlLabel, Counter>,
 }
 
 fn base(name: &str) -> &str {
@@ -145,6 +164,7 @@ impl Metrics {
             webhook_failures: Counter::default(),
             handoff_bytes: Family::default(),
             handoff_lost_bytes: Gauge::default(),
+            control_messages: Family::default(),
             registry: Registry::default(),
         };
         use names::*;
@@ -189,8 +209,16 @@ impl Metrics {
             "Bytes held by no other agent that the last drain could not hand off",
             m.handoff_lost_bytes.clone(),
         );
+        registry.register(
+            base(CONTROL_MESSAGES),
+            "Peer requests that carry no chunk bytes, by kind, sent or received",
+            m.control_messages.clone(),
+        );
         for direction in [Direction::sent, Direction::received] {
             let _ = m.handoff_bytes.get_or_create(&DirectionLabel { direction });
+            for kind in [ControlKind::hello, ControlKind::inventory, ControlKind::drain, ControlKind::handoff] {
+                let _ = m.control_messages.get_or_create(&ControlLabel { kind, direction });
+            }
         }
         for tier in [Tier::memory, Tier::peer, Tier::origin] {
             let _ = m.read_bytes.get_or_create(&TierLabel { tier });
@@ -208,6 +236,11 @@ impl Metrics {
 
     pub fn add_handoff(&self, direction: Direction, bytes: u64) {
         self.handoff_bytes.get_or_create(&DirectionLabel { direction }).inc_by(bytes);
+    }
+
+    /// One control message of `kind` went `direction`.
+    pub fn add_control(&self, kind: ControlKind, direction: Direction) {
+        self.control_messages.get_or_create(&ControlLabel { kind, direction }).inc();
     }
 
     pub fn read_bytes_of(&self, tier: Tier) -> u64 {
@@ -286,5 +319,9 @@ mod tests {
         assert!(text.contains("cachefs_drain_state 0"), "{text}");
         assert!(text.contains("cachefs_handoff_bytes_total{direction=\"sent\"} 0"), "{text}");
         assert!(text.contains("cachefs_handoff_lost_bytes 0"), "{text}");
+        m.add_control(super::ControlKind::hello, super::Direction::sent);
+        let text = m.encode();
+        assert!(text.contains("cachefs_control_messages_total{kind=\"hello\",direction=\"sent\"} 1"), "{text}");
+        assert!(text.contains("cachefs_control_messages_total{kind=\"inventory\",direction=\"received\"} 0"), "{text}");
     }
 }

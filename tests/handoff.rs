@@ -171,3 +171,40 @@ fn a_short_notice_reports_what_was_lost_and_drains_in_time() {
 fn peer_addr() -> String {
     format!("127.0.0.1:{}", free_port())
 }
+
+/// Twenty survivors, ten of which answer their probes but never another request: asking them
+/// what they hold, telling them of the drain and handing off to them must all end by the
+/// drain's deadline (they were asked one after another, each for up to twice the inventory
+/// timeout: about 40 s past a 6 s notice), and the report says what was not handed off.
+#[test]
+fn a_handoff_to_stuck_survivors_ends_at_the_drain_deadline() {
+    if !fuse_available("a_handoff_to_stuck_survivors_ends_at_the_drain_deadline") {
+        return;
+    }
+    use common::fake_peer::{FakePeer, Misbehave};
+    let src = tempfile::tempdir().unwrap();
+    write_random(&src.path().join("model.bin"), MODEL, 903);
+    let notice = Arc::new(Mutex::new(None));
+    let meta = fake_aliyun(notice.clone());
+    let hook = FakeHttp::start(|_| Some(Resp::new(200, "ok")));
+    let survivors: Vec<String> = (0..20).map(|_| peer_addr()).collect();
+    let a = lone_holder(src.path(), &peer_addr(), &survivors.join(","), &meta.url(), &format!("{}/events", hook.url()));
+    let source = src.path().display().to_string();
+    let chunk = 4 << 20;
+    let _fakes: Vec<FakePeer> = survivors
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| FakePeer::start_on(addr, &source, chunk, if i % 2 == 0 { Misbehave::Empty } else { Misbehave::Unresponsive }))
+        .collect();
+    assert!(poll_until(Duration::from_secs(30), || live_peers(&a) == 20), "A does not see 20 live survivors: {}", status(&a));
+
+    let termination = Utc::now() + chrono::Duration::seconds(6);
+    *notice.lock().unwrap() = Some(termination);
+    let (at, ready) =
+        wait_event(&hook, "drain_ready", Duration::from_secs(60)).unwrap_or_else(|| panic!("no drain_ready; A:\n{}", a.log_text()));
+    let late = Utc::now().signed_duration_since(termination) - chrono::Duration::from_std(at.elapsed()).unwrap();
+    eprintln!("MEASURED drain_ready {:.1} s before the termination time: {ready}", -late.as_seconds_f64());
+    assert!(late < chrono::Duration::zero(), "drain_ready came {late} after the termination time; A:\n{}", a.log_text());
+    assert_eq!(ready["handed_off_bytes"], 0, "no survivor took a chunk, yet some were reported handed off");
+    assert_eq!(ready["lost_bytes"], MODEL as u64, "what could not be handed off was not reported");
+}

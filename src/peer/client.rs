@@ -31,7 +31,7 @@ use crate::cache::verify::Verifier;
 use crate::cache::{Chunk, ChunkKey, ChunkSource, MemoryTier};
 use crate::catalog::ObjectVersion;
 use crate::error::Error;
-use crate::metrics::{Metrics, Tier};
+use crate::metrics::{ControlKind, Direction, Metrics, Tier};
 
 /// How long a peer's inventory of one object is trusted.
 pub const INVENTORY_TTL: Duration = Duration::from_secs(1);
@@ -239,6 +239,7 @@ impl PeerSource {
             let id = p.node_id()?;
             let mut req = tonic::Request::new(InventoryRequest { objects: vec![object_ref(obj)], chunk_size: self.chunk_size });
             req.set_timeout(self.timeouts.inventory);
+            self.metrics.add_control(ControlKind::inventory, Direction::sent);
             let r = tokio::time::timeout(self.timeouts.inventory * 2, p.client().inventory(req)).await;
             let answer = match r {
                 Ok(Ok(resp)) => {

@@ -25,13 +25,15 @@ use super::{bit, object_ref, placement, PeerSource};
 use crate::cache::chunk::{chunk_range, ChunkKey};
 use crate::cache::MemoryTier;
 use crate::catalog::{Catalog, ObjectVersion};
-use crate::metrics::{Direction, Metrics};
+use crate::metrics::{ControlKind, Direction, Metrics};
 use crate::preempt::{HandOff, HandoffPolicy, HandoffReport};
 
 /// Chunks asked for in one `Handoff` request.
 const BATCH: usize = 16;
 /// Chunks a survivor pulls at once.
 const PULLS: usize = 4;
+/// Survivors asked for their inventories at once.
+const ASKS: usize = 16;
 /// Objects named in one inventory request.
 const INVENTORY_OBJECTS: usize = 256;
 /// The rate a plain shutdown drain assumes when it decides whether there is time to hand off.
@@ -65,7 +67,7 @@ impl HandOff for Handoff {
 impl Handoff {
     async fn hand_off(&self, until: Instant, policy: HandoffPolicy) -> HandoffReport {
         let survivors = self.membership.owner_candidates();
-        let sole = self.sole_copies(&survivors).await;
+        let sole = self.sole_copies(&survivors, until).await;
         let sole_bytes = sole.iter().map(|s| s.len).sum::<u64>();
         let left = until.saturating_duration_since(Instant::now());
         let fits = Duration::from_secs_f64(sole_bytes as f64 / PLANNING_RATE as f64) <= left;
@@ -93,8 +95,10 @@ impl Handoff {
         HandoffReport { sole_bytes, handed_off_bytes }
     }
 
-    /// Held chunks of listed objects that no survivor holds, most recently used first.
-    async fn sole_copies(&self, survivors: &[Arc<PeerHandle>]) -> Vec<Sole> {
+    /// Held chunks of listed objects that no survivor holds, most recently used first. The
+    /// survivors are asked [`ASKS`] at a time, none past `until`: one that has not answered by
+    /// then counts as holding nothing.
+    async fn sole_copies(&self, survivors: &[Arc<PeerHandle>], until: Instant) -> Vec<Sole> {
         let versions: HashMap<Arc<str>, Arc<ObjectVersion>> = self.catalog.files().into_iter().map(|o| (o.id.clone(), o)).collect();
         let held: Vec<(Arc<ObjectVersion>, u64, Duration)> =
             self.memory.held().into_iter().filter_map(|(k, _, idle)| Some((versions.get(&k.object)?.clone(), k.index, idle))).collect();
@@ -102,10 +106,18 @@ impl Handoff {
         let objects: Vec<Arc<ObjectVersion>> =
             held.iter().filter(|(o, _, _)| seen.insert(o.id.clone())).map(|(o, _, _)| o.clone()).collect();
         let mut present: HashMap<Arc<str>, Vec<Vec<u8>>> = HashMap::new();
-        for p in survivors {
-            for (id, bits) in self.inventory(p, &objects).await {
-                present.entry(id).or_default().push(bits);
-            }
+        let objects = &objects;
+        let asks = futures::stream::iter(survivors.iter().cloned())
+            .map(|p: Arc<PeerHandle>| async move {
+                let answer = tokio::time::timeout_at(until, self.inventory(&p, objects)).await;
+                answer.unwrap_or_else(|_| {
+                    debug!(peer = %p.addr, "no inventory before the drain's deadline: it counts as holding nothing");
+                    Vec::new()
+                })
+            })
+            .buffer_unordered(ASKS);
+        for (id, bits) in asks.collect::<Vec<_>>().await.into_iter().flatten() {
+            present.entry(id).or_default().push(bits);
         }
         let chunk_size = self.memory.chunk_size();
         held.into_iter()
@@ -124,6 +136,7 @@ impl Handoff {
             let req = InventoryRequest { objects: group.iter().map(|o| object_ref(o)).collect(), chunk_size: self.memory.chunk_size() };
             let mut req = tonic::Request::new(req);
             req.set_timeout(self.inventory_timeout);
+            self.metrics.add_control(ControlKind::inventory, Direction::sent);
             match tokio::time::timeout(self.inventory_timeout * 2, peer.client().inventory(req)).await {
                 Ok(Ok(r)) => {
                     for inv in r.into_inner().objects {
@@ -149,6 +162,7 @@ impl Handoff {
                     .map(|s| HandoffChunk { object: Some(object_ref(&s.obj)), index: s.index, idle_ms: s.idle.as_millis() as u64 })
                     .collect(),
             };
+            self.metrics.add_control(ControlKind::handoff, Direction::sent);
             let mut stream = match peer.client().handoff(req).await {
                 Ok(r) => r.into_inner(),
                 Err(status) => {

@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 use super::proto::peer_client::PeerClient;
 use super::proto::{DrainNotice, HelloRequest};
 use super::{MAX_GRPC_MESSAGE, PROTOCOL, TOKEN_HEADER};
+use crate::metrics::{ControlKind, Direction};
 
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 pub const DNS_INTERVAL: Duration = Duration::from_secs(10);
@@ -281,16 +282,26 @@ impl Membership {
     }
 
     /// A caller said Hello from `addr` (its peer port) as `node_id`: it may be up now. A known
-    /// address ends its backoff and is probed at once (the probe, not the caller, says who is
-    /// there); an unknown one is added only when callers are authenticated.
+    /// address ends its backoff and, if it was not known to be up as that node, is probed at
+    /// once (the probe, not the caller, says who is there); a peer already up waits for its
+    /// next probe. An unknown address is added only when callers are authenticated.
     pub fn heard_from(&self, addr: std::net::SocketAddr, node_id: &str) {
         let a = addr.to_string();
         match self.all().into_iter().find(|p| p.addr == a) {
-            Some(p) => p.update(|s| {
-                s.heard_at = Some(Instant::now());
-                s.failures = 0;
-                s.retry_at = None;
-            }),
+            Some(p) => {
+                let mut news = false;
+                p.update(|s| {
+                    // Probing a peer we know to be up because it probed us would feed a storm:
+                    // each probe answered wakes the other side's probe loop in turn.
+                    news = s.node_id.as_deref() != Some(node_id) || s.failures > 0 || s.retry_at.is_some() || s.down_since.is_some();
+                    s.heard_at = Some(Instant::now());
+                    s.failures = 0;
+                    s.retry_at = None;
+                });
+                if !news {
+                    return;
+                }
+            }
             None if self.authenticated => self.learn(&a),
             None => {
                 let mut ignored = self.ignored.lock().unwrap_or_else(|p| p.into_inner());
@@ -442,6 +453,7 @@ impl Membership {
             tonic::Request::new(HelloRequest { node_id: self.self_id.clone(), protocol: PROTOCOL, listen_port: self.listen_port as u32 });
         req.set_timeout(PROBE_TIMEOUT);
         let started = Instant::now();
+        self.metrics.add_control(ControlKind::hello, Direction::sent);
         let failed = |msg: &str| {
             // Its own Hello arrived while we probed: it is up (a connection refused a moment ago
             // can still be reported). Probe it again at once instead of backing off.
@@ -549,6 +561,7 @@ impl Membership {
         let peers = self.live();
         futures::future::join_all(peers.iter().map(|p| async move {
             let mut req = tonic::Request::new(DrainNotice { node_id: self.self_id.clone(), draining });
+            self.metrics.add_control(ControlKind::drain, Direction::sent);
             // The peer confirms by probing us before it answers.
             req.set_timeout(PROBE_TIMEOUT * 3);
             if let Err(e) = p.client().drain(req).await {

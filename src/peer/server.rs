@@ -32,7 +32,7 @@ use super::{bitmap, same_version, MESSAGE_BYTES, PROTOCOL, TOKEN_HEADER};
 use crate::cache::chunk::{chunk_count, chunk_range};
 use crate::cache::Reader;
 use crate::catalog::{Catalog, ObjectVersion};
-use crate::metrics::Metrics;
+use crate::metrics::{ControlKind, Direction, Metrics};
 
 pub struct PeerServer {
     pub catalog: Arc<Catalog>,
@@ -193,6 +193,7 @@ impl Peer for PeerServer {
     type HandoffStream = HandoffStream;
 
     async fn handoff(&self, req: Request<HandoffRequest>) -> Result<Response<HandoffStream>, Status> {
+        self.metrics.add_control(ControlKind::handoff, Direction::received);
         let from = req.remote_addr();
         let plan = self.handoff_plan(req.into_inner(), from)?;
         let pulls = super::handoff::pull_all(plan, self.metrics.clone(), self.reader.chunk_size());
@@ -205,6 +206,7 @@ impl Peer for PeerServer {
     }
 
     async fn inventory(&self, req: Request<InventoryRequest>) -> Result<Response<InventoryResponse>, Status> {
+        self.metrics.add_control(ControlKind::inventory, Direction::received);
         let r = req.into_inner();
         let chunk_size = self.reader.chunk_size();
         if r.chunk_size != chunk_size {
@@ -233,6 +235,7 @@ impl Peer for PeerServer {
     }
 
     async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
+        self.metrics.add_control(ControlKind::hello, Direction::received);
         let from = req.remote_addr();
         let h = req.into_inner();
         if let (Some(from), Ok(port)) = (from, u16::try_from(h.listen_port)) {
@@ -251,6 +254,7 @@ impl Peer for PeerServer {
     }
 
     async fn drain(&self, req: Request<DrainNotice>) -> Result<Response<DrainAck>, Status> {
+        self.metrics.add_control(ControlKind::drain, Direction::received);
         // Not taken on the caller's word: the named peer is asked.
         let n = req.into_inner();
         self.membership.recheck(&n.node_id).await;

@@ -522,7 +522,10 @@ impl Drain {
     /// `drained_by`), declare drained.
     async fn finish(self: Arc<Self>, generation: u64) {
         if let Some(m) = &self.parts.membership {
-            m.announce_drain(true).await;
+            let by = self.info().drained_by.unwrap_or_else(Instant::now);
+            if tokio::time::timeout_at(by, m.announce_drain(true)).await.is_err() {
+                warn!("telling peers about the drain ran out of time");
+            }
         }
         self.hand_off(generation).await;
         loop {

@@ -1,5 +1,5 @@
-//! A misbehaving peer: a real gRPC server that answers `Hello` and `Inventory` like a healthy
-//! agent (claiming to hold every chunk) but fails on data in the chosen way.
+//! A misbehaving peer: a real gRPC server that answers `Hello` like a healthy agent and, as
+//! chosen, claims every chunk and fails on data, holds nothing, or never answers anything else.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -22,6 +22,10 @@ pub enum Misbehave {
     BadChecksum = 2,
     /// Answers NOT_FOUND although its inventory claims the chunk (a lost chunk: no backoff).
     Refuse = 3,
+    /// Holds nothing: an empty inventory, NOT_FOUND for every chunk, no handoffs.
+    Empty = 4,
+    /// Answers Hello, then never answers any other request (a peer stuck after its probe).
+    Unresponsive = 5,
 }
 
 struct Svc {
@@ -34,6 +38,15 @@ struct Svc {
     seen: Arc<std::sync::Mutex<Option<ObjectRef>>>,
 }
 
+impl Svc {
+    /// Never returns when unresponsive.
+    async fn hang(&self) {
+        if self.mode.load(Ordering::SeqCst) == Misbehave::Unresponsive as u8 {
+            futures::future::pending::<()>().await;
+        }
+    }
+}
+
 type DataStream = Pin<Box<dyn Stream<Item = Result<ChunkData, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -43,7 +56,8 @@ impl Peer for Svc {
     async fn read_chunk(&self, req: Request<ReadChunkRequest>) -> Result<Response<DataStream>, Status> {
         self.reads.fetch_add(1, Ordering::SeqCst);
         let r = req.into_inner();
-        if self.mode.load(Ordering::SeqCst) == Misbehave::Refuse as u8 {
+        self.hang().await;
+        if [Misbehave::Refuse as u8, Misbehave::Empty as u8].contains(&self.mode.load(Ordering::SeqCst)) {
             return Err(Status::not_found("chunk not held"));
         }
         let size = r.object.map(|o| o.size).unwrap_or(0);
@@ -69,6 +83,8 @@ impl Peer for Svc {
         if let Some(o) = r.objects.first() {
             *self.seen.lock().unwrap() = Some(o.clone());
         }
+        self.hang().await;
+        let all = if self.mode.load(Ordering::SeqCst) == Misbehave::Empty as u8 { 0 } else { 0xff };
         let objects = r
             .objects
             .into_iter()
@@ -77,7 +93,7 @@ impl Peer for Svc {
                 ObjectInventory {
                     key: o.key,
                     etag: o.etag,
-                    present: vec![0xff; chunks.div_ceil(8) as usize].into(),
+                    present: vec![all; chunks.div_ceil(8) as usize].into(),
                     chunks,
                     filling: Default::default(),
                 }
@@ -99,6 +115,7 @@ impl Peer for Svc {
     }
 
     async fn drain(&self, _req: Request<DrainNotice>) -> Result<Response<DrainAck>, Status> {
+        self.hang().await;
         Ok(Response::new(DrainAck {}))
     }
 
@@ -106,6 +123,7 @@ impl Peer for Svc {
 
     /// A misbehaving peer takes no handoffs.
     async fn handoff(&self, _req: Request<HandoffRequest>) -> Result<Response<Self::HandoffStream>, Status> {
+        self.hang().await;
         Err(Status::unimplemented("takes no handoffs"))
     }
 }
@@ -125,8 +143,13 @@ pub struct FakePeer {
 impl FakePeer {
     /// A fake peer of agents serving `source` in chunks of `chunk_size`, on 127.0.0.1.
     pub fn start(source: &str, chunk_size: u64, mode: Misbehave) -> FakePeer {
+        Self::start_on("127.0.0.1:0", source, chunk_size, mode)
+    }
+
+    /// [`FakePeer::start`] listening on `addr`.
+    pub fn start_on(addr: &str, source: &str, chunk_size: u64, mode: Misbehave) -> FakePeer {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (mode, hellos, reads) = (Arc::new(AtomicU8::new(mode as u8)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let seen = Arc::new(std::sync::Mutex::new(None));

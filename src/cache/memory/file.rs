@@ -27,6 +27,9 @@ pub(super) struct Slot {
     pub(super) source: Option<Tier>,
     /// Live `Bytes` into this chunk's mapping: it is not evicted while any exists.
     pub(super) readers: u32,
+    /// Dropped while it had readers: its hole is punched when the last of them goes, and no
+    /// fill starts before that.
+    pub(super) punch_when_read: bool,
 }
 
 pub(super) struct ObjFile {
@@ -53,12 +56,20 @@ pub(super) struct MapSlice {
     pub(super) range: Range<usize>,
     pub(super) file: Arc<ObjFile>,
     pub(super) index: usize,
+    /// The whole chunk's place in the file (punched here if it was dropped while read).
+    pub(super) chunk: Range<u64>,
 }
 
 impl Drop for MapSlice {
     fn drop(&mut self) {
-        if let Some(s) = self.file.slots().get_mut(self.index) {
+        let mut slots = self.file.slots();
+        if let Some(s) = slots.get_mut(self.index) {
             s.readers = s.readers.saturating_sub(1);
+            if s.readers == 0 && s.punch_when_read {
+                // Under the slot lock, so no fill of the chunk starts before the hole.
+                punch(&self.file.file, self.chunk.start, self.chunk.end - self.chunk.start);
+                s.punch_when_read = false;
+            }
         }
     }
 }
@@ -133,7 +144,7 @@ impl ObjFile {
             s.readers += 1;
             *s
         };
-        let owner = MapSlice { map, range: start as usize..end as usize, file: self.clone(), index: index as usize };
+        let owner = MapSlice { map, range: start as usize..end as usize, file: self.clone(), index: index as usize, chunk };
         Some((Bytes::from_owner(owner), slot))
     }
 }

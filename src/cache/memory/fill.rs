@@ -117,7 +117,7 @@ impl Fill {
         let crc64 = self.crc64.as_ref().map(|d| d.finalize()).unwrap_or(0);
         // Present and handed out in one step, so it cannot be evicted before the caller has it.
         let present = |s: &mut Slot| {
-            *s = Slot { present: true, writing: false, crc, crc64, source: Some(source), readers: s.readers };
+            *s = Slot { present: true, writing: false, crc, crc64, source: Some(source), readers: s.readers, punch_when_read: false };
             Some(())
         };
         let view = self.file.view_with(index, self.chunk.clone(), 0..len, present);

@@ -12,7 +12,9 @@
 //! - Bytes handed out ([`MemoryTier::read`], [`MemoryTier::map_chunk`]) point into the file's
 //!   mapping without a copy; while any of them is alive, that chunk is not evicted.
 //! - Eviction punches a hole in the file (`fallocate(PUNCH_HOLE)`), so tmpfs pages go back to
-//!   the kernel. File I/O and hole punching happen outside the index lock.
+//!   the kernel. File I/O and hole punching happen outside the index lock. An object dropped
+//!   at once ([`MemoryTier::drop_object`]) keeps the pages of chunks with live views until
+//!   the last view goes: a view never reads a hole.
 //!
 //! # Parts
 //! [`file`] (a cache file, its chunk slots and mapped views), [`journal`] (what survives a
@@ -151,7 +153,10 @@ impl MemoryTier {
         Some((whole, from_peer))
     }
 
-    /// Drop every chunk of `obj` at once, pinned or read or not (its bytes are known bad).
+    /// Drop every chunk of `obj` at once, pinned or not (its bytes are known bad, or its
+    /// version is gone): none is present after this. A chunk with live views (a send to a peer,
+    /// a reply in progress) keeps its bytes until the last view goes, then is punched; it is
+    /// not refilled before that. Returns the bytes taken out of the budget.
     pub fn drop_object(&self, obj: &ObjectVersion) -> u64 {
         let Some(f) = self.existing(obj) else { return 0 };
         let mut gone = Vec::new();
@@ -161,8 +166,12 @@ impl MemoryTier {
             for (i, s) in slots.iter_mut().enumerate() {
                 if s.present {
                     s.present = false;
-                    let r = chunk_range(i as u64, obj.size, self.chunk_size);
-                    punch(&f.file, r.start, r.end - r.start);
+                    if s.readers > 0 {
+                        s.punch_when_read = true;
+                    } else {
+                        let r = chunk_range(i as u64, obj.size, self.chunk_size);
+                        punch(&f.file, r.start, r.end - r.start);
+                    }
                     gone.push(i as u64);
                 }
             }
@@ -304,7 +313,7 @@ impl MemoryTier {
         {
             let mut slots = f.slots();
             let Some(s) = slots.get_mut(index as usize) else { return Ok(None) };
-            if s.present || s.writing {
+            if s.present || s.writing || s.punch_when_read {
                 return Ok(None);
             }
             s.writing = true;

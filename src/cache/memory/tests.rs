@@ -177,3 +177,28 @@ fn a_colder_fill_evicts_only_colder_chunks() {
     let ages: Vec<Duration> = tier.held().iter().map(|(_, _, idle)| *idle).collect();
     assert!(ages[0] >= Duration::from_millis(10));
 }
+
+/// A send to a peer maps a chunk and streams from the mapping; dropping the object meanwhile
+/// (a failed check, a version gone) must not punch the pages under it: the peer would get
+/// zeros with the old crc32c and blame an honest sender. The hole comes once the view goes,
+/// and the chunk is not refilled before that.
+#[test]
+fn a_dropped_object_keeps_the_bytes_of_a_send_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 16 * 4096, Arc::new(Metrics::new())).unwrap());
+    let o = obj(2 * 4096);
+    let data: Vec<u8> = (0..o.size).map(|i| (i * 13 % 251) as u8 | 1).collect();
+    tier.insert(&o, 0, &data[..4096], Tier::origin).unwrap();
+    tier.insert(&o, 1, &data[4096..], Tier::origin).unwrap();
+    let (sending, crc) = tier.map_chunk(&o, 0).unwrap();
+    assert_eq!(tier.drop_object(&o), o.size);
+    assert!(!tier.contains(&o, 0) && !tier.contains(&o, 1), "a dropped chunk is still present");
+    assert_eq!(&sending[..], &data[..4096], "the bytes of a send in flight were punched");
+    assert_eq!(crc32c::crc32c(&sending), crc);
+    assert!(tier.begin_fill(&o, 0).unwrap().is_none(), "a fill started before the hole under the send");
+    let blocks = || std::fs::metadata(tier.file_path(&o)).map(|md| std::os::unix::fs::MetadataExt::blocks(&md)).unwrap();
+    assert!(blocks() >= 8, "the sent chunk's pages are gone");
+    drop(sending);
+    assert_eq!(blocks(), 0, "the dropped chunk was not punched when its last view went");
+    assert!(tier.begin_fill(&o, 0).unwrap().is_some(), "the chunk cannot be filled again");
+}
