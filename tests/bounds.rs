@@ -60,3 +60,111 @@ fn idle_agents_probe_each_other_once_per_interval() {
         );
     }
 }
+
+fn fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+fn rss_anon_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap_or("RssAnon: 0 kB");
+    line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn target_port(addr: &str) -> u16 {
+    addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap()
+}
+
+/// Connections the agent on `port` keeps open to the flood's address (127.0.0.2), from
+/// /proc/net/tcp: its side of each, ESTABLISHED.
+fn flood_held_by_agent(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == local && f[2].starts_with("0200007F:") && f[3] == "01"
+        })
+        .count()
+}
+
+/// Let this process (and the agents it starts) hold as many descriptors as the hard limit
+/// allows; returns that number.
+fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit with a valid struct.
+    let rc = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim)
+    };
+    assert_eq!(rc, 0, "cannot raise RLIMIT_NOFILE: {}", std::io::Error::last_os_error());
+    lim.rlim_cur
+}
+
+/// 10,000 connections from one address that send the raw path's magic and a token length,
+/// then stall. Each used to hold a task and a descriptor forever (no deadline on the preamble,
+/// no cap on connections). Now at most a per-source cap get in, they are closed at the
+/// preamble deadline, and another agent's reads through the raw path go on meanwhile.
+#[test]
+fn stalled_raw_preambles_cost_nothing_once_they_time_out() {
+    if !fuse_available("stalled_raw_preambles_cost_nothing_once_they_time_out") {
+        return;
+    }
+    // 10,000 where the descriptor limit allows it (this test holds them all).
+    let limit = raise_fd_limit();
+    assert!(limit >= 4096, "RLIMIT_NOFILE is {limit}: too low for a flood test");
+    let flood_n = 10_000.min(limit as usize - 2000);
+    let src = tempfile::tempdir().unwrap();
+    write_random(&src.path().join("model.bin"), 64 << 20, 7);
+    write_random(&src.path().join("second.bin"), 64 << 20, 8);
+    let want = sha256_file(&src.path().join("model.bin"));
+    let want2 = sha256_file(&src.path().join("second.bin"));
+    let s = src.path().display().to_string();
+    let (a_addr, b_addr) = (peer_addr(), peer_addr());
+    let a = Agent::start(&s, &["--listen", &a_addr, "--peers", &b_addr, "--chunk-size", "4MiB"]);
+    assert_eq!(sha256_file(&a.path("model.bin")), want);
+    assert_eq!(sha256_file(&a.path("second.bin")), want2);
+    let b = Agent::start(&s, &["--listen", &b_addr, "--peers", &a_addr, "--chunk-size", "4MiB"]);
+    assert!(poll_until(Duration::from_secs(15), || live_peers(&b) == 1), "B does not see A: {}", b.log_text());
+    // B's first read opens its connections to A: the baseline has them.
+    assert_eq!(sha256_file(&b.path("model.bin")), want);
+    let (fds0, rss0) = (fds(a.pid()), rss_anon_kib(a.pid()));
+    let port = target_port(&a_addr);
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let target: std::net::SocketAddr = a_addr.parse().unwrap();
+    let started = Instant::now();
+    let flood: Vec<tokio::net::TcpStream> = rt.block_on(async {
+        let mut held = Vec::with_capacity(flood_n);
+        for _ in 0..flood_n {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            // Another loopback address than the agents use: the cap is per source.
+            sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            let Ok(Ok(mut c)) = tokio::time::timeout(Duration::from_secs(2), sock.connect(target)).await else { continue };
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut c, b"CFS1\0\0\0\x10").await;
+            held.push(c);
+        }
+        held
+    });
+    eprintln!("MEASURED {} stalled connections opened in {:.1} s", flood.len(), started.elapsed().as_secs_f64());
+    let during = fds(a.pid());
+    eprintln!("MEASURED agent descriptors: {fds0} before, {during} during the flood");
+    assert!(during < fds0 + 200, "the agent holds {during} descriptors during the flood (was {fds0})");
+
+    assert!(flood_held_by_agent(port) <= 64, "{} stalled connections got in", flood_held_by_agent(port));
+    // Honest reads through the raw path go on while the flood stalls.
+    assert_eq!(sha256_file(&b.path("second.bin")), want2);
+    assert_eq!(b.metric("cachefs_origin_bytes_total"), 0.0, "B read from the origin: {}", b.log_text());
+
+    // The preamble deadline (5 s) closes what got in; the flood's sockets are still open.
+    let settled = poll_until(Duration::from_secs(15), || flood_held_by_agent(port) == 0 && fds(a.pid()) <= fds0 + 8);
+    let (fds1, rss1) = (fds(a.pid()), rss_anon_kib(a.pid()));
+    eprintln!("MEASURED after the deadline: {fds1} descriptors, RssAnon {rss0} -> {rss1} KiB");
+    assert!(settled, "descriptors did not return to baseline: {fds0} before, {fds1} after the preamble deadline");
+    assert!(rss1 < rss0 + 32 * 1024, "RssAnon grew from {rss0} to {rss1} KiB");
+    assert_eq!(http_get(a.admin, "/healthz").map(|r| r.0), Some(200));
+    drop(flood);
+}

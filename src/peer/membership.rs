@@ -539,6 +539,9 @@ impl Membership {
             }
             self.probe_all().await;
             self.expire_learned(LEARNED_EXPIRY);
+            for p in self.all() {
+                p.raw.trim();
+            }
         }
     }
 

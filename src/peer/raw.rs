@@ -6,12 +6,21 @@
 //!   magic and the peer token; a wrong token is answered with UNAUTHENTICATED and closed.
 //! - The server answers exactly what the gRPC `ReadChunk` would (same checks, same crc32c);
 //!   the chunk bytes go from the tmpfs mapping to the socket without a copy in user space.
+//! - The server is bounded whatever callers do: the first bytes and the whole preamble must
+//!   arrive within [`PREAMBLE`]; nothing is allocated for a token before its length is checked;
+//!   at most [`MAX_CONNS`] connections are told apart or served at once, [`MAX_CONNS_PER_SOURCE`]
+//!   from one address (more are closed at once); an idle connection is closed after [`IDLE`].
 //! - The client receives a chunk straight into its sink (the memory tier) through one reused
-//!   buffer per connection; idle connections are kept for reuse, a failed one is dropped.
+//!   buffer per connection. Idle connections are kept for reuse for at most [`CLIENT_IDLE`]
+//!   (shorter than the server's), [`POOL`] per peer and [`MAX_IDLE`] in all; one the server has
+//!   closed is never reused, a failed one is dropped.
 //! - Every read and write is bounded by a timeout; connections end when the agent stops.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use subtle::ConstantTimeEq;
@@ -19,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::proto::{RawChunkHeader, ReadChunkRequest};
 use super::server::PeerServer;
@@ -28,14 +37,26 @@ use super::server::PeerServer;
 pub const MAGIC: &[u8; 4] = b"CFS1";
 /// Largest request or header accepted (they are small protobufs).
 const MAX_FRAME: u32 = 64 << 10;
+/// Longest peer token accepted in a preamble.
+const MAX_TOKEN: u32 = 4 << 10;
 /// An idle server connection is closed after this long.
-const IDLE: Duration = Duration::from_secs(60);
-/// Longest wait for the first bytes of a connection (to tell raw from gRPC).
-const SNIFF: Duration = Duration::from_secs(10);
+pub const IDLE: Duration = Duration::from_secs(60);
+/// Longest wait from accepting a connection to the end of its preamble (the first bytes, which
+/// tell raw from gRPC, then the magic and the token).
+pub const PREAMBLE: Duration = Duration::from_secs(5);
+/// Connections being told apart or served on the raw path at once, in all and from one address.
+pub const MAX_CONNS: usize = 4096;
+pub const MAX_CONNS_PER_SOURCE: usize = 64;
 /// Bytes received per read into a connection's buffer.
 const RECV_BUFFER: usize = 1 << 20;
-/// Idle client connections kept per peer.
-const POOL: usize = 32;
+/// Idle client connections kept per peer, and in all (each holds a receive buffer).
+pub const POOL: usize = 16;
+pub const MAX_IDLE: usize = 64;
+/// An idle client connection is not reused after this long (the server closes its side later).
+pub const CLIENT_IDLE: Duration = Duration::from_secs(20);
+
+/// Idle client connections of every pool.
+static IDLE_CONNS: AtomicUsize = AtomicUsize::new(0);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RawError {
@@ -52,8 +73,12 @@ async fn read_frame<M: Message + Default>(s: &mut TcpStream) -> Result<M, RawErr
     if len > MAX_FRAME {
         return Err(RawError::Frame(format!("frame of {len} bytes")));
     }
-    let mut buf = vec![0u8; len as usize];
-    s.read_exact(&mut buf).await?;
+    // Grows only as bytes arrive.
+    let mut buf = Vec::new();
+    (&mut *s).take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() != len as usize {
+        return Err(RawError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
     M::decode(buf.as_slice()).map_err(|e| RawError::Frame(e.to_string()))
 }
 
@@ -63,6 +88,44 @@ async fn write_frame(s: &mut TcpStream, m: &impl Message) -> std::io::Result<()>
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(&body);
     s.write_all(&out).await
+}
+
+/// Connections admitted on the peer port and not yet handed to gRPC, in all and per source.
+#[derive(Default)]
+struct Admission {
+    counts: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// A connection's place in [`Admission`], given back when dropped.
+struct Admitted {
+    adm: Arc<Admission>,
+    ip: IpAddr,
+}
+
+impl Admission {
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let from = c.1.get(&ip).copied().unwrap_or(0);
+        if c.0 >= MAX_CONNS || from >= MAX_CONNS_PER_SOURCE {
+            return None;
+        }
+        c.0 += 1;
+        c.1.insert(ip, from + 1);
+        Some(Admitted { adm: self.clone(), ip })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut c = self.adm.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.0 = c.0.saturating_sub(1);
+        if let Some(n) = c.1.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.1.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Accept on `listener`: raw data connections are served here, every other connection is
@@ -76,55 +139,83 @@ pub fn split(
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TcpStream>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let accept_tasks = tasks.clone();
+    let admission = Arc::new(Admission::default());
     tasks.spawn(async move {
+        let mut refused = 0u64;
         loop {
-            let conn = tokio::select! {
+            let (conn, from) = tokio::select! {
                 _ = stop.cancelled() => return,
-                c = listener.accept() => c,
-            };
-            let (conn, tx, server, token, stop) = (conn.map(|(c, _)| c), tx.clone(), server.clone(), token.clone(), stop.clone());
-            accept_tasks.spawn(async move {
-                let conn = match conn {
+                c = listener.accept() => match c {
                     Ok(c) => c,
-                    Err(e) => return drop(tx.send(Err(e)).await),
-                };
+                    Err(e) => {
+                        // Out of file descriptors, say: accepting again at once would spin.
+                        debug!(error = %e, "accepting a peer connection failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+            };
+            let Some(slot) = admission.admit(from.ip()) else {
+                refused += 1;
+                if refused.is_power_of_two() {
+                    warn!(from = %from, refused, "too many connections on the peer port (in all or from this address): closing new ones");
+                }
+                continue;
+            };
+            let (tx, server, token, stop) = (tx.clone(), server.clone(), token.clone(), stop.clone());
+            accept_tasks.spawn(async move {
                 let _ = conn.set_nodelay(true);
+                let by = tokio::time::Instant::now() + PREAMBLE;
                 let mut first = [0u8; 4];
-                let raw = matches!(tokio::time::timeout(SNIFF, conn.peek(&mut first)).await, Ok(Ok(4))) && &first == MAGIC;
+                let raw = matches!(tokio::time::timeout_at(by, conn.peek(&mut first)).await, Ok(Ok(4))) && &first == MAGIC;
                 if !raw {
+                    drop(slot);
                     let _ = tx.send(Ok(conn)).await;
                     return;
                 }
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    r = serve_conn(conn, &server, token.as_deref()) => if let Err(e) = r { debug!(error = %e, "raw data connection ended") },
+                    r = serve_conn(conn, &server, token.as_deref(), by) => if let Err(e) = r { debug!(error = %e, "raw data connection ended") },
                 }
+                drop(slot);
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// One raw connection: the preamble, then requests until the client closes or idles out.
-async fn serve_conn(mut s: TcpStream, server: &PeerServer, token: Option<&Vec<u8>>) -> Result<(), RawError> {
-    let mut magic = [0u8; 4];
-    s.read_exact(&mut magic).await?;
-    let len = s.read_u32().await?;
-    if len > MAX_FRAME {
-        return Err(RawError::Frame("token too long".into()));
-    }
-    let mut got = vec![0u8; len as usize];
-    s.read_exact(&mut got).await?;
-    if let Some(want) = token {
-        if !(got.len() == want.len() && bool::from(got.as_slice().ct_eq(want.as_slice()))) {
-            let h = RawChunkHeader {
-                code: tonic::Code::Unauthenticated as u32,
-                message: "missing or wrong peer token".into(),
-                ..Default::default()
-            };
-            write_frame(&mut s, &h).await?;
-            return Ok(());
+/// Read the magic and the token, all before `by`; whether the token is right.
+async fn preamble(s: &mut TcpStream, token: Option<&Vec<u8>>, by: tokio::time::Instant) -> Result<bool, RawError> {
+    let read = async {
+        let mut magic = [0u8; 4];
+        s.read_exact(&mut magic).await?;
+        let len = s.read_u32().await?;
+        if len > MAX_TOKEN {
+            return Err(RawError::Frame("token too long".into()));
         }
+        // Grows only as bytes arrive.
+        let mut got = Vec::new();
+        (&mut *s).take(len as u64).read_to_end(&mut got).await?;
+        if got.len() != len as usize {
+            return Err(RawError::Frame("preamble cut short".into()));
+        }
+        Ok(got)
+    };
+    let got = tokio::time::timeout_at(by, read).await.map_err(|_| RawError::Frame("preamble timed out".into()))??;
+    Ok(token.is_none_or(|want| got.len() == want.len() && bool::from(got.as_slice().ct_eq(want.as_slice()))))
+}
+
+/// One raw connection: the preamble (by `by`), then requests until the client closes or idles out.
+async fn serve_conn(mut s: TcpStream, server: &PeerServer, token: Option<&Vec<u8>>, by: tokio::time::Instant) -> Result<(), RawError> {
+    if !preamble(&mut s, token, by).await? {
+        let h = RawChunkHeader {
+            code: tonic::Code::Unauthenticated as u32,
+            message: "missing or wrong peer token".into(),
+            ..Default::default()
+        };
+        let wrote = tokio::time::timeout(PREAMBLE, write_frame(&mut s, &h)).await;
+        wrote.map_err(|_| RawError::Frame("answer timed out".into()))??;
+        return Ok(());
     }
     loop {
         let req: ReadChunkRequest = match tokio::time::timeout(IDLE, read_frame(&mut s)).await {
@@ -161,11 +252,35 @@ pub struct Conn {
     buf: Vec<u8>,
 }
 
+impl Conn {
+    /// Whether the server may still answer on it: nothing arrived unasked (a close, a reset).
+    fn open(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+/// A pooled connection, counted in [`IDLE_CONNS`] until taken or dropped.
+struct Idle {
+    conn: Conn,
+    since: Instant,
+    _counted: Counted,
+}
+
+/// One count in [`IDLE_CONNS`], given back when dropped.
+struct Counted;
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        IDLE_CONNS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Raw connections to one peer.
 pub struct Pool {
     addr: String,
     token: Vec<u8>,
-    idle: Mutex<Vec<Conn>>,
+    idle: Mutex<Vec<Idle>>,
 }
 
 impl Pool {
@@ -173,9 +288,34 @@ impl Pool {
         Pool { addr: addr.to_string(), token: token.unwrap_or("").as_bytes().to_vec(), idle: Mutex::new(Vec::new()) }
     }
 
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Close idle connections older than [`CLIENT_IDLE`] (called periodically).
+    pub fn trim(&self) {
+        self.idle().retain(|i| i.since.elapsed() < CLIENT_IDLE);
+    }
+
+    /// Idle connections kept now.
+    pub fn idle_count(&self) -> usize {
+        self.idle().len()
+    }
+
+    /// The newest pooled connection still fresh and open.
+    fn pooled(&self) -> Option<Conn> {
+        let mut idle = self.idle();
+        while let Some(i) = idle.pop() {
+            if i.since.elapsed() < CLIENT_IDLE && i.conn.open() {
+                return Some(i.conn);
+            }
+        }
+        None
+    }
+
     /// A pooled connection (`true`) or a new one.
     async fn take(&self, connect_timeout: Duration) -> Result<(Conn, bool), RawError> {
-        if let Some(c) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+        if let Some(c) = self.pooled() {
             return Ok((c, true));
         }
         let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(&self.addr))
@@ -202,17 +342,23 @@ impl Pool {
             };
             match answer.await {
                 Ok(h) => return Ok((c, h)),
-                Err(RawError::Io(_)) if reused => self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear(),
+                Err(RawError::Io(_)) if reused => self.idle().clear(),
                 Err(e) => return Err(e),
             }
         }
     }
 
+    /// Keep `c` for reuse, if this pool and all pools together have room.
     fn put_back(&self, c: Conn) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < POOL {
-            idle.push(c);
+        let mut idle = self.idle();
+        if idle.len() >= POOL {
+            return;
         }
+        let counted = Counted;
+        if IDLE_CONNS.fetch_add(1, Ordering::Relaxed) >= MAX_IDLE {
+            return;
+        }
+        idle.push(Idle { conn: c, since: Instant::now(), _counted: counted });
     }
 
     /// Ask for one chunk of `want` bytes; `on_data` gets them in order. Returns the crc32c the
@@ -245,5 +391,42 @@ impl Pool {
         }
         self.put_back(c);
         Ok(h.crc32c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pooled connection that the server closed, or that idled past [`CLIENT_IDLE`], is
+    /// never handed out again.
+    #[tokio::test]
+    async fn the_pool_drops_closed_and_stale_connections() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = Pool::new(&listener.local_addr().unwrap().to_string(), Some("t"));
+        let (c, reused) = pool.take(Duration::from_secs(1)).await.unwrap();
+        assert!(!reused);
+        let (server_side, _) = listener.accept().await.unwrap();
+        pool.put_back(c);
+        assert_eq!(pool.idle_count(), 1);
+        drop(server_side);
+        // The close reaches the client side's socket.
+        for _ in 0..100 {
+            if !pool.idle()[0].conn.open() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(pool.pooled().is_none(), "a connection the server closed was reused");
+
+        let (c, _) = pool.take(Duration::from_secs(1)).await.unwrap();
+        let (_kept_open, _) = listener.accept().await.unwrap();
+        pool.put_back(c);
+        assert!(pool.idle()[0].conn.open());
+        if let Some(old) = Instant::now().checked_sub(CLIENT_IDLE) {
+            pool.idle()[0].since = old;
+        }
+        pool.trim();
+        assert_eq!(pool.idle_count(), 0, "a stale idle connection was kept");
     }
 }
