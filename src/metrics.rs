@@ -82,6 +82,7 @@ pub mod names {
     pub const PEER_ERRORS: &str = "cachefs_peer_errors_total";
     pub const PEER_CHECKSUM_ERRORS: &str = "cachefs_peer_checksum_errors_total";
     pub const VERIFY_FAILURES: &str = "cachefs_verify_failures_total";
+    pub const UNVERIFIED_FILES: &str = "cachefs_unverified_files_total";
     pub const PREEMPTION_NOTICES: &str = "cachefs_preemption_notices_total";
     pub const METADATA_ERRORS: &str = "cachefs_metadata_errors_total";
     pub const WEBHOOK_DELIVERIES: &str = "cachefs_webhook_deliveries_total";
@@ -112,6 +113,8 @@ pub struct Metrics {
     pub peer_errors: Family<PeerLabel, Counter>,
     pub peer_checksum_errors: Counter,
     pub verify_failures: Counter,
+    /// Files with peer bytes served that no whole-file check can cover.
+    pub unverified_files: Counter,
     pub passthrough_opens: Counter,
     /// Sizes of the files opened with passthrough (their reads never reach the agent).
     pub passthrough_open_bytes: Counter,
@@ -156,6 +159,7 @@ impl Metrics {
             peer_errors: Family::default(),
             peer_checksum_errors: Counter::default(),
             verify_failures: Counter::default(),
+            unverified_files: Counter::default(),
             passthrough_opens: Counter::default(),
             passthrough_open_bytes: Counter::default(),
             preemption_notices: Counter::default(),
@@ -194,6 +198,11 @@ impl Metrics {
             base(VERIFY_FAILURES),
             "Files assembled from peers that failed the origin's whole-object checksum",
             m.verify_failures.clone(),
+        );
+        registry.register(
+            base(UNVERIFIED_FILES),
+            "Files with bytes from peers served that cannot be checked against the origin's whole-object checksum",
+            m.unverified_files.clone(),
         );
         registry.register(
             base(PREEMPTION_NOTICES),

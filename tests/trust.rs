@@ -41,6 +41,9 @@ struct ForgingPeer {
     /// Sizes of the objects it has been asked about, by key.
     sizes: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     served: Arc<std::sync::atomic::AtomicU64>,
+    /// The object's true bytes: forge only the first chunk asked for, serve the rest honestly.
+    truth: Option<Vec<u8>>,
+    forged_index: Arc<std::sync::Mutex<Option<u64>>>,
 }
 
 #[tonic::async_trait]
@@ -52,7 +55,18 @@ impl proto::peer_server::Peer for ForgingPeer {
         let size = r.object.as_ref().map(|o| o.size).unwrap_or(0);
         let start = r.index * self.chunk;
         let len = self.chunk.min(size.saturating_sub(start)) as usize;
-        let forged = vec![0x41u8; len];
+        let forge = {
+            let mut first = self.forged_index.lock().unwrap();
+            let forge = self.truth.is_none() || first.is_none_or(|i| i == r.index);
+            if forge {
+                *first = Some(r.index);
+            }
+            forge
+        };
+        let forged = match &self.truth {
+            Some(t) if !forge => t[start as usize..start as usize + len].to_vec(),
+            _ => vec![0x41u8; len],
+        };
         let crc = crc32c::crc32c(&forged);
         self.served.fetch_add(len as u64, std::sync::atomic::Ordering::SeqCst);
         let msgs: Vec<_> = forged
@@ -117,20 +131,36 @@ struct Forger {
     addr: String,
     port: u16,
     served: Arc<std::sync::atomic::AtomicU64>,
+    /// The one chunk forged, when it forges one only.
+    forged_index: Arc<std::sync::Mutex<Option<u64>>>,
     rt: tokio::runtime::Runtime,
 }
 
 fn start_forger(source: &str, chunk: u64) -> Forger {
+    start_forger_of(source, chunk, None)
+}
+
+/// A forger that knows the object's bytes (`truth`): one chunk forged, the rest honest.
+fn start_forger_of(source: &str, chunk: u64, truth: Option<Vec<u8>>) -> Forger {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let local = listener.local_addr().unwrap();
     let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let peer = ForgingPeer { node_id: "forger".into(), chunk, source: source.into(), sizes: Default::default(), served: served.clone() };
+    let forged_index = Arc::new(std::sync::Mutex::new(None));
+    let peer = ForgingPeer {
+        node_id: "forger".into(),
+        chunk,
+        source: source.into(),
+        sizes: Default::default(),
+        served: served.clone(),
+        truth,
+        forged_index: forged_index.clone(),
+    };
     let svc = proto::peer_server::PeerServer::new(peer);
     rt.spawn(
         tonic::transport::Server::builder().add_service(svc).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    Forger { addr: local.to_string(), port: local.port(), served, rt }
+    Forger { addr: local.to_string(), port: local.port(), served, forged_index, rt }
 }
 
 /// Say Hello to `to` as `node_id` with peer port `port`; the answer's status code.
@@ -450,4 +480,76 @@ fn files_assembled_from_honest_peers_are_verified() {
     let (_, d_addr) = peer_addr();
     let d = Agent::start(&src.path().display().to_string(), &["--listen", &d_addr]);
     assert!(status(&d)["verification"]["note"].as_str().unwrap_or("").contains("publishes no whole-object checksum"), "{}", status(&d));
+}
+
+/// Three holders striped over by one reader, one of which forges a single chunk (valid
+/// crc32c): the file fails the origin's checksum, is loaded again from the origin, and only the
+/// forger is distrusted; the two honest holders stay live (every supplier was distrusted
+/// before, sending the reader, and a fleet of readers, to the origin for ten minutes).
+#[test]
+fn only_the_peer_that_forged_a_chunk_is_distrusted() {
+    if !fuse_available("only_the_peer_that_forged_a_chunk_is_distrusted") {
+        return;
+    }
+    use common::fake_s3::FakeS3;
+    let data = random_bytes((12 << 20) + 4321, 1271);
+    let s3 = FakeS3::start("bkt", "p/s.bin", data.clone());
+    let forger = start_forger_of("s3://bkt/p", 1 << 20, Some(data.clone()));
+    let ((_, a_addr), (_, b_addr), (_, c_addr)) = (peer_addr(), peer_addr(), peer_addr());
+    let start = |listen: &str, peers: &[&str]| {
+        let mut v = s3_opts(&s3.endpoint());
+        v.extend(["--chunk-size", "1MiB", "--listen", listen, "--peers", &peers.join(",")].map(String::from));
+        Agent::start("s3://bkt/p", &v.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let a = start(&a_addr, &[&b_addr, &c_addr]);
+    assert!(std::fs::read(a.path("s.bin")).unwrap() == data);
+    let b = start(&b_addr, &[&a_addr, &c_addr]);
+    assert!(std::fs::read(b.path("s.bin")).unwrap() == data);
+    let c = start(&c_addr, &[&a_addr, &b_addr, &forger.addr]);
+    let live = |x: &Agent, addr: &str| peer_entry(x, addr).is_some_and(|p| p["state"] == "live");
+    assert!(poll_until(Duration::from_secs(15), || [&a_addr, &b_addr, &forger.addr].iter().all(|p| live(&c, p))), "{}", status(&c));
+
+    let _ = std::fs::read(c.path("s.bin")).unwrap();
+    assert!(forger.forged_index.lock().unwrap().is_some(), "the forger was never asked: the test proves nothing");
+    assert!(
+        poll_until(Duration::from_secs(20), || check_of(&c, "s.bin").is_some_and(|f| f["check"] == "verified")),
+        "{}\n{}",
+        status(&c),
+        c.log_text()
+    );
+    assert_eq!(c.metric("cachefs_verify_failures_total"), 1.0);
+    assert_eq!(peer_entry(&c, &forger.addr).unwrap()["state"], "distrusted", "{}", status(&c));
+    for honest in [&a_addr, &b_addr] {
+        assert_eq!(peer_entry(&c, honest).unwrap()["state"], "live", "an honest holder was distrusted: {}", status(&c));
+    }
+    assert!(std::fs::read(c.path("s.bin")).unwrap() == data, "the file is wrong after the reload");
+}
+
+/// A file larger than the reader's cache is never whole in its memory, so the whole-file check
+/// can never run on the bytes peers served: /status and a metric must say so (they said
+/// nothing: the file stayed "pending" for ever).
+#[test]
+fn peer_bytes_that_cannot_be_checked_are_reported() {
+    if !fuse_available("peer_bytes_that_cannot_be_checked_are_reported") {
+        return;
+    }
+    use common::fake_s3::FakeS3;
+    let data = random_bytes((12 << 20) + 99, 1281);
+    let s3 = FakeS3::start("bkt", "p/big.bin", data.clone());
+    let ((_, a_addr), (_, b_addr)) = (peer_addr(), peer_addr());
+    let start = |listen: &str, peer: &str, cache: &str| {
+        let mut v = s3_opts(&s3.endpoint());
+        v.extend(["--chunk-size", "1MiB", "--cache-size", cache, "--listen", listen, "--peers", peer].map(String::from));
+        Agent::start("s3://bkt/p", &v.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let a = start(&a_addr, &b_addr, "64MiB");
+    assert!(std::fs::read(a.path("big.bin")).unwrap() == data);
+    let b = start(&b_addr, &a_addr, "4MiB");
+    assert!(poll_until(Duration::from_secs(15), || peer_entry(&b, &a_addr).is_some_and(|p| p["state"] == "live")), "{}", status(&b));
+    assert!(std::fs::read(b.path("big.bin")).unwrap() == data);
+    assert!(tier(&b, "peer") > 0.0, "B read nothing from A: the test proves nothing");
+    assert_eq!(b.metric("cachefs_unverified_files_total"), 1.0, "{}", status(&b));
+    let f = check_of(&b, "big.bin").unwrap_or_default();
+    assert_eq!(f["served_unverified"], true, "{f}");
+    assert!(b.log_text().contains("cannot be checked against the origin"), "{}", b.log_text());
 }

@@ -5,13 +5,18 @@
 //!   CRC-64 (combined from the chunks' CRC-64s, kept as they were stored: nothing is read again)
 //!   is compared with the checksum the origin publishes for that version.
 //! - Equal: `verified`. Different: every chunk of the file is dropped, the file is loaded again
-//!   from the origin alone (peers are not asked for it again), each peer that supplied chunks of
-//!   it is distrusted for [`DISTRUST`] and named in a warning, and
-//!   `cachefs_verify_failures_total` counts the file. The origin publishes none: `unverified`,
-//!   with its reason. [`Verifier::status`] lists every such file for `/status`.
+//!   from the origin alone (peers are not asked for it again), and `cachefs_verify_failures_total`
+//!   counts the file. Each chunk a peer supplied is then compared (crc32c) with the origin's:
+//!   only the peers whose chunks differ (or could not be compared) are distrusted for
+//!   [`DISTRUST`] and named in a warning, so one forger does not cost every honest holder.
+//!   The origin publishes none: `unverified`, with its reason.
+//! - A file some of whose peer bytes cannot be checked whole is `unverified` with the reason,
+//!   and counted once in `cachefs_unverified_files_total`: a chunk from a peer that found no
+//!   room in memory (served from a buffer), or one evicted before the file was whole.
+//!   [`Verifier::status`] lists every such file for `/status`.
 //! - Checks and reloads are tracked tasks; they stop at shutdown.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -19,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
-use super::{MemoryTier, Reader};
+use super::{ChunkKey, MemoryTier, Reader};
 use crate::catalog::ObjectVersion;
 use crate::metrics::Metrics;
 use crate::origin::{Lookup, Origin};
@@ -58,12 +63,27 @@ impl Check {
 
 struct FileState {
     key: String,
-    /// Peers (addresses) that supplied chunks since the last check.
-    suppliers: BTreeSet<String>,
+    /// Chunks peers supplied since the last check: index -> (peer address, crc32c it sent).
+    supplied: HashMap<u64, (String, u32)>,
     check: Check,
     /// Failed once: read from the origin only.
     origin_only: bool,
     failures: u32,
+    /// Counted in `cachefs_unverified_files_total` already.
+    counted_unverified: bool,
+}
+
+impl FileState {
+    fn new(key: &str) -> Self {
+        FileState {
+            key: key.to_string(),
+            supplied: HashMap::new(),
+            check: Check::Pending,
+            origin_only: false,
+            failures: 0,
+            counted_unverified: false,
+        }
+    }
 }
 
 pub struct Verifier {
@@ -86,7 +106,23 @@ impl Verifier {
         tasks: TaskTracker,
         stop: CancellationToken,
     ) -> Arc<Self> {
-        Arc::new(Verifier { origin, memory, membership, metrics, reader: OnceLock::new(), files: Mutex::new(HashMap::new()), tasks, stop })
+        let v = Arc::new(Verifier {
+            origin,
+            memory: memory.clone(),
+            membership,
+            metrics,
+            reader: OnceLock::new(),
+            files: Mutex::new(HashMap::new()),
+            tasks,
+            stop,
+        });
+        let weak = Arc::downgrade(&v);
+        memory.on_evict(Box::new(move |key| {
+            if let Some(v) = weak.upgrade() {
+                v.evicted(key);
+            }
+        }));
+        v
     }
 
     /// The reader that loads a failed file again (set once it exists).
@@ -103,26 +139,56 @@ impl Verifier {
         self.files().get(&obj.id).is_some_and(|f| f.origin_only)
     }
 
-    /// A chunk of `obj` from the peer at `addr` was stored.
-    pub fn from_peer(self: &Arc<Self>, obj: &Arc<ObjectVersion>, addr: &str) {
+    /// The state of `obj`, made if new (room is made by forgetting settled files).
+    fn entry<'a>(files: &'a mut HashMap<Arc<str>, FileState>, obj: &ObjectVersion) -> &'a mut FileState {
+        if files.len() >= MAX_FILES && !files.contains_key(&obj.id) {
+            files.retain(|_, f| f.check == Check::Pending || f.check == Check::Checking || f.origin_only);
+        }
+        files.entry(obj.id.clone()).or_insert_with(|| FileState::new(&obj.key))
+    }
+
+    /// Chunk `index` of `obj`, with crc32c `crc`, from the peer at `addr` was stored.
+    pub fn from_peer(self: &Arc<Self>, obj: &Arc<ObjectVersion>, index: u64, crc: u32, addr: &str) {
         {
             let mut files = self.files();
-            if files.len() >= MAX_FILES && !files.contains_key(&obj.id) {
-                files.retain(|_, f| f.check == Check::Pending || f.check == Check::Checking || f.origin_only);
-            }
-            let f = files.entry(obj.id.clone()).or_insert_with(|| FileState {
-                key: obj.key.clone(),
-                suppliers: BTreeSet::new(),
-                check: Check::Pending,
-                origin_only: false,
-                failures: 0,
-            });
-            f.suppliers.insert(addr.to_string());
-            if f.check != Check::Checking && f.check != Check::Refetching {
+            let f = Self::entry(&mut files, obj);
+            f.supplied.insert(index, (addr.to_string(), crc));
+            if !matches!(f.check, Check::Checking | Check::Refetching) {
                 f.check = Check::Pending;
             }
         }
         self.stored(obj);
+    }
+
+    /// Chunk `index` of `obj` from the peer at `addr` was served without being kept (no room
+    /// in memory): the file cannot be checked whole.
+    pub fn unkept(&self, obj: &ObjectVersion, index: u64, addr: &str) {
+        let mut files = self.files();
+        let f = Self::entry(&mut files, obj);
+        f.supplied.insert(index, (addr.to_string(), 0));
+        self.cannot_check(f, "a chunk from a peer was served without room to keep it in memory: the file cannot be checked whole");
+    }
+
+    /// The memory tier evicted `key`: a file waiting to be whole loses a peer chunk's record.
+    fn evicted(&self, key: &ChunkKey) {
+        let mut files = self.files();
+        let Some(f) = files.get_mut(&key.object) else { return };
+        if f.check == Check::Pending && f.supplied.contains_key(&key.index) {
+            self.cannot_check(f, "a chunk from a peer left memory before the file was whole: the file cannot be checked");
+        }
+    }
+
+    /// `f` has peer bytes that no whole-file check will cover.
+    fn cannot_check(&self, f: &mut FileState, reason: &str) {
+        if matches!(f.check, Check::Checking | Check::Refetching) {
+            return;
+        }
+        f.check = Check::Unverified { reason: reason.into() };
+        if !f.counted_unverified {
+            f.counted_unverified = true;
+            self.metrics.unverified_files.inc();
+            warn!(key = %f.key, reason, "bytes from peers were served that cannot be checked against the origin");
+        }
     }
 
     /// A chunk of `obj` was stored (from any tier): check the file if it is now whole.
@@ -183,31 +249,57 @@ impl Verifier {
         tokio::task::spawn_blocking(move || memory.whole_crc64(&obj)).await.ok().flatten()
     }
 
-    /// The file does not match: drop it, distrust its suppliers, load it from the origin alone.
+    /// The file does not match: drop it, load it from the origin alone, then distrust the
+    /// peers whose chunks differ from the origin's.
     async fn failed(self: &Arc<Self>, obj: &Arc<ObjectVersion>, kind: &str, theirs: u64, ours: u64) {
         self.metrics.verify_failures.inc();
-        let suppliers: Vec<String> = {
+        let supplied = {
             let mut files = self.files();
             let Some(f) = files.get_mut(&obj.id) else { return };
             f.origin_only = true;
             f.failures += 1;
             f.check = Check::Refetching;
-            std::mem::take(&mut f.suppliers).into_iter().collect()
+            std::mem::take(&mut f.supplied)
         };
-        warn!(key = %obj.key, peers = ?suppliers, kind, origin = format!("{theirs:016x}"), assembled = format!("{ours:016x}"), "file assembled from peers fails the origin's checksum; dropping it, distrusting those peers and loading it from the origin");
-        for p in &suppliers {
-            self.membership.distrust(p, &format!("served {} that failed the origin's {kind}", obj.key), DISTRUST);
-        }
+        warn!(key = %obj.key, kind, origin = format!("{theirs:016x}"), assembled = format!("{ours:016x}"), "file assembled from peers fails the origin's checksum; dropping it and loading it from the origin to find the peers that sent bad chunks");
         let freed = self.memory.drop_object(obj);
         info!(key = %obj.key, bytes = freed, "dropped the file's chunks");
         let Some(reader) = self.reader.get().and_then(Weak::upgrade) else { return };
-        match reader.load_all(obj, |_| {}).await {
+        let reloaded = reader.load_all(obj, |_| {}).await;
+        self.blame(obj, kind, &supplied);
+        let check = match reloaded {
             Ok(()) => match self.whole_crc64(obj).await {
-                Some((again, _)) if again == theirs => self.set(obj, Check::Verified),
-                Some(_) => self.set(obj, Check::Unverified { reason: "the origin's own bytes differ from its checksum".into() }),
-                None => self.set(obj, Check::Unverified { reason: "reloaded from the origin, but it did not stay in memory".into() }),
+                Some((again, _)) if again == theirs => Check::Verified,
+                Some(_) => Check::Unverified { reason: "the origin's own bytes differ from its checksum".into() },
+                None => Check::Unverified { reason: "reloaded from the origin, but it did not stay in memory".into() },
             },
-            Err(e) => self.set(obj, Check::Unverified { reason: format!("reload from the origin failed: {e}") }),
+            Err(e) => Check::Unverified { reason: format!("reload from the origin failed: {e}") },
+        };
+        self.set(obj, check);
+    }
+
+    /// Distrust each peer that supplied a chunk of `obj` whose crc32c differs from the one the
+    /// origin's bytes (now in memory) have; a chunk that cannot be compared counts against its
+    /// supplier too.
+    fn blame(&self, obj: &ObjectVersion, kind: &str, supplied: &HashMap<u64, (String, u32)>) {
+        let mut bad: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+        for (index, (addr, crc)) in supplied {
+            if self.memory.crc(obj, *index) != Some(*crc) {
+                bad.entry(addr.as_str()).or_default().push(*index);
+            }
+        }
+        let honest = supplied
+            .values()
+            .filter(|(a, _)| !bad.contains_key(a.as_str()))
+            .map(|(a, _)| a.as_str())
+            .collect::<std::collections::BTreeSet<_>>();
+        for (addr, mut chunks) in bad {
+            chunks.sort_unstable();
+            warn!(key = %obj.key, peer = addr, chunks = ?chunks, "this peer sent chunks that differ from the origin's; distrusting it");
+            self.membership.distrust(addr, &format!("served chunks of {} that failed the origin's {kind}", obj.key), DISTRUST);
+        }
+        if !honest.is_empty() {
+            info!(key = %obj.key, peers = ?honest, "these peers' chunks of the file match the origin's");
         }
     }
 
@@ -218,7 +310,7 @@ impl Verifier {
             .values()
             .map(|f| {
                 let (check, reason) = f.check.describe();
-                serde_json::json!({ "key": f.key, "check": check, "reason": reason, "origin_only": f.origin_only, "failures": f.failures })
+                serde_json::json!({ "key": f.key, "check": check, "reason": reason, "origin_only": f.origin_only, "failures": f.failures, "served_unverified": f.counted_unverified })
             })
             .collect();
         files.sort_by(|a, b| a["key"].as_str().cmp(&b["key"].as_str()));

@@ -327,18 +327,19 @@ impl PeerSource {
             if have != want {
                 return Err(PeerFetchError::Protocol(format!("short stream: {have} of {want} bytes")));
             }
-            sink.finish(crc)
+            sink.finish(crc).map(|c| (c, crc))
         }
         .await;
         match (&chunk, &self.verifier) {
             (Err(e), _) => self.failed(peer, &attempt, obj, index, e),
-            (Ok(c), Some(v)) if c.stored => v.from_peer(obj, &peer.addr),
+            (Ok((c, crc)), Some(v)) if c.stored => v.from_peer(obj, index, *crc, &peer.addr),
+            (Ok(_), Some(v)) => v.unkept(obj, index, &peer.addr),
             _ => {}
         }
         if chunk.is_ok() {
             self.membership.report_success(peer);
         }
-        chunk
+        chunk.map(|(c, _)| c)
     }
 
     /// The chunk over gRPC into `sink`; returns the crc32c the peer sent.

@@ -182,6 +182,9 @@ impl MemoryTier {
             drop((slots, pins));
             f.journal(&format!("-{}\n", key.index));
             self.metrics.evictions.inc();
+            if let Some(hook) = self.evicted.get() {
+                hook(&key);
+            }
         }
         kept
     }

@@ -73,9 +73,14 @@ pub struct MemoryTier {
     metrics: Arc<Metrics>,
     /// Each chunk's CRC-64 is kept in this algorithm (the origin's whole-object checksum).
     crc64: Option<crc_fast::CrcAlgorithm>,
+    /// Told of every chunk evicted (set once; see [`MemoryTier::on_evict`]).
+    evicted: std::sync::OnceLock<EvictHook>,
     /// Held (flock) for the tier's life: one agent per cache directory.
     _lock: File,
 }
+
+/// What [`MemoryTier::on_evict`] calls, outside every lock of the tier.
+pub type EvictHook = Box<dyn Fn(&ChunkKey) + Send + Sync>;
 
 /// Name of the lock file in the cache directory (it holds the owner's pid).
 pub const LOCK_FILE: &str = ".lock";
@@ -122,6 +127,7 @@ impl MemoryTier {
             pins: Mutex::new(HashMap::new()),
             metrics,
             crc64: None,
+            evicted: std::sync::OnceLock::new(),
             _lock: lock,
         })
     }
@@ -207,6 +213,11 @@ impl MemoryTier {
             }
         }
         freed
+    }
+
+    /// Call `hook` with each chunk evicted from now on (once per tier; a second hook is ignored).
+    pub fn on_evict(&self, hook: EvictHook) {
+        let _ = self.evicted.set(hook);
     }
 
     /// Object versions with a cache file open here.
