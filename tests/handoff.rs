@@ -208,3 +208,34 @@ fn a_handoff_to_stuck_survivors_ends_at_the_drain_deadline() {
     assert_eq!(ready["handed_off_bytes"], 0, "no survivor took a chunk, yet some were reported handed off");
     assert_eq!(ready["lost_bytes"], MODEL as u64, "what could not be handed off was not reported");
 }
+
+/// A handoff makes the survivor evict its own colder chunks, so only a peer that really drains
+/// may ask for one: a request naming a live peer that is serving (here from its own IP, as a
+/// rogue process on that host could) is refused, whatever it says.
+#[test]
+fn a_handoff_from_a_peer_that_is_not_draining_is_refused() {
+    if !fuse_available("a_handoff_from_a_peer_that_is_not_draining_is_refused") {
+        return;
+    }
+    use cachefs::peer::proto;
+    let src = tempfile::tempdir().unwrap();
+    write_random(&src.path().join("model.bin"), 8 << 20, 904);
+    let (a_addr, b_addr) = (peer_addr(), peer_addr());
+    let a = peer(src.path(), &a_addr, &b_addr);
+    let b = peer(src.path(), &b_addr, &a_addr);
+    assert!(poll_until(Duration::from_secs(15), || live_peers(&a) == 1), "A does not see B: {}", status(&a));
+    let b_id = status(&b)["node_id"].as_str().unwrap().to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let code = rt.block_on(async {
+        let mut c = proto::peer_client::PeerClient::connect(format!("http://{a_addr}")).await.expect("connect");
+        let chunk =
+            proto::HandoffChunk { object: Some(proto::ObjectRef { key: "model.bin".into(), ..Default::default() }), index: 0, idle_ms: 0 };
+        let req = proto::HandoffRequest { node_id: b_id, chunk_size: 4 << 20, chunks: vec![chunk] };
+        match c.handoff(req).await {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        }
+    });
+    assert_eq!(code, tonic::Code::FailedPrecondition, "a handoff in the name of a serving peer was taken");
+    assert_eq!(handoff_bytes(&a, "received"), 0.0);
+}

@@ -38,6 +38,9 @@ const ASKS: usize = 16;
 const INVENTORY_OBJECTS: usize = 256;
 /// The rate a plain shutdown drain assumes when it decides whether there is time to hand off.
 pub const PLANNING_RATE: u64 = 200_000_000;
+/// A handed-off chunk counts as last used at least this long ago on the survivor: it never
+/// evicts chunks the survivor used more recently (the caller's `idle_ms` may be anything).
+pub const MIN_IDLE: Duration = Duration::from_secs(30);
 /// Most chunks one `Handoff` request may name.
 pub const MAX_BATCH: usize = 256;
 

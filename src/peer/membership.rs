@@ -114,9 +114,42 @@ pub struct PeerHandle {
     /// Connections of the raw data path (used when `state.raw`).
     pub raw: super::raw::Pool,
     state: Mutex<PeerState>,
+    /// The IPs `addr` names: itself if it is an IP and port, else its last DNS answer.
+    ips: Mutex<Vec<std::net::IpAddr>>,
 }
 
 impl PeerHandle {
+    /// Whether `addr` names a host (not an IP literal), so its IPs come from DNS.
+    fn is_hostname(&self) -> bool {
+        self.addr.parse::<std::net::SocketAddr>().is_err()
+    }
+
+    /// Whether a caller at `ip` may be this peer (for a hostname, one of its last resolved IPs).
+    pub fn has_ip(&self, ip: std::net::IpAddr) -> bool {
+        self.ips.lock().unwrap_or_else(|p| p.into_inner()).contains(&ip)
+    }
+
+    /// Whether `a` (an IP and port, as a Hello names its sender) is this peer's address.
+    pub fn answers_at(&self, a: std::net::SocketAddr) -> bool {
+        self.addr == a.to_string() || (self.port() == Some(a.port()) && self.has_ip(a.ip()))
+    }
+
+    fn port(&self) -> Option<u16> {
+        self.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+    }
+
+    /// Look the hostname up again (bounded by the probe timeout); an IP literal stays as it is.
+    async fn resolve(&self) {
+        if !self.is_hostname() {
+            return;
+        }
+        match tokio::time::timeout(PROBE_TIMEOUT * 2, tokio::net::lookup_host(self.addr.as_str())).await {
+            Ok(Ok(found)) => *self.ips.lock().unwrap_or_else(|p| p.into_inner()) = found.map(|a| a.ip()).collect(),
+            Ok(Err(e)) => debug!(peer = %self.addr, error = %e, "cannot resolve the peer's name; keeping its previous addresses"),
+            Err(_) => debug!(peer = %self.addr, "resolving the peer's name timed out; keeping its previous addresses"),
+        }
+    }
+
     pub fn client(&self) -> Client {
         self.client.clone()
     }
@@ -270,7 +303,8 @@ impl Membership {
             .max_decoding_message_size(MAX_GRPC_MESSAGE)
             .max_encoding_message_size(MAX_GRPC_MESSAGE);
         let raw = super::raw::Pool::new(addr, self.token.as_ref().and_then(|t| t.to_str().ok()));
-        Ok(PeerHandle { addr: addr.to_string(), client, raw, state: Mutex::new(PeerState::default()) })
+        let ips = addr.parse::<std::net::SocketAddr>().map(|a| vec![a.ip()]).unwrap_or_default();
+        Ok(PeerHandle { addr: addr.to_string(), client, raw, state: Mutex::new(PeerState::default()), ips: Mutex::new(ips) })
     }
 
     /// The peer set: static list ∪ last DNS answer ∪ peers that introduced themselves.
@@ -287,7 +321,7 @@ impl Membership {
     /// next probe. An unknown address is added only when callers are authenticated.
     pub fn heard_from(&self, addr: std::net::SocketAddr, node_id: &str) {
         let a = addr.to_string();
-        match self.all().into_iter().find(|p| p.addr == a) {
+        match self.all().into_iter().find(|p| p.answers_at(addr)) {
             Some(p) => {
                 let mut news = false;
                 p.update(|s| {
@@ -365,8 +399,10 @@ impl Membership {
         Ok(())
     }
 
-    /// Re-resolve the DNS name (if any) and merge with the static list.
+    /// Re-resolve the peers named by hostname, and the DNS name (if any), merged with the
+    /// static list.
     pub async fn resolve(&self) {
+        futures::future::join_all(self.all().iter().map(|p| p.resolve())).await;
         let Some(name) = &self.dns else { return };
         match tokio::time::timeout(PROBE_TIMEOUT * 2, tokio::net::lookup_host(name.as_str())).await {
             Ok(Ok(found)) => {
@@ -662,5 +698,22 @@ mod tests {
         m.report_failure(&p, &later, "early eof");
         assert_eq!(p.state().data_failures, 0, "a failure of the previous process backed off the new one");
         assert!(p.usable());
+    }
+
+    /// A peer configured by hostname says Hello from its IP and port: that is the configured
+    /// peer (it was taken for a stranger and ignored, or learned twice), and a handoff from that
+    /// IP passes the source check.
+    #[tokio::test]
+    async fn a_hostname_peer_is_recognised_by_its_ip() {
+        let compat = Compat { chunk_size: 1 << 20, source: "file:///m".into() };
+        let peers = crate::config::PeerConfig { peers: vec!["localhost:9".into()], ..Default::default() };
+        let m = Membership::new("self".into(), compat, &peers, Arc::new(crate::metrics::Metrics::new())).unwrap();
+        m.resolve().await;
+        let p = m.all()[0].clone();
+        assert!(p.has_ip([127, 0, 0, 1].into()), "localhost did not resolve to 127.0.0.1");
+        m.heard_from("127.0.0.1:9".parse().unwrap(), "pod-1");
+        assert!(p.state().heard_at.is_some(), "the hostname peer's Hello was not matched to it");
+        assert_eq!(m.all().len(), 1);
+        assert!(!p.answers_at("127.0.0.1:10".parse().unwrap()), "another port matched");
     }
 }

@@ -149,7 +149,8 @@ impl PeerServer {
 
 impl PeerServer {
     /// Check a handoff request and turn it into the chunks to pull, from which peer. Only a
-    /// known peer hands off, from its own address, while this agent is not draining itself.
+    /// known peer hands off, from one of its address's IPs, while it drains (as it answers our
+    /// probe) and this agent does not.
     fn handoff_plan(&self, r: HandoffRequest, from: Option<std::net::SocketAddr>) -> Result<super::handoff::Pulls, Status> {
         let source = self.handoff.clone().ok_or_else(|| Status::unimplemented("this agent takes no handoffs"))?;
         let chunk_size = self.reader.chunk_size();
@@ -168,11 +169,11 @@ impl PeerServer {
             .into_iter()
             .find(|p| p.node_id().as_deref() == Some(r.node_id.as_str()))
             .ok_or_else(|| Status::failed_precondition("handoff from a peer this agent does not know"))?;
-        let peer_ip = peer.addr.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
-        if let (Some(from), Some(ip)) = (from, peer_ip) {
-            if from.ip() != ip {
-                return Err(Status::permission_denied("a peer hands off only from its own address"));
-            }
+        if from.is_some_and(|f| !peer.has_ip(f.ip())) {
+            return Err(Status::permission_denied("a peer hands off only from its own address"));
+        }
+        if !peer.state().draining {
+            return Err(Status::failed_precondition("a peer hands off only while it drains (as its own probe answer says)"));
         }
         let wanted = r
             .chunks
@@ -180,7 +181,10 @@ impl PeerServer {
             .enumerate()
             .map(|(i, c)| {
                 let obj = self.lookup(c.object.as_ref()).ok().filter(|o| c.index < chunk_count(o.size, chunk_size));
-                super::handoff::Wanted { position: i as u32, obj, index: c.index, idle: Duration::from_millis(c.idle_ms) }
+                // The caller says how cold its chunk is; it never makes room by evicting chunks
+                // this agent used within the last MIN_IDLE.
+                let idle = Duration::from_millis(c.idle_ms).max(super::handoff::MIN_IDLE);
+                super::handoff::Wanted { position: i as u32, obj, index: c.index, idle }
             })
             .collect();
         Ok(super::handoff::Pulls { source, from: peer, wanted })
@@ -195,7 +199,13 @@ impl Peer for PeerServer {
     async fn handoff(&self, req: Request<HandoffRequest>) -> Result<Response<HandoffStream>, Status> {
         self.metrics.add_control(ControlKind::handoff, Direction::received);
         let from = req.remote_addr();
-        let plan = self.handoff_plan(req.into_inner(), from)?;
+        let r = req.into_inner();
+        // Its Drain notice may not have reached us: ask the peer itself whether it drains.
+        let known = self.membership.all().into_iter().find(|p| p.node_id().as_deref() == Some(r.node_id.as_str()));
+        if known.is_some_and(|p| !p.state().draining) {
+            self.membership.recheck(&r.node_id).await;
+        }
+        let plan = self.handoff_plan(r, from)?;
         let pulls = super::handoff::pull_all(plan, self.metrics.clone(), self.reader.chunk_size());
         Ok(Response::new(Box::pin(futures::StreamExt::map(pulls, Ok))))
     }
