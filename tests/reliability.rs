@@ -134,6 +134,48 @@ fn a_stalling_peer_costs_no_read_while_the_origin_is_healthy() {
     assert!(st["data_failures"].as_u64().unwrap_or(0) >= 1, "a Hello cleared the data failure: {st}");
 }
 
+/// A peer that answers probes but never an inventory request delays no read but the first:
+/// answers older than a second are refreshed in the background while readers use what is
+/// known (the refresh used to hold the object's lock across the wait, and the reader that
+/// triggered it waited too: every read a second apart stalled the inventory timeout, 2 s).
+#[test]
+fn a_stuck_peer_does_not_stall_the_reads_of_an_object() {
+    if !fuse_available("a_stuck_peer_does_not_stall_the_reads_of_an_object") {
+        return;
+    }
+    use common::fake_peer::{FakePeer, Misbehave};
+    use std::os::unix::fs::FileExt;
+    let src = tempfile::tempdir().unwrap();
+    let data = random_bytes(32 << 20, 1503);
+    fs::write(src.path().join("m.bin"), &data).unwrap();
+    let source = src.path().display().to_string();
+    let fake = FakePeer::start(&source, 1 << 20, Misbehave::Unresponsive);
+    let h_listen = format!("127.0.0.1:{}", free_port());
+    let h = Agent::start(&source, &["--chunk-size", "1MiB", "--listen", &h_listen]);
+    assert!(fs::read(h.path("m.bin")).unwrap() == data, "the holder read wrong bytes");
+    let peers = format!("{h_listen},{}", fake.addr);
+    let r = Agent::start(&source, &["--chunk-size", "1MiB", "--read-timeout", "30", "--peers", &peers]);
+    assert_eq!(peer_status(&r, &fake.addr)["state"], "live", "the stuck peer was not taken into use");
+
+    // One small read in each of ten chunks, far apart (no readahead), 1.2 s apart (stale answers).
+    let f = fs::File::open(r.path("m.bin")).unwrap();
+    let mut took = Vec::new();
+    for i in 0..10u64 {
+        let at = (i * 3 + 1) << 20;
+        let mut buf = [0u8; 4096];
+        let t = std::time::Instant::now();
+        f.read_exact_at(&mut buf, at).unwrap();
+        took.push(t.elapsed());
+        assert!(buf[..] == data[at as usize..at as usize + 4096], "wrong bytes at {at}");
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    eprintln!("MEASURED read times with a stuck peer: {took:?}");
+    let stalled = took[1..].iter().filter(|t| **t >= Duration::from_millis(1500)).count();
+    assert!(stalled <= 1, "{stalled} of 9 reads waited for the stuck peer: {took:?}; log:\n{}", r.log_text());
+    assert_eq!(r.metric("cachefs_origin_bytes_total"), 0.0, "the holder was not used");
+    assert!(fake.hellos.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+}
+
 /// A chunk a peer asks this agent to fill is fetched from the origin, never forwarded to
 /// another peer (no chains, no cycles), even when another peer claims to hold it.
 #[test]

@@ -47,8 +47,14 @@ impl Peers {
     /// takes the chunks draining peers hand off).
     pub fn source(&self, storage: &Storage, read_timeout: std::time::Duration, shared: &Shared) -> Arc<PeerSource> {
         let timeouts = PeerTimeouts::within(read_timeout);
-        let source =
-            PeerSource::new(self.membership.clone(), storage.memory.clone(), shared.draining.clone(), timeouts, shared.metrics.clone());
+        let source = PeerSource::new(
+            self.membership.clone(),
+            storage.memory.clone(),
+            shared.draining.clone(),
+            timeouts,
+            shared.metrics.clone(),
+            shared.tasks.clone(),
+        );
         Arc::new(source.with_verifier(self.verifier.clone()))
     }
 

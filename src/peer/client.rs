@@ -11,30 +11,28 @@
 //! (length, offsets, crc32c over the whole chunk) before it counts; a peer error, timeout, short
 //! stream or checksum mismatch moves on to the next holder and finally falls through to the origin.
 
-use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures::future::{BoxFuture, FutureExt};
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use super::inventory::{Holders, Inventories};
 use super::membership::{Attempt, Membership, PeerHandle};
 use super::placement;
-use super::proto::{HandoffOutcome, InventoryRequest, ReadChunkRequest};
-use super::{bit, object_ref, PROTOCOL};
+use super::proto::{HandoffOutcome, ReadChunkRequest};
+use super::{object_ref, PROTOCOL};
 use crate::cache::memory::Fill;
 use crate::cache::reader::Stage;
 use crate::cache::verify::Verifier;
 use crate::cache::{Chunk, ChunkKey, ChunkSource, MemoryTier};
 use crate::catalog::ObjectVersion;
 use crate::error::Error;
-use crate::metrics::{ControlKind, Direction, Metrics, Tier};
-
-/// How long a peer's inventory of one object is trusted.
-pub const INVENTORY_TTL: Duration = Duration::from_secs(1);
+use crate::metrics::{Metrics, Tier};
 
 #[derive(Debug, Clone)]
 pub struct PeerTimeouts {
@@ -65,48 +63,6 @@ impl PeerTimeouts {
             inventory: Duration::from_secs(2).min(budget / 2),
             budget,
         }
-    }
-}
-
-/// One peer's answer about one object.
-struct Answer {
-    present: Bytes,
-    filling: Bytes,
-}
-
-#[derive(Default)]
-struct Inventory {
-    /// Last time every usable peer was asked.
-    at: Option<Instant>,
-    /// node id → its last answer.
-    answers: HashMap<String, Answer>,
-    /// node id → when it last failed to answer.
-    failed: HashMap<String, Instant>,
-}
-
-impl Inventory {
-    /// Peers to ask now: all if the answers are older than the TTL, else those never asked.
-    fn to_ask(&self, usable: &[Arc<PeerHandle>]) -> Vec<Arc<PeerHandle>> {
-        let stale = self.at.is_none_or(|t| t.elapsed() > INVENTORY_TTL);
-        usable
-            .iter()
-            .filter(|p| {
-                let Some(id) = p.node_id() else { return false };
-                stale || !(self.answers.contains_key(&id) || self.failed.get(&id).is_some_and(|t| t.elapsed() <= INVENTORY_TTL))
-            })
-            .cloned()
-            .collect()
-    }
-
-    /// Usable peers whose answer has bit `index` set in `pick(answer)`, sorted by node id.
-    fn with_bit(&self, usable: &[Arc<PeerHandle>], index: u64, pick: impl Fn(&Answer) -> &Bytes) -> Vec<Arc<PeerHandle>> {
-        let mut out: Vec<_> = usable
-            .iter()
-            .filter(|p| p.node_id().and_then(|n| self.answers.get(&n)).is_some_and(|a| bit(pick(a), index)))
-            .cloned()
-            .collect();
-        out.sort_by_key(|p| p.node_id());
-        out
     }
 }
 
@@ -157,7 +113,7 @@ pub struct PeerSource {
     draining: Arc<AtomicBool>,
     timeouts: PeerTimeouts,
     metrics: Arc<Metrics>,
-    inventories: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<Inventory>>>>,
+    inventories: Inventories,
     /// Told of every chunk stored from a peer; says which files must come from the origin.
     verifier: Option<Arc<Verifier>>,
 }
@@ -183,9 +139,11 @@ impl PeerSource {
         draining: Arc<AtomicBool>,
         timeouts: PeerTimeouts,
         metrics: Arc<Metrics>,
+        tasks: TaskTracker,
     ) -> Self {
         let chunk_size = memory.chunk_size();
-        PeerSource { membership, memory, chunk_size, draining, timeouts, metrics, inventories: Mutex::new(HashMap::new()), verifier: None }
+        let inventories = Inventories::new(chunk_size, timeouts.inventory, metrics.clone(), tasks);
+        PeerSource { membership, memory, chunk_size, draining, timeouts, metrics, inventories, verifier: None }
     }
 
     /// Check files assembled from peers with `v` (see `cache::verify`).
@@ -196,82 +154,12 @@ impl PeerSource {
 
     /// Live, non-draining peers that hold chunk `index` of `obj`, and those fetching it from the
     /// origin now (each sorted by node id). Peers not asked since they came up are asked first.
-    async fn holders(&self, obj: &ObjectVersion, index: u64) -> (Vec<Arc<PeerHandle>>, Vec<Arc<PeerHandle>>) {
+    async fn holders(&self, obj: &Arc<ObjectVersion>, index: u64) -> Holders {
         let usable: Vec<_> = self.membership.live().into_iter().filter(|p| !p.state().draining).collect();
         if usable.is_empty() {
             return (Vec::new(), Vec::new());
         }
-        let cell = {
-            let mut map = self.inventories.lock().unwrap_or_else(|p| p.into_inner());
-            if map.len() > 4096 {
-                map.clear();
-            }
-            map.entry(obj.id.clone()).or_default().clone()
-        };
-        // One refresh at a time per object; others wait and read its result.
-        let mut inv = cell.lock().await;
-        let ask = inv.to_ask(&usable);
-        if !ask.is_empty() {
-            let everyone = ask.len() == usable.len();
-            for (id, answer) in self.fetch_inventory(obj, &ask).await {
-                // A peer that did not answer keeps what we knew of it (a holder that lost a
-                // chunk answers NOT_FOUND, which is cheap); one that answered replaces it.
-                match answer {
-                    Some(a) => {
-                        inv.failed.remove(&id);
-                        inv.answers.insert(id, a);
-                    }
-                    None => {
-                        inv.failed.insert(id, Instant::now());
-                    }
-                }
-            }
-            if everyone {
-                inv.at = Some(Instant::now());
-            }
-        }
-        (inv.with_bit(&usable, index, |a| &a.present), inv.with_bit(&usable, index, |a| &a.filling))
-    }
-
-    /// Ask `peers` what they hold of `obj`: (node id, answer or None if it did not answer).
-    async fn fetch_inventory(&self, obj: &ObjectVersion, peers: &[Arc<PeerHandle>]) -> Vec<(String, Option<Answer>)> {
-        let asks = peers.iter().map(|p| async move {
-            let id = p.node_id()?;
-            let mut req = tonic::Request::new(InventoryRequest { objects: vec![object_ref(obj)], chunk_size: self.chunk_size });
-            req.set_timeout(self.timeouts.inventory);
-            self.metrics.add_control(ControlKind::inventory, Direction::sent);
-            let r = tokio::time::timeout(self.timeouts.inventory * 2, p.client().inventory(req)).await;
-            let answer = match r {
-                Ok(Ok(resp)) => {
-                    let o = resp.into_inner().objects.into_iter().find(|o| o.key == obj.key);
-                    // Not listed: the peer has another version (or none): it holds nothing of ours.
-                    Some(
-                        o.map(|o| Answer { present: o.present, filling: o.filling })
-                            .unwrap_or(Answer { present: Bytes::new(), filling: Bytes::new() }),
-                    )
-                }
-                // Not a reason to back the peer off: data requests decide that.
-                Ok(Err(status)) => {
-                    debug!(peer = %p.addr, error = %status.message(), "inventory request failed");
-                    None
-                }
-                Err(_) => {
-                    debug!(peer = %p.addr, "inventory request timed out");
-                    None
-                }
-            };
-            Some((id, answer))
-        });
-        futures::future::join_all(asks).await.into_iter().flatten().collect()
-    }
-
-    /// Forget what we believed `peer` holds of `obj` (it said NOT_FOUND).
-    fn forget(&self, obj: &ObjectVersion) {
-        if let Some(cell) = self.inventories.lock().unwrap_or_else(|p| p.into_inner()).get(&obj.id) {
-            if let Ok(mut inv) = cell.try_lock() {
-                inv.at = None;
-            }
-        }
+        self.inventories.holders(obj, &usable, index).await
     }
 
     /// Where chunk `index` of `obj` goes as it arrives: the memory tier, or (no room) a buffer.
@@ -412,7 +300,7 @@ impl PeerSource {
     fn failed(&self, peer: &PeerHandle, attempt: &Attempt, obj: &ObjectVersion, index: u64, e: &PeerFetchError) {
         debug!(peer = %peer.addr, key = %obj.key, index, error = %e, "peer could not serve the chunk");
         match e {
-            PeerFetchError::Status(tonic::Code::NotFound, _) => self.forget(obj),
+            PeerFetchError::Status(tonic::Code::NotFound, _) => self.inventories.forget(obj),
             PeerFetchError::Local(_) => {}
             _ => {
                 if matches!(e, PeerFetchError::Checksum) {

@@ -2,6 +2,7 @@
 //!
 //! - `placement`: which live peer owns a chunk (rendezvous hashing).
 //! - `membership`: who the peers are (static list, DNS), their identity, state and backoff.
+//! - `inventory`: which chunks each peer holds or fills, per object, refreshed in the background.
 //! - `client`: the peer tier of the read path ([`PeerSource`], a `ChunkSource`).
 //! - `server`: what this agent serves to others ([`PeerServer`]).
 //! - `handoff`: handing off sole copies before this agent goes away, and taking them.
@@ -9,6 +10,7 @@
 
 pub mod client;
 pub mod handoff;
+pub mod inventory;
 pub mod membership;
 pub mod placement;
 pub mod raw;
