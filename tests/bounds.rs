@@ -168,3 +168,69 @@ fn stalled_raw_preambles_cost_nothing_once_they_time_out() {
     assert_eq!(http_get(a.admin, "/healthz").map(|r| r.0), Some(200));
     drop(flood);
 }
+
+/// The version of `key` under `dir` as the agent names it (its file:// origin's listing).
+fn object_ref(dir: &std::path::Path, key: &str) -> cachefs::peer::proto::ObjectRef {
+    use object_store::ObjectStoreExt;
+    let store = object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let meta = rt.block_on(store.head(&object_store::path::Path::from(key))).unwrap();
+    cachefs::peer::proto::ObjectRef {
+        key: key.into(),
+        etag: meta.e_tag.unwrap_or_default(),
+        version: meta.version.unwrap_or_default(),
+        size: meta.size,
+    }
+}
+
+fn peer_streams(a: &Agent) -> u64 {
+    let st: serde_json::Value = serde_json::from_str(&http_get(a.admin, "/status").unwrap().1).unwrap();
+    st["drain"]["peer_streams"].as_u64().unwrap_or(u64::MAX)
+}
+
+/// A gRPC client that asks for a chunk and stops reading (HTTP/2 flow control holds the rest)
+/// used to keep the stream, its chunk's mapping and its place among the transfers a drain waits
+/// for, as long as its connection lived (keepalive pings are answered by any live client). The
+/// stream now lets go of them after its time limit and ends with DEADLINE_EXCEEDED.
+#[test]
+fn a_chunk_stream_whose_client_stops_reading_is_let_go() {
+    if !fuse_available("a_chunk_stream_whose_client_stops_reading_is_let_go") {
+        return;
+    }
+    use cachefs::peer::proto::{peer_client::PeerClient, ReadChunkRequest};
+    let src = tempfile::tempdir().unwrap();
+    write_random(&src.path().join("model.bin"), 16 << 20, 6);
+    let listen = peer_addr();
+    let a = Agent::start(&src.path().display().to_string(), &["--chunk-size", "4MiB", "--listen", &listen]);
+    let _ = std::fs::read(a.path("model.bin")).unwrap();
+    let object = object_ref(src.path(), "model.bin");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let mut stream = rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{listen}"))
+            .unwrap()
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .connect()
+            .await
+            .expect("connect");
+        let req =
+            ReadChunkRequest { object: Some(object), index: 1, chunk_size: 4 << 20, allow_fill: false, protocol: cachefs::peer::PROTOCOL };
+        PeerClient::new(ch).read_chunk(req).await.expect("the chunk was refused").into_inner()
+    });
+    assert!(poll_until(Duration::from_secs(5), || peer_streams(&a) == 1), "the stream is not counted: {}", peer_streams(&a));
+    let t = Instant::now();
+    let let_go = poll_until(Duration::from_secs(40), || peer_streams(&a) == 0);
+    eprintln!("MEASURED a stalled stream let go after {:.1} s", t.elapsed().as_secs_f64());
+    assert!(let_go, "a stream whose client stopped reading is still held after 40 s");
+    let end = rt.block_on(async {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Err(s)) => return Err(s.code()),
+                Err(_) => return Err(tonic::Code::Unknown),
+            }
+        }
+    });
+    assert_eq!(end, Err(tonic::Code::DeadlineExceeded), "the cut-off stream did not end with DEADLINE_EXCEEDED");
+}

@@ -173,6 +173,7 @@ fn peer_requests_get_an_answer_or_a_status() {
             active: Default::default(),
             raw_data: false,
             handoff: None,
+            streams: Default::default(),
         };
         (s, versions)
     });

@@ -92,6 +92,7 @@ impl Peers {
             active: shared.peer_streams.clone(),
             raw_data: cfg.tls.is_none(),
             handoff: Some(handoff),
+            streams: Default::default(),
         };
         info!(listen = %listen, node = %shared.node_id, "serving chunks to peers");
         let (token, tls, stop, raw_tasks) = (cfg.token.clone(), cfg.tls.clone(), shared.stop.clone(), shared.tasks.clone());

@@ -4,7 +4,7 @@
 //! - `membership`: who the peers are (static list, DNS), their identity, state and backoff.
 //! - `inventory`: which chunks each peer holds or fills, per object, refreshed in the background.
 //! - `client`: the peer tier of the read path ([`PeerSource`], a `ChunkSource`).
-//! - `server`: what this agent serves to others ([`PeerServer`]).
+//! - `server`: what this agent serves to others ([`PeerServer`]); `streams`: its gRPC chunk streams.
 //! - `handoff`: handing off sole copies before this agent goes away, and taking them.
 //! - `raw`: the bulk data path (`ReadChunk` without HTTP/2, on the same port, when not using TLS).
 
@@ -15,6 +15,7 @@ pub mod membership;
 pub mod placement;
 pub mod raw;
 pub mod server;
+pub mod streams;
 
 pub use client::PeerSource;
 pub use membership::Membership;

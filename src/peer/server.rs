@@ -25,10 +25,11 @@ use tracing::debug;
 use super::membership::Membership;
 use super::proto::peer_server::Peer;
 use super::proto::{
-    ChunkData, DrainAck, DrainNotice, HandoffProgress, HandoffRequest, HelloRequest, HelloResponse, InventoryRequest, InventoryResponse,
+    DrainAck, DrainNotice, HandoffProgress, HandoffRequest, HelloRequest, HelloResponse, InventoryRequest, InventoryResponse,
     ObjectInventory, ReadChunkRequest,
 };
-use super::{bitmap, same_version, MESSAGE_BYTES, PROTOCOL, TOKEN_HEADER};
+use super::streams::{ChunkStream, Streams};
+use super::{bitmap, same_version, PROTOCOL, TOKEN_HEADER};
 use crate::cache::chunk::{chunk_count, chunk_range};
 use crate::cache::Reader;
 use crate::catalog::{Catalog, ObjectVersion};
@@ -48,6 +49,8 @@ pub struct PeerServer {
     pub raw_data: bool,
     /// Pulls chunks that a draining peer hands off (None: handoffs are refused).
     pub handoff: Option<Arc<super::PeerSource>>,
+    /// gRPC chunk streams, let go of after their time limit.
+    pub streams: Arc<Streams>,
 }
 
 /// Counts a stream as active until dropped.
@@ -76,7 +79,6 @@ pub fn check_token(expected: Option<Arc<Vec<u8>>>) -> impl FnMut(Request<()>) ->
     }
 }
 
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<ChunkData, Status>> + Send>>;
 type HandoffStream = Pin<Box<dyn Stream<Item = Result<HandoffProgress, Status>> + Send>>;
 
 impl PeerServer {
@@ -90,25 +92,6 @@ impl PeerServer {
             return Err(Status::not_found("this agent has another version of the object"));
         }
         Ok(obj)
-    }
-
-    fn stream(&self, chunk: Bytes, crc: u32, guard: ActiveGuard) -> ChunkStream {
-        let metrics = self.metrics.clone();
-        let len = chunk.len();
-        let pieces = (0..len.div_ceil(MESSAGE_BYTES).max(1)).map(move |i| {
-            let start = i * MESSAGE_BYTES;
-            let end = (start + MESSAGE_BYTES).min(len);
-            let data = chunk.slice(start..end);
-            metrics.peer_sent_bytes.inc_by(data.len() as u64);
-            let first = i == 0;
-            Ok(ChunkData { offset: start as u64, data, chunk_len: if first { len as u64 } else { 0 }, crc32c: if first { crc } else { 0 } })
-        });
-        let s = futures::stream::iter(pieces);
-        // The guard lives as long as the stream.
-        Box::pin(futures::StreamExt::map(s, move |m| {
-            let _ = &guard;
-            m
-        }))
     }
 }
 
@@ -212,7 +195,7 @@ impl Peer for PeerServer {
 
     async fn read_chunk(&self, req: Request<ReadChunkRequest>) -> Result<Response<ChunkStream>, Status> {
         let (bytes, crc, guard) = self.chunk(req.into_inner()).await?;
-        Ok(Response::new(self.stream(bytes, crc, guard)))
+        Ok(Response::new(self.streams.stream(bytes, crc, guard, self.metrics.clone())))
     }
 
     async fn inventory(&self, req: Request<InventoryRequest>) -> Result<Response<InventoryResponse>, Status> {
@@ -281,6 +264,9 @@ pub fn check_tls(t: &crate::config::PeerTls) -> Result<(), super::membership::Pe
         .map_err(super::membership::PeerSetupError::ServerTls)
 }
 
+/// How often an idle peer connection is pinged.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
 /// Serve on `listener` until `stop`, with per-connection stream limits and a request deadline.
 pub async fn serve(
     server: PeerServer,
@@ -297,6 +283,7 @@ pub async fn serve(
         .max_decoding_message_size(super::MAX_GRPC_MESSAGE)
         .max_encoding_message_size(super::MAX_GRPC_MESSAGE);
     let svc = tonic_intercept(svc, check_token(token.clone()));
+    tasks.spawn(server.streams.clone().run(stop.clone()));
     let incoming: std::pin::Pin<Box<dyn Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send>> = if raw_data {
         Box::pin(super::raw::split(listener, server, token, tasks, stop.clone()))
     } else {
@@ -313,6 +300,9 @@ pub async fn serve(
     builder
         .concurrency_limit_per_connection(64)
         .timeout(Duration::from_secs(60))
+        // A client gone without a close (a preempted host) is noticed and its streams ended.
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE * 2))
         .tcp_nodelay(true)
         .initial_stream_window_size(super::STREAM_WINDOW)
         .initial_connection_window_size(super::CONNECTION_WINDOW)
