@@ -174,6 +174,7 @@ fn peer_requests_get_an_answer_or_a_status() {
             raw_data: false,
             handoff: None,
             streams: Default::default(),
+            fills: Default::default(),
         };
         (s, versions)
     });

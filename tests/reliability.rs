@@ -226,6 +226,83 @@ fn a_fill_asked_for_by_a_peer_is_never_forwarded() {
     assert_eq!(a.metric("cachefs_origin_bytes_total") - origin_before, (1 << 20) as f64, "the fill did not come from the origin");
 }
 
+/// Fill requests make this agent fetch from the origin (and fill its cache) for any caller, so
+/// at most 32 run at once: with the origin holding every GET, 64 fill requests for distinct
+/// chunks get 32 RESOURCE_EXHAUSTED within about a second (before, all 64 waited on the origin),
+/// and the 32 admitted ones answer the right bytes once it answers.
+#[test]
+fn fills_for_peers_are_bounded() {
+    if !fuse_available("fills_for_peers_are_bounded") {
+        return;
+    }
+    use cachefs::peer::proto::{peer_client::PeerClient, ReadChunkRequest};
+    use common::fake_peer::{FakePeer, Misbehave};
+    use common::fake_s3::{self, FakeS3};
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    let data = std::sync::Arc::new(random_bytes(96 << 20, 1504));
+    let s3 = FakeS3::start("bkt", "p/m.bin", data.to_vec());
+    s3.set(fake_s3::SERVE);
+    let fake = FakePeer::start("s3://bkt/p", 1 << 20, Misbehave::Empty);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = s3.agent_args(&["--chunk-size", "1MiB", "--listen", &listen, "--peers", &fake.addr]);
+    let a = Agent::start("s3://bkt/p", &fake_s3::strs(&args));
+    let mut head = [0u8; 100];
+    std::io::Read::read_exact(&mut fs::File::open(a.path("m.bin")).unwrap(), &mut head).unwrap();
+    let object = fake.seen.lock().unwrap().clone().expect("the agent never asked the fake peer's inventory");
+    s3.set(fake_s3::HOLD);
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let refused = std::sync::Arc::new(AtomicU64::new(0));
+    let (early, results) = rt.block_on(async {
+        let client = PeerClient::connect(format!("http://{listen}")).await.unwrap();
+        let asks: Vec<_> = (24..88u64)
+            .map(|index| {
+                let (mut c, object, refused) = (client.clone(), object.clone(), refused.clone());
+                tokio::spawn(async move {
+                    let req = ReadChunkRequest {
+                        object: Some(object),
+                        index,
+                        chunk_size: 1 << 20,
+                        allow_fill: true,
+                        protocol: cachefs::peer::PROTOCOL,
+                    };
+                    let mut s = match c.read_chunk(req).await {
+                        Ok(r) => r.into_inner(),
+                        Err(st) => {
+                            refused.fetch_add((st.code() == tonic::Code::ResourceExhausted) as u64, SeqCst);
+                            return (index, Err(st.code()));
+                        }
+                    };
+                    let mut got = Vec::new();
+                    while let Ok(Some(m)) = s.message().await {
+                        got.extend_from_slice(&m.data);
+                    }
+                    (index, Ok(got))
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let early = refused.load(SeqCst);
+        s3.set(fake_s3::SERVE);
+        (early, futures::future::join_all(asks).await)
+    });
+    eprintln!("MEASURED {early} of 64 fill requests refused while the origin held");
+    assert_eq!(early, 32, "fills for peers are not bounded to 32 at once");
+    let mut served = 0;
+    for r in results {
+        let (index, r) = r.unwrap();
+        match r {
+            Ok(got) => {
+                let at = (index << 20) as usize;
+                assert!(got[..] == data[at..at + (1 << 20)], "wrong bytes for chunk {index}");
+                served += 1;
+            }
+            Err(code) => assert_eq!(code, tonic::Code::ResourceExhausted, "chunk {index}"),
+        }
+    }
+    assert_eq!(served, 32, "the admitted fills did not all answer");
+}
+
 /// A small tmpfs mounted for one test (Docker's `/dev/shm` is 64 MiB), unmounted on drop.
 struct SmallTmpfs(tempfile::TempDir);
 

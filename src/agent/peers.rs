@@ -93,6 +93,7 @@ impl Peers {
             raw_data: cfg.tls.is_none(),
             handoff: Some(handoff),
             streams: Default::default(),
+            fills: Default::default(),
         };
         info!(listen = %listen, node = %shared.node_id, "serving chunks to peers");
         let (token, tls, stop, raw_tasks) = (cfg.token.clone(), cfg.tls.clone(), shared.stop.clone(), shared.tasks.clone());

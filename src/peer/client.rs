@@ -301,7 +301,8 @@ impl PeerSource {
         debug!(peer = %peer.addr, key = %obj.key, index, error = %e, "peer could not serve the chunk");
         match e {
             PeerFetchError::Status(tonic::Code::NotFound, _) => self.inventories.forget(obj),
-            PeerFetchError::Local(_) => {}
+            // Busy filling for others: healthy, and the origin is asked instead.
+            PeerFetchError::Status(tonic::Code::ResourceExhausted, _) | PeerFetchError::Local(_) => {}
             _ => {
                 if matches!(e, PeerFetchError::Checksum) {
                     self.metrics.peer_checksum_errors.inc();

@@ -7,7 +7,8 @@
 //!   (without `allow_fill`) is `NOT_FOUND`.
 //! - Chunks held in memory are streamed from the tmpfs file's mapping, without a copy into a
 //!   buffer first; with `allow_fill`, a missing chunk is fetched through this agent's own
-//!   single-flight read path first. Messages carry at most `MESSAGE_BYTES` of data; the first
+//!   single-flight read path first, at most `MAX_PEER_FILLS` at once (beyond, after a short
+//!   wait, `RESOURCE_EXHAUSTED`). Messages carry at most `MESSAGE_BYTES` of data; the first
 //!   carries the chunk's length and crc32c.
 //! - With a token configured, requests without it are `UNAUTHENTICATED` (constant-time compare).
 
@@ -51,6 +52,34 @@ pub struct PeerServer {
     pub handoff: Option<Arc<super::PeerSource>>,
     /// gRPC chunk streams, let go of after their time limit.
     pub streams: Arc<Streams>,
+    /// Origin fetches that peers' fill requests run at once.
+    pub fills: FillLimit,
+}
+
+/// Chunks this agent fetches from the origin for peers at once (`allow_fill`); requests that
+/// join a fetch already in flight do not count.
+pub const MAX_PEER_FILLS: usize = 32;
+
+/// How long a fill request waits for its turn before it is refused (`RESOURCE_EXHAUSTED`: the
+/// caller asks the origin itself, and does not back this agent off).
+const FILL_WAIT: Duration = Duration::from_secs(1);
+
+/// Bounds the origin fetches peers can make this agent run (and the cache they fill).
+pub struct FillLimit(tokio::sync::Semaphore);
+
+impl Default for FillLimit {
+    fn default() -> Self {
+        FillLimit(tokio::sync::Semaphore::new(MAX_PEER_FILLS))
+    }
+}
+
+impl FillLimit {
+    async fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
+        match tokio::time::timeout(FILL_WAIT, self.0.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(Status::resource_exhausted(format!("this agent fills at most {MAX_PEER_FILLS} chunks for peers at once"))),
+        }
+    }
 }
 
 /// Counts a stream as active until dropped.
@@ -116,6 +145,7 @@ impl PeerServer {
         if !r.allow_fill {
             return Err(Status::not_found("chunk not held"));
         }
+        let _turn = if self.reader.filling(&obj, r.index) { None } else { Some(self.fills.admit().await?) };
         match self.reader.fetch_chunk(&obj, r.index).await {
             Ok((bytes, crc)) => {
                 let range = chunk_range(r.index, obj.size, chunk_size);
