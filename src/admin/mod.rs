@@ -120,7 +120,9 @@ async fn resume(State(s): State<AdminState>) -> axum::response::Response {
 
 /// Serve until `stop` is cancelled.
 pub async fn serve(listener: tokio::net::TcpListener, state: AdminState, stop: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(async move { stop.cancelled().await }).await
+    axum::serve(listener, router(state).into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
 }
 
 /// A small blocking client of the admin endpoint, for the `status` and `warm` commands.

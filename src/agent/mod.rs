@@ -227,6 +227,9 @@ async fn start_admin(
         stop: shared.stop.clone(),
         guard: admin::guard::Guard::new(addr, cfg.admin.token.clone()),
     };
+    if state.guard.open_to_other_hosts() {
+        warn!(admin = %addr, "the admin endpoint listens beyond loopback without a token: other hosts may read /metrics and /healthz, but its POSTs (/drain, /warm, /resume) are taken from this host only (set --admin-token-file to allow them)");
+    }
     info!(admin = %addr, "admin endpoint listening");
     shared.tasks.spawn(admin::serve(listener, state, shared.stop.clone()).instrument(tracing::info_span!("admin")));
     Ok(())
