@@ -48,6 +48,8 @@ pub enum ControlKind {
     inventory,
     drain,
     handoff,
+    lookup,
+    announce,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -225,7 +227,14 @@ impl Metrics {
         );
         for direction in [Direction::sent, Direction::received] {
             let _ = m.handoff_bytes.get_or_create(&DirectionLabel { direction });
-            for kind in [ControlKind::hello, ControlKind::inventory, ControlKind::drain, ControlKind::handoff] {
+            for kind in [
+                ControlKind::hello,
+                ControlKind::inventory,
+                ControlKind::drain,
+                ControlKind::handoff,
+                ControlKind::lookup,
+                ControlKind::announce,
+            ] {
                 let _ = m.control_messages.get_or_create(&ControlLabel { kind, direction });
             }
         }

@@ -175,6 +175,7 @@ fn peer_requests_get_an_answer_or_a_status() {
             handoff: None,
             streams: Default::default(),
             fills: Default::default(),
+            tracking: None,
         };
         (s, versions)
     });

@@ -182,7 +182,7 @@ impl proto::peer_server::Peer for CorruptPeer {
     async fn hello(&self, _r: Request<proto::HelloRequest>) -> Result<Response<proto::HelloResponse>, Status> {
         Ok(Response::new(proto::HelloResponse {
             node_id: "corrupt-peer".into(),
-            protocol: 1,
+            protocol: cachefs::peer::PROTOCOL,
             draining: false,
             chunk_size: self.chunk,
             source: self.source.clone(),
@@ -195,6 +195,20 @@ impl proto::peer_server::Peer for CorruptPeer {
     }
 
     type HandoffStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::HandoffProgress, Status>> + Send>>;
+
+    async fn lookup(
+        &self,
+        _r: tonic::Request<cachefs::peer::proto::LookupRequest>,
+    ) -> Result<tonic::Response<cachefs::peer::proto::LookupResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("tracks nothing"))
+    }
+
+    async fn announce(
+        &self,
+        _r: tonic::Request<cachefs::peer::proto::AnnounceRequest>,
+    ) -> Result<tonic::Response<cachefs::peer::proto::AnnounceResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("tracks nothing"))
+    }
 
     async fn handoff(&self, _r: Request<proto::HandoffRequest>) -> Result<Response<Self::HandoffStream>, Status> {
         Err(Status::unimplemented("takes no handoffs"))

@@ -125,7 +125,7 @@ impl Agent {
         mount::prepare_mountpoint(&cfg.fuse.mountpoint)?;
         let shared = Shared::new();
         let storage = Storage::open(&cfg.source, &cfg.cache, &cfg.shown_source(), &shared.metrics).await?;
-        let peers = Peers::build(&cfg.peers, cfg.shown_source(), &storage, &shared)?;
+        let peers = Peers::build(&cfg.peers, cfg.shown_source(), cfg.cache.read_timeout, &storage, &shared)?;
         let opts = ReaderOptions {
             chunk_size: cfg.cache.chunk_size,
             read_timeout: cfg.cache.read_timeout,

@@ -13,6 +13,7 @@ use crate::config::PeerConfig;
 use crate::peer::client::PeerTimeouts;
 use crate::peer::handoff::Handoff;
 use crate::peer::membership::Compat;
+use crate::peer::tracking::Tracking;
 use crate::peer::{Membership, PeerServer, PeerSource};
 use crate::preempt::HandOff;
 
@@ -22,11 +23,18 @@ use super::storage::Storage;
 pub struct Peers {
     pub membership: Arc<Membership>,
     pub verifier: Arc<Verifier>,
+    pub tracking: Arc<Tracking>,
 }
 
 impl Peers {
     /// The peer part for `cfg`, or None when this agent takes part in no mesh.
-    pub fn build(cfg: &PeerConfig, source: String, storage: &Storage, shared: &Shared) -> Result<Option<Self>, AgentError> {
+    pub fn build(
+        cfg: &PeerConfig,
+        source: String,
+        read_timeout: std::time::Duration,
+        storage: &Storage,
+        shared: &Shared,
+    ) -> Result<Option<Self>, AgentError> {
         if !cfg.enabled() {
             return Ok(None);
         }
@@ -39,8 +47,11 @@ impl Peers {
             warn!("peers are unauthenticated: only configured peers (--peers, --peer-dns) are used, but any host that reaches the peer port can read cached chunks (set --peer-token-file or mutual TLS)");
         }
         let (origin, memory) = (storage.origin.clone(), storage.memory.clone());
+        let timeout = PeerTimeouts::within(read_timeout).inventory;
+        let tracking =
+            Arc::new(Tracking::new(membership.clone(), memory.clone(), shared.metrics.clone(), timeout, shared.draining.clone()));
         let verifier = Verifier::new(origin, memory, membership.clone(), shared.metrics.clone(), shared.tasks.clone(), shared.stop.clone());
-        Ok(Some(Peers { membership, verifier }))
+        Ok(Some(Peers { membership, verifier, tracking }))
     }
 
     /// The chunk source that asks peers before the origin, within `read_timeout` (it also
@@ -55,7 +66,7 @@ impl Peers {
             shared.metrics.clone(),
             shared.tasks.clone(),
         );
-        Arc::new(source.with_verifier(self.verifier.clone()))
+        Arc::new(source.with_verifier(self.verifier.clone()).with_tracking(self.tracking.clone()))
     }
 
     /// What hands off this agent's sole copies when it drains.
@@ -94,7 +105,10 @@ impl Peers {
             handoff: Some(handoff),
             streams: Default::default(),
             fills: Default::default(),
+            tracking: Some(self.tracking.clone()),
         };
+        let announcer = self.tracking.clone().run(reader.clone(), shared.stop.clone());
+        shared.tasks.spawn(announcer.instrument(tracing::info_span!("tracking")));
         info!(listen = %listen, node = %shared.node_id, "serving chunks to peers");
         let (token, tls, stop, raw_tasks) = (cfg.token.clone(), cfg.tls.clone(), shared.stop.clone(), shared.tasks.clone());
         let serve = async move {

@@ -116,7 +116,13 @@ pub struct PeerSource {
     inventories: Inventories,
     /// Told of every chunk stored from a peer; says which files must come from the origin.
     verifier: Option<Arc<Verifier>>,
+    /// Holder discovery by segment trackers.
+    tracking: Option<Arc<super::tracking::Tracking>>,
 }
+
+/// Meshes of at most this many usable peers are also asked for inventories (at most one request
+/// per peer and object a second): exact knowledge where it is cheap, trackers beyond.
+pub const INVENTORY_PEERS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 enum PeerFetchError {
@@ -143,7 +149,13 @@ impl PeerSource {
     ) -> Self {
         let chunk_size = memory.chunk_size();
         let inventories = Inventories::new(chunk_size, timeouts.inventory, metrics.clone(), tasks);
-        PeerSource { membership, memory, chunk_size, draining, timeouts, metrics, inventories, verifier: None }
+        PeerSource { membership, memory, chunk_size, draining, timeouts, metrics, inventories, verifier: None, tracking: None }
+    }
+
+    /// Find holders through segment trackers too (see `peer::tracking`).
+    pub fn with_tracking(mut self, t: Arc<super::tracking::Tracking>) -> Self {
+        self.tracking = Some(t);
+        self
     }
 
     /// Check files assembled from peers with `v` (see `cache::verify`).
@@ -153,13 +165,27 @@ impl PeerSource {
     }
 
     /// Live, non-draining peers that hold chunk `index` of `obj`, and those fetching it from the
-    /// origin now (each sorted by node id). Peers not asked since they came up are asked first.
+    /// origin now: what the chunk's trackers know and, in a small mesh, every peer's inventory
+    /// (peers not asked since they came up are asked first).
     async fn holders(&self, obj: &Arc<ObjectVersion>, index: u64) -> Holders {
         let usable: Vec<_> = self.membership.live().into_iter().filter(|p| !p.state().draining).collect();
         if usable.is_empty() {
             return (Vec::new(), Vec::new());
         }
-        self.inventories.holders(obj, &usable, index).await
+        let (mut holders, mut fillers) = match &self.tracking {
+            Some(t) => t.holders(obj, index).await,
+            None => (Vec::new(), Vec::new()),
+        };
+        if usable.len() <= INVENTORY_PEERS || self.tracking.is_none() {
+            let (h, f) = self.inventories.holders(obj, &usable, index).await;
+            holders.extend(h);
+            fillers.extend(f);
+        }
+        for v in [&mut holders, &mut fillers] {
+            v.sort_by_key(|p| p.node_id());
+            v.dedup_by(|a, b| a.addr == b.addr);
+        }
+        (holders, fillers)
     }
 
     /// Where chunk `index` of `obj` goes as it arrives: the memory tier, or (no room) a buffer.
@@ -300,7 +326,12 @@ impl PeerSource {
     fn failed(&self, peer: &PeerHandle, attempt: &Attempt, obj: &ObjectVersion, index: u64, e: &PeerFetchError) {
         debug!(peer = %peer.addr, key = %obj.key, index, error = %e, "peer could not serve the chunk");
         match e {
-            PeerFetchError::Status(tonic::Code::NotFound, _) => self.inventories.forget(obj),
+            PeerFetchError::Status(tonic::Code::NotFound, _) => {
+                self.inventories.forget(obj);
+                if let Some(t) = &self.tracking {
+                    t.not_a_source(obj, index, peer);
+                }
+            }
             // Busy filling for others: healthy, and the origin is asked instead.
             PeerFetchError::Status(tonic::Code::ResourceExhausted, _) | PeerFetchError::Local(_) => {}
             _ => {

@@ -6,6 +6,7 @@
 //! - `client`: the peer tier of the read path ([`PeerSource`], a `ChunkSource`).
 //! - `server`: what this agent serves to others ([`PeerServer`]); `streams`: its gRPC chunk streams.
 //! - `handoff`: handing off sole copies before this agent goes away, and taking them.
+//! - `tracking`: holder discovery by segment trackers (`swarm::Discovery` over gRPC).
 //! - `raw`: the bulk data path (`ReadChunk` without HTTP/2, on the same port, when not using TLS).
 
 pub mod client;
@@ -16,6 +17,7 @@ pub mod placement;
 pub mod raw;
 pub mod server;
 pub mod streams;
+pub mod tracking;
 
 pub use client::PeerSource;
 pub use membership::Membership;
@@ -28,7 +30,7 @@ pub mod proto {
 }
 
 /// Wire revision of this agent's peer protocol.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 /// gRPC metadata key carrying the shared peer token.
 pub const TOKEN_HEADER: &str = "x-cachefs-token";
 /// Most chunk bytes in one `ChunkData` message.

@@ -26,8 +26,8 @@ use tracing::debug;
 use super::membership::Membership;
 use super::proto::peer_server::Peer;
 use super::proto::{
-    DrainAck, DrainNotice, HandoffProgress, HandoffRequest, HelloRequest, HelloResponse, InventoryRequest, InventoryResponse,
-    ObjectInventory, ReadChunkRequest,
+    AnnounceRequest, AnnounceResponse, DrainAck, DrainNotice, HandoffProgress, HandoffRequest, HelloRequest, HelloResponse,
+    InventoryRequest, InventoryResponse, LookupRequest, LookupResponse, ObjectInventory, ReadChunkRequest, SegmentHolding,
 };
 use super::streams::{ChunkStream, Streams};
 use super::{bitmap, same_version, PROTOCOL, TOKEN_HEADER};
@@ -54,6 +54,8 @@ pub struct PeerServer {
     pub streams: Arc<Streams>,
     /// Origin fetches that peers' fill requests run at once.
     pub fills: FillLimit,
+    /// Holder discovery: this agent's tracking state (None: lookups and announcements refused).
+    pub tracking: Option<Arc<super::tracking::Tracking>>,
 }
 
 /// Chunks this agent fetches from the origin for peers at once (`allow_fill`); requests that
@@ -125,6 +127,25 @@ impl PeerServer {
 }
 
 impl PeerServer {
+    /// This agent's tracking state and the tracker key of `object`, if a lookup or announcement
+    /// of it can be answered.
+    fn tracked(
+        &self,
+        object: Option<&super::proto::ObjectRef>,
+        chunk_size: u64,
+    ) -> Result<(&Arc<super::tracking::Tracking>, Arc<str>), Status> {
+        let tracking = self.tracking.as_ref().ok_or_else(|| Status::unimplemented("this agent tracks no holders"))?;
+        let own = self.reader.chunk_size();
+        if chunk_size != own {
+            return Err(Status::invalid_argument(format!("chunk size {chunk_size} differs from this agent's {own}")));
+        }
+        let o = object.ok_or_else(|| Status::invalid_argument("object missing"))?;
+        if o.key.len() > 4096 || o.etag.len() > 1024 || o.version.len() > 1024 {
+            return Err(Status::invalid_argument("object name too long"));
+        }
+        Ok((tracking, super::tracking::tracker_key(o)))
+    }
+
     /// The whole chunk a peer asks for, with its crc32c, counted as an active transfer until the
     /// guard is dropped.
     pub async fn chunk(&self, r: ReadChunkRequest) -> Result<(Bytes, u32, ActiveGuard), Status> {
@@ -221,6 +242,39 @@ impl Peer for PeerServer {
         let plan = self.handoff_plan(r, from)?;
         let pulls = super::handoff::pull_all(plan, self.metrics.clone(), self.reader.chunk_size());
         Ok(Response::new(Box::pin(futures::StreamExt::map(pulls, Ok))))
+    }
+
+    async fn lookup(&self, req: Request<LookupRequest>) -> Result<Response<LookupResponse>, Status> {
+        self.metrics.add_control(ControlKind::lookup, Direction::received);
+        let r = req.into_inner();
+        let (tracking, object) = self.tracked(r.object.as_ref(), r.chunk_size)?;
+        let a = tracking.discovery.on_lookup(&object, r.segment, &r.node_id);
+        let holders =
+            a.holders.into_iter().map(|h| SegmentHolding { node_id: h.node.to_string(), present: h.present, filling: h.filling }).collect();
+        Ok(Response::new(LookupResponse { holders, enough: a.enough }))
+    }
+
+    async fn announce(&self, req: Request<AnnounceRequest>) -> Result<Response<AnnounceResponse>, Status> {
+        self.metrics.add_control(ControlKind::announce, Direction::received);
+        let from = req.remote_addr();
+        let r = req.into_inner();
+        if r.segments.len() > 1024 {
+            return Err(Status::invalid_argument("at most 1024 segments per announcement"));
+        }
+        // Only a member may say what it holds, and only from its own address.
+        let known = self.membership.all().into_iter().find(|p| p.node_id().as_deref() == Some(r.node_id.as_str()));
+        if !known.is_some_and(|p| from.is_some_and(|f| p.has_ip(f.ip()))) {
+            return Err(Status::permission_denied("announcements are taken only from a member, at its own address"));
+        }
+        let node: crate::swarm::NodeId = Arc::from(r.node_id.as_str());
+        let mut batch = Vec::with_capacity(r.segments.len());
+        for a in &r.segments {
+            let (tracking, object) = self.tracked(a.object.as_ref(), r.chunk_size)?;
+            let holding = crate::swarm::tracker::Holding { node: node.clone(), present: a.present, filling: a.filling };
+            batch.push((tracking, crate::swarm::tracker::Announce { object, segment: a.segment, holding, complete: a.complete }));
+        }
+        let enough = batch.into_iter().map(|(t, a)| t.discovery.on_announce(vec![a]).first().copied().unwrap_or(false)).collect();
+        Ok(Response::new(AnnounceResponse { enough }))
     }
 
     async fn read_chunk(&self, req: Request<ReadChunkRequest>) -> Result<Response<ChunkStream>, Status> {

@@ -122,6 +122,20 @@ impl Peer for Svc {
     type HandoffStream = Pin<Box<dyn Stream<Item = Result<HandoffProgress, Status>> + Send>>;
 
     /// A misbehaving peer takes no handoffs.
+    async fn lookup(
+        &self,
+        _r: tonic::Request<cachefs::peer::proto::LookupRequest>,
+    ) -> Result<tonic::Response<cachefs::peer::proto::LookupResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("tracks nothing"))
+    }
+
+    async fn announce(
+        &self,
+        _r: tonic::Request<cachefs::peer::proto::AnnounceRequest>,
+    ) -> Result<tonic::Response<cachefs::peer::proto::AnnounceResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("tracks nothing"))
+    }
+
     async fn handoff(&self, _req: Request<HandoffRequest>) -> Result<Response<Self::HandoffStream>, Status> {
         self.hang().await;
         Err(Status::unimplemented("takes no handoffs"))
