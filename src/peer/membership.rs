@@ -32,6 +32,11 @@ use super::{MAX_GRPC_MESSAGE, PROTOCOL, TOKEN_HEADER};
 use crate::metrics::{ControlKind, Direction};
 
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// Peers probed in one round of the probe loop at most (each of N peers every
+/// max(1, N / PROBES_PER_ROUND) intervals).
+pub const PROBES_PER_ROUND: usize = 16;
+/// Probes in flight at once when every peer is probed (at start).
+const PROBES_AT_ONCE: usize = 64;
 pub const DNS_INTERVAL: Duration = Duration::from_secs(10);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -93,6 +98,8 @@ pub struct PeerState {
     pub raw: bool,
     /// Its last Hello to us: it is up, whatever a probe that started earlier says.
     pub heard_at: Option<Instant>,
+    /// When this agent last probed it.
+    pub probed_at: Option<Instant>,
     /// Why it is never used (other source, chunk size, protocol, or a duplicate node id).
     pub incompatible: Option<String>,
     /// Not used until then: it served a file that failed the origin's checksum (neither a
@@ -489,6 +496,7 @@ impl Membership {
             tonic::Request::new(HelloRequest { node_id: self.self_id.clone(), protocol: PROTOCOL, listen_port: self.listen_port as u32 });
         req.set_timeout(PROBE_TIMEOUT);
         let started = Instant::now();
+        p.update(|s| s.probed_at = Some(started));
         self.metrics.add_control(ControlKind::hello, Direction::sent);
         let failed = |msg: &str| {
             // Its own Hello arrived while we probed: it is up (a connection refused a moment ago
@@ -551,9 +559,31 @@ impl Membership {
         Some(format!("node id {node_id} already answers at {}", other.addr))
     }
 
-    /// Probe every peer whose backoff has passed.
+    /// Peers whose backoff has passed.
+    fn due(&self) -> Vec<Arc<PeerHandle>> {
+        let now = Instant::now();
+        self.all().into_iter().filter(|p| p.state().retry_at.is_none_or(|t| now >= t)).collect()
+    }
+
+    /// Probe every peer whose backoff has passed, [`PROBES_AT_ONCE`] at a time (at start).
     pub async fn probe_all(&self) {
-        let due: Vec<_> = self.all().into_iter().filter(|p| p.state().retry_at.is_none_or(|t| Instant::now() >= t)).collect();
+        use futures::StreamExt;
+        futures::stream::iter(self.due()).for_each_concurrent(PROBES_AT_ONCE, |p| async move { self.probe(&p).await }).await;
+    }
+
+    /// One round of the probe loop: at most [`PROBES_PER_ROUND`] peers, those never answered
+    /// first, then those probed longest ago; a large fleet's peers are each probed less often,
+    /// so probes per agent do not grow with the fleet (data requests that fail back a peer off
+    /// at once, and drains are announced, whatever the probe schedule).
+    async fn probe_round(&self) {
+        let mut due = self.due();
+        if due.len() > PROBES_PER_ROUND {
+            due.sort_by_key(|p| {
+                let s = p.state();
+                (s.node_id.is_some() && s.failures == 0, s.probed_at)
+            });
+            due.truncate(PROBES_PER_ROUND);
+        }
         futures::future::join_all(due.iter().map(|p| self.probe(p))).await;
     }
 
@@ -573,7 +603,7 @@ impl Membership {
                 self.resolve().await;
                 last_dns = Instant::now();
             }
-            self.probe_all().await;
+            self.probe_round().await;
             self.expire_learned(LEARNED_EXPIRY);
             for p in self.all() {
                 p.raw.trim();
@@ -649,6 +679,29 @@ impl Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A round of the probe loop probes a bounded number of peers however many there are; at
+    /// start every peer is probed.
+    #[tokio::test]
+    async fn probe_rounds_are_bounded_whatever_the_fleet() {
+        let compat = Compat { chunk_size: 1 << 20, source: "file:///m".into() };
+        let hellos = |m: &crate::metrics::Metrics| {
+            let t = m.encode_text();
+            let line = t.lines().find(|l| l.starts_with("cachefs_control_messages_total{kind=\"hello\",direction=\"sent\"}")).unwrap_or("");
+            line.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        };
+        // Nothing listens on the discard port of loopback: every probe fails at once.
+        let peers: Vec<String> = (1..=40).map(|i| format!("127.0.0.{i}:9")).collect();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let cfg = crate::config::PeerConfig { peers: peers.clone(), ..Default::default() };
+        let m = Membership::new("self".into(), compat.clone(), &cfg, metrics.clone()).unwrap();
+        m.probe_round().await;
+        assert_eq!(hellos(&metrics), PROBES_PER_ROUND as u64);
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let m = Membership::new("self".into(), compat, &cfg, metrics.clone()).unwrap();
+        m.probe_all().await;
+        assert_eq!(hellos(&metrics), 40);
+    }
 
     /// A learned peer that stops answering is forgotten after the expiry, not kept forever.
     #[tokio::test]
