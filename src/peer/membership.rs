@@ -703,6 +703,21 @@ mod tests {
         assert_eq!(hellos(&metrics), 40);
     }
 
+    /// An agent of the previous protocol (no trackers) is incompatible, with the reason.
+    #[test]
+    fn a_protocol_1_agent_is_incompatible() {
+        let compat = Compat { chunk_size: 1 << 20, source: "file:///m".into() };
+        let hello = |protocol| super::super::proto::HelloResponse {
+            node_id: "old".into(),
+            protocol,
+            chunk_size: 1 << 20,
+            source: "file:///m".into(),
+            ..Default::default()
+        };
+        assert_eq!(compat.mismatch(&hello(1)).as_deref(), Some("peer protocol 1 differs from ours (2)"));
+        assert_eq!(compat.mismatch(&hello(PROTOCOL)), None);
+    }
+
     /// A learned peer that stops answering is forgotten after the expiry, not kept forever.
     #[tokio::test]
     async fn a_learned_peer_that_went_away_is_forgotten() {

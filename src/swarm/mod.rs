@@ -93,14 +93,15 @@ pub enum Step {
     Origin,
 }
 
-/// Where to ask for a chunk, in order: up to [`HOLDER_TRIES`] holders, the fillers, the owner
-/// (unless it is `me`), then the origin.
-pub fn plan(s: Sources, owner: Option<&NodeId>, me: &NodeId) -> Vec<Step> {
+/// Where to ask for a chunk, in order: up to [`HOLDER_TRIES`] holders, the fillers, the owner,
+/// then its successor (the next rendezvous owner: who takes the chunk over, handed off, when the
+/// owner leaves), stopping at `me` in that line, then the origin. `owners` is the top two.
+pub fn plan(s: Sources, owners: &[&NodeId], me: &NodeId) -> Vec<Step> {
     let mut steps: Vec<Step> = s.holders.into_iter().take(HOLDER_TRIES).map(Step::Holder).collect();
     steps.extend(s.fillers.into_iter().filter(|f| f != me).map(Step::Filler));
-    if let Some(o) = owner.filter(|o| *o != me) {
-        if !steps.iter().any(|st| matches!(st, Step::Filler(f) if f == o)) {
-            steps.push(Step::Owner(o.clone()));
+    for o in owners.iter().take(2).take_while(|o| **o != me) {
+        if !steps.iter().any(|st| matches!(st, Step::Filler(f) if f == *o)) {
+            steps.push(Step::Owner((*o).clone()));
         }
     }
     steps.push(Step::Origin);
@@ -124,6 +125,17 @@ mod tests {
         shuffled.reverse();
         assert_eq!(t, trackers("obj", 3, &Ring::new(shuffled)));
         assert_ne!(t, trackers("obj", 4, &Ring::new(members)));
+    }
+
+    #[test]
+    fn the_plan_asks_holders_then_the_owner_then_its_successor() {
+        let (me, a, b, h): (NodeId, NodeId, NodeId, NodeId) = ("me".into(), "a".into(), "b".into(), "h".into());
+        let s = Sources { holders: vec![h.clone()], fillers: vec![] };
+        let p = plan(s.clone(), &[&a, &b], &me);
+        assert_eq!(p, vec![Step::Holder(h.clone()), Step::Owner(a.clone()), Step::Owner(b.clone()), Step::Origin]);
+        // This agent is the successor: it fills the chunk itself if the owner cannot.
+        assert_eq!(plan(s.clone(), &[&a, &me], &me), vec![Step::Holder(h.clone()), Step::Owner(a.clone()), Step::Origin]);
+        assert_eq!(plan(s, &[&me, &a], &me), vec![Step::Holder(h), Step::Origin]);
     }
 
     #[test]

@@ -161,7 +161,7 @@ impl SimAgent {
                 Defect::None => self.discovery.sources(&via, &members, &sim.object, i).await,
             };
             let key = ChunkKey { object: sim.object.clone(), index: i };
-            for step in plan(sources, members.owner(&key), &self.id) {
+            for step in plan(sources, &members.top(&key, 2), &self.id) {
                 let c = &self.counters;
                 let ok = match &step {
                     Step::Holder(h) => {
@@ -187,24 +187,29 @@ impl SimAgent {
         }
     }
 
-    /// Load the whole model, `window` chunks at a time, in the swarm's load order.
+    /// Load the whole model in the swarm's load order: the chunks it owns (from the origin) and
+    /// the others (mostly from peers) side by side, `window` chunks at a time each, so the
+    /// origin's latency does not keep its link idle.
     pub async fn load(self: Arc<Self>, sim: Arc<Sim>) {
         let members = self.members();
         let owned = |i: u64| {
             let key = ChunkKey { object: sim.object.clone(), index: i };
             members.owner(&key).is_some_and(|o| *o == self.id)
         };
-        let order = load_order(&self.id, sim.chunks, owned);
-        futures::stream::iter(order)
-            .for_each_concurrent(sim.profile.window, |i| {
-                let (me, sim) = (self.clone(), sim.clone());
+        let mut order = load_order(&self.id, sim.chunks, owned);
+        let rest = order.split_off(order.iter().position(|&i| !owned(i)).unwrap_or(order.len()));
+        let run = |chunks: Vec<u64>| {
+            let (me, sim) = (self.clone(), sim.clone());
+            futures::stream::iter(chunks).for_each_concurrent(sim.profile.window, move |i| {
+                let (me, sim) = (me.clone(), sim.clone());
                 async move {
                     if !me.draining() {
                         me.fetch(&sim, i).await
                     }
                 }
             })
-            .await;
+        };
+        futures::future::join(run(order), run(rest)).await;
     }
 
     /// Send what discovery has due, every tick, until gone.
