@@ -154,7 +154,10 @@ fn stalled_raw_preambles_cost_nothing_once_they_time_out() {
     eprintln!("MEASURED agent descriptors: {fds0} before, {during} during the flood");
     assert!(during < fds0 + 200, "the agent holds {during} descriptors during the flood (was {fds0})");
 
-    assert!(flood_held_by_agent(port) <= 64, "{} stalled connections got in", flood_held_by_agent(port));
+    // Connections the kernel queued for accept count as established until the agent takes (and
+    // closes) them: under load that takes a moment.
+    let capped = poll_until(Duration::from_secs(3), || flood_held_by_agent(port) <= 64);
+    assert!(capped, "{} stalled connections got in", flood_held_by_agent(port));
     // Honest reads through the raw path go on while the flood stalls.
     assert_eq!(sha256_file(&b.path("second.bin")), want2);
     assert_eq!(b.metric("cachefs_origin_bytes_total"), 0.0, "B read from the origin: {}", b.log_text());
