@@ -141,9 +141,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("cachefs");
-        let m = Metrics {
+    /// Every metric at zero, none registered yet.
+    fn unregistered() -> Self {
+        Metrics {
             read_bytes: Family::default(),
             origin_bytes: Counter::default(),
             origin_requests: Counter::default(),
@@ -172,7 +172,12 @@ impl Metrics {
             handoff_lost_bytes: Gauge::default(),
             control_messages: Family::default(),
             registry: Registry::default(),
-        };
+        }
+    }
+
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("cachefs");
+        let m = Self::unregistered();
         use names::*;
         registry.register(base(READ_BYTES), "Bytes returned to FUSE reads, by the tier that supplied them", m.read_bytes.clone());
         registry.register(base(ORIGIN_BYTES), "Bytes fetched from the origin, including fills for peers", m.origin_bytes.clone());

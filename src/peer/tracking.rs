@@ -35,11 +35,17 @@ use crate::swarm::{Discovery, NodeId, Ring, Transport};
 pub const ANNOUNCE_TICK: Duration = Duration::from_millis(100);
 /// Objects whose holdings are announced (the least recently read beyond it are not).
 const RECENT_OBJECTS: usize = 256;
+/// Holdings are compared only for objects read this recently: an idle cache costs no scans (what
+/// was told stays announced, and a holder that lost a chunk answers NOT_FOUND).
+const SYNC_WINDOW: Duration = Duration::from_secs(30);
 
 /// The name trackers know an object version by (the same on every agent).
 pub fn tracker_key(r: &ObjectRef) -> Arc<str> {
     Arc::from(format!("{}\0{}\0{}\0{}", r.key, r.etag, r.version, r.size))
 }
+
+/// An object read through this agent lately, and when.
+type Recent = (Arc<ObjectVersion>, std::time::Instant);
 
 /// What this agent last told of one object: per chunk, held and filling.
 #[derive(Default)]
@@ -56,7 +62,8 @@ pub struct Tracking {
     timeout: Duration,
     chunk_size: u64,
     draining: Arc<AtomicBool>,
-    recent: Mutex<LruCache<Arc<str>, Arc<ObjectVersion>>>,
+    /// Tracker key → the object and when it was last read through this agent.
+    recent: Mutex<LruCache<Arc<str>, Recent>>,
     told: Mutex<HashMap<Arc<str>, Told>>,
 }
 
@@ -103,7 +110,7 @@ impl Tracking {
 
     /// `obj` is read through this agent: its holdings are announced.
     pub fn touched(&self, obj: &Arc<ObjectVersion>) {
-        lock(&self.recent).put(tracker_key(&object_ref(obj)), obj.clone());
+        lock(&self.recent).put(tracker_key(&object_ref(obj)), (obj.clone(), std::time::Instant::now()));
     }
 
     /// Holders and fillers of chunk `index` of `obj` that its trackers know (see the contract).
@@ -143,9 +150,14 @@ impl Tracking {
 
     /// Tell discovery what changed in this agent's holdings of the recent objects.
     fn sync(&self, reader: &Reader) {
-        let recent: Vec<(Arc<str>, Arc<ObjectVersion>)> = lock(&self.recent).iter().map(|(k, o)| (k.clone(), o.clone())).collect();
+        let (all, recent): (Vec<_>, Vec<_>) = {
+            let r = lock(&self.recent);
+            let all: Vec<Arc<str>> = r.iter().map(|(k, _)| k.clone()).collect();
+            let recent = r.iter().filter(|(_, (_, at))| at.elapsed() <= SYNC_WINDOW).map(|(k, (o, _))| (k.clone(), o.clone())).collect();
+            (all, recent)
+        };
         let mut told = lock(&self.told);
-        told.retain(|k, _| recent.iter().any(|(r, _)| r == k));
+        told.retain(|k, _| all.contains(k));
         for (key, obj) in recent {
             let n = chunk_count(obj.size, self.chunk_size);
             let t = told.entry(key.clone()).or_insert_with(|| Told { present: vec![false; n as usize], filling: vec![false; n as usize] });
@@ -170,7 +182,7 @@ impl Tracking {
 
     /// The object an announcement names, from a tracker key (the agent announces only recent ones).
     fn object_of(&self, key: &Arc<str>) -> Option<ObjectRef> {
-        lock(&self.recent).peek(key).map(|o| object_ref(o))
+        lock(&self.recent).peek(key).map(|(o, _)| object_ref(o))
     }
 }
 
