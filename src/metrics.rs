@@ -50,6 +50,7 @@ pub enum ControlKind {
     handoff,
     lookup,
     announce,
+    gossip,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -239,6 +240,7 @@ impl Metrics {
                 ControlKind::handoff,
                 ControlKind::lookup,
                 ControlKind::announce,
+                ControlKind::gossip,
             ] {
                 let _ = m.control_messages.get_or_create(&ControlLabel { kind, direction });
             }

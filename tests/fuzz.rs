@@ -176,6 +176,7 @@ fn peer_requests_get_an_answer_or_a_status() {
             streams: Default::default(),
             fills: Default::default(),
             tracking: None,
+            gossip: None,
         };
         (s, versions)
     });

@@ -210,6 +210,13 @@ impl proto::peer_server::Peer for CorruptPeer {
         Err(tonic::Status::unimplemented("tracks nothing"))
     }
 
+    async fn gossip(
+        &self,
+        _r: tonic::Request<cachefs::peer::proto::GossipMessage>,
+    ) -> Result<tonic::Response<cachefs::peer::proto::GossipAck>, tonic::Status> {
+        Err(tonic::Status::unimplemented("does not gossip"))
+    }
+
     async fn handoff(&self, _r: Request<proto::HandoffRequest>) -> Result<Response<Self::HandoffStream>, Status> {
         Err(Status::unimplemented("takes no handoffs"))
     }

@@ -135,6 +135,13 @@ impl proto::peer_server::Peer for ForgingPeer {
         Err(tonic::Status::unimplemented("tracks nothing"))
     }
 
+    async fn gossip(
+        &self,
+        _r: tonic::Request<cachefs::peer::proto::GossipMessage>,
+    ) -> Result<tonic::Response<cachefs::peer::proto::GossipAck>, tonic::Status> {
+        Err(tonic::Status::unimplemented("does not gossip"))
+    }
+
     async fn handoff(&self, _r: Request<proto::HandoffRequest>) -> Result<Response<Self::HandoffStream>, Status> {
         Err(Status::unimplemented("takes no handoffs"))
     }
@@ -210,7 +217,7 @@ fn a_stranger_cannot_join_without_or_with_a_token() {
     assert_eq!(peer_entry(&a, &forger.addr), None, "the stranger joined: {}", status(&a));
     assert_eq!(forger.served.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert_eq!(tier(&a, "peer"), 0.0);
-    assert!(a.log_text().contains("ignoring a hello from an address that is not a configured peer"), "{}", a.log_text());
+    assert!(a.log_text().contains("naming an address that is not a configured peer"), "{}", a.log_text());
 
     // With a token: the stranger's Hello is refused outright.
     let tok = tempfile::NamedTempFile::new().unwrap();

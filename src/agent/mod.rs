@@ -117,6 +117,8 @@ pub struct RunningAgent {
     reader: Arc<Reader>,
     drain: Arc<Drain>,
     mount: Mount,
+    /// Told at shutdown that this agent leaves.
+    gossip: Option<Arc<crate::peer::gossip::Swim>>,
 }
 
 impl Agent {
@@ -154,7 +156,8 @@ impl Agent {
         }
         crate::preempt::start_watch(&cfg.preempt, drain.clone(), &shared.tasks, shared.stop.clone());
         storage.spawn_refresh(core, cfg.source.catalog_ttl, &shared.tasks, shared.stop.clone());
-        Ok(RunningAgent { cfg, shared, reader, drain, mount })
+        let gossip = peers.as_ref().and_then(|p| p.gossip.clone());
+        Ok(RunningAgent { cfg, shared, reader, drain, mount, gossip })
     }
 }
 
@@ -264,6 +267,9 @@ impl RunningAgent {
         crate::systemd::stopping();
         self.shared.ready.store(false, Ordering::SeqCst);
         let fuse_tasks = self.mount.stop().await;
+        if let Some(g) = &self.gossip {
+            g.leave().await;
+        }
         self.shared.stop.cancel();
         self.reader.shutdown(TASK_STOP_TIMEOUT).await;
         mount::wait_tasks(&fuse_tasks).await;

@@ -11,6 +11,7 @@ use crate::cache::verify::Verifier;
 use crate::cache::Reader;
 use crate::config::PeerConfig;
 use crate::peer::client::PeerTimeouts;
+use crate::peer::gossip::Swim;
 use crate::peer::handoff::Handoff;
 use crate::peer::membership::Compat;
 use crate::peer::tracking::Tracking;
@@ -24,6 +25,8 @@ pub struct Peers {
     pub membership: Arc<Membership>,
     pub verifier: Arc<Verifier>,
     pub tracking: Arc<Tracking>,
+    /// Membership gossip (when this agent listens for peers).
+    pub gossip: Option<Arc<Swim>>,
 }
 
 impl Peers {
@@ -51,7 +54,10 @@ impl Peers {
         let tracking =
             Arc::new(Tracking::new(membership.clone(), memory.clone(), shared.metrics.clone(), timeout, shared.draining.clone()));
         let verifier = Verifier::new(origin, memory, membership.clone(), shared.metrics.clone(), shared.tasks.clone(), shared.stop.clone());
-        Ok(Some(Peers { membership, verifier, tracking }))
+        let gossip = cfg.listen.map(|listen| {
+            Arc::new(Swim::new(membership.clone(), shared.metrics.clone(), listen, shared.tasks.clone(), shared.stop.clone()))
+        });
+        Ok(Some(Peers { membership, verifier, tracking, gossip }))
     }
 
     /// The chunk source that asks peers before the origin, within `read_timeout` (it also
@@ -106,6 +112,7 @@ impl Peers {
             streams: Default::default(),
             fills: Default::default(),
             tracking: Some(self.tracking.clone()),
+            gossip: self.gossip.clone(),
         };
         let announcer = self.tracking.clone().run(reader.clone(), shared.stop.clone());
         shared.tasks.spawn(announcer.instrument(tracing::info_span!("tracking")));
@@ -120,12 +127,16 @@ impl Peers {
         Ok(())
     }
 
-    /// Find the peers once (DNS, Hello to each), then keep probing them until shutdown.
+    /// Find the peers once (DNS, Hello to each), then keep probing them and gossiping until
+    /// shutdown.
     pub async fn join(&self, shared: &Shared) {
         let m = &self.membership;
         m.resolve().await;
         m.probe_all().await;
         info!(peers = m.all().len(), live = m.live().len(), "peer membership ready");
         shared.tasks.spawn(m.clone().run(shared.stop.clone()).instrument(tracing::info_span!("membership")));
+        if let Some(g) = &self.gossip {
+            shared.tasks.spawn(g.clone().run().instrument(tracing::info_span!("gossip")));
+        }
     }
 }

@@ -1,11 +1,12 @@
 //! The peer tier of the read path.
 //!
 //! # Contract (`ChunkSource`)
-//! For a missing chunk: (a) if live peers are known to hold it (their inventories, refreshed
-//! lazily), fetch it from one of them, spreading consecutive chunks over all holders; (b) else if
-//! a peer is fetching it from the origin right now, join that fetch; (c) else ask the chunk's
-//! owner (rendezvous over live, non-draining peers and this agent) to fill it; (d) if the owner is
-//! this agent, `Ok(None)`: the origin comes next. A live peer whose inventory is unknown (never
+//! For a missing chunk, in the order of [`swarm::plan`]: (a) up to three live peers known to hold
+//! it (its segment trackers and, in a small mesh, inventories), consecutive chunks starting at
+//! different holders; (b) peers fetching it from the origin right now (join that fetch); (c) the
+//! chunk's owner (rendezvous over live, non-draining peers and this agent), asked to fill it,
+//! then its successor (who takes the chunk over when the owner leaves); (d) where this agent
+//! comes in that line, or nobody could serve it, `Ok(None)`: the origin comes next. A live peer whose inventory is unknown (never
 //! asked since it came up) is asked first, within the inventory timeout: unknown is not absent.
 //! Every chunk received is written straight into the memory tier as it arrives and checked
 //! (length, offsets, crc32c over the whole chunk) before it counts; a peer error, timeout, short
@@ -33,6 +34,7 @@ use crate::cache::{Chunk, ChunkKey, ChunkSource, MemoryTier};
 use crate::catalog::ObjectVersion;
 use crate::error::Error;
 use crate::metrics::{Metrics, Tier};
+use crate::swarm::{self, NodeId, Sources, Step};
 
 #[derive(Debug, Clone)]
 pub struct PeerTimeouts {
@@ -118,6 +120,8 @@ pub struct PeerSource {
     verifier: Option<Arc<Verifier>>,
     /// Holder discovery by segment trackers.
     tracking: Option<Arc<super::tracking::Tracking>>,
+    /// Owners are chosen among the last member list.
+    rings: placement::RingCache,
 }
 
 /// Meshes of at most this many usable peers are also asked for inventories (at most one request
@@ -149,7 +153,18 @@ impl PeerSource {
     ) -> Self {
         let chunk_size = memory.chunk_size();
         let inventories = Inventories::new(chunk_size, timeouts.inventory, metrics.clone(), tasks);
-        PeerSource { membership, memory, chunk_size, draining, timeouts, metrics, inventories, verifier: None, tracking: None }
+        PeerSource {
+            membership,
+            memory,
+            chunk_size,
+            draining,
+            timeouts,
+            metrics,
+            inventories,
+            verifier: None,
+            tracking: None,
+            rings: Default::default(),
+        }
     }
 
     /// Find holders through segment trackers too (see `peer::tracking`).
@@ -302,26 +317,6 @@ impl PeerSource {
         }
     }
 
-    /// Try `peers` in turn, starting at `first` (consecutive chunks spread over them).
-    async fn try_peers(
-        &self,
-        peers: &[Arc<PeerHandle>],
-        first: usize,
-        obj: &Arc<ObjectVersion>,
-        index: u64,
-        want: u64,
-        allow_fill: bool,
-    ) -> Option<Chunk> {
-        let n = peers.len();
-        for k in 0..n {
-            let p = &peers[(first + k) % n];
-            if let Ok(c) = self.read_into(p, obj, index, want, allow_fill, self.sink(obj, index, want)).await {
-                return Some(c);
-            }
-        }
-        None
-    }
-
     /// What a failed request tells about `peer`: NOT_FOUND only that our view of it is stale.
     fn failed(&self, peer: &PeerHandle, attempt: &Attempt, obj: &ObjectVersion, index: u64, e: &PeerFetchError) {
         debug!(peer = %peer.addr, key = %obj.key, index, error = %e, "peer could not serve the chunk");
@@ -349,36 +344,46 @@ impl PeerSource {
         if self.verifier.as_ref().is_some_and(|v| v.origin_only(obj)) {
             return Ok(None);
         }
-        let (holders, fillers) = self.holders(obj, index).await;
+        let (mut holders, fillers) = self.holders(obj, index).await;
         stage.waiting_on_peer(!holders.is_empty() || !fillers.is_empty());
-        // (a) holders, striped by chunk index; (b) peers fetching it from the origin now.
-        if let Some(c) = self.try_peers(&holders, index as usize, obj, index, want, false).await {
-            return Ok(Some(c));
+        // Consecutive chunks start at different holders, so a read stripes over all of them.
+        if !holders.is_empty() {
+            let n = holders.len();
+            holders.rotate_left(index as usize % n);
         }
-        if let Some(c) = self.try_peers(&fillers, index as usize, obj, index, want, true).await {
-            return Ok(Some(c));
-        }
-        // (c) the owner fills it, so the origin sees each chunk about once.
         let candidates = self.membership.owner_candidates();
-        let mut names: Vec<String> = candidates.iter().filter_map(|p| p.node_id()).collect();
-        if !self.draining.load(Ordering::SeqCst) {
-            names.push(self.membership.self_id().to_string());
-        }
+        let ring = self.owner_ring(&candidates);
         let key = ChunkKey { object: obj.id.clone(), index };
-        let Some(i) = placement::owner(&key, &names) else { return Ok(None) };
-        let owner_id = &names[i];
-        let Some(owner) = candidates.iter().find(|p| p.node_id().as_deref() == Some(owner_id.as_str())) else {
-            // (d) this agent owns it: the origin comes next.
-            return Ok(None);
-        };
-        if fillers.iter().any(|f| f.addr == owner.addr) {
-            return Err(Error::unavailable(format!("peer {} could not fill the chunk", owner.addr)));
+        let me = NodeId::from(self.membership.self_id());
+        let ids = |v: &[Arc<PeerHandle>]| v.iter().filter_map(|p| p.node_id()).map(NodeId::from).collect::<Vec<_>>();
+        let sources = Sources { holders: ids(&holders), fillers: ids(&fillers) };
+        let peer = |id: &NodeId| candidates.iter().chain(&holders).chain(&fillers).find(|p| p.node_id().as_deref() == Some(&**id)).cloned();
+        for step in swarm::plan(sources, &ring.top(&key, 2), &me) {
+            let (id, allow_fill) = match &step {
+                Step::Holder(id) => (id, false),
+                Step::Filler(id) | Step::Owner(id) => (id, true),
+                Step::Origin => break,
+            };
+            let Some(p) = peer(id) else { continue };
+            if matches!(step, Step::Owner(_)) {
+                stage.waiting_on_peer(true);
+            }
+            if let Ok(c) = self.read_into(&p, obj, index, want, allow_fill, self.sink(obj, index, want)).await {
+                return Ok(Some(c));
+            }
         }
-        stage.waiting_on_peer(true);
-        match self.read_into(owner, obj, index, want, true, self.sink(obj, index, want)).await {
-            Ok(c) => Ok(Some(c)),
-            Err(e) => Err(Error::unavailable(format!("peer {}: {e}", owner.addr))),
+        // This agent owns the chunk, or no peer could serve it: the origin comes next.
+        Ok(None)
+    }
+
+    /// The members owners are chosen among: live, non-draining peers and this agent unless it
+    /// drains.
+    fn owner_ring(&self, candidates: &[Arc<PeerHandle>]) -> Arc<swarm::Ring> {
+        let mut names: Vec<NodeId> = candidates.iter().filter_map(|p| p.node_id()).map(NodeId::from).collect();
+        if !self.draining.load(Ordering::SeqCst) {
+            names.push(NodeId::from(self.membership.self_id()));
         }
+        self.rings.of(names)
     }
 }
 

@@ -39,6 +39,8 @@ pub const PROBES_PER_ROUND: usize = 16;
 const PROBES_AT_ONCE: usize = 64;
 pub const DNS_INTERVAL: Duration = Duration::from_secs(10);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// With gossip detecting failures, a peer known to be up is probed again only this often.
+pub const KNOWN_REPROBE: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Backoff of a peer that failed a data request: from 1 s, doubling, at most this. Only a
 /// data request that succeeds ends it (a peer that answers Hello may still stall on data).
@@ -145,6 +147,15 @@ impl PeerHandle {
         self.addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
     }
 
+    /// The IP and port this peer is reached at (a hostname's first resolved IP).
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        if let Ok(a) = self.addr.parse() {
+            return Some(a);
+        }
+        let ip = *self.ips.lock().unwrap_or_else(|p| p.into_inner()).first()?;
+        Some(std::net::SocketAddr::new(ip, self.port()?))
+    }
+
     /// Look the hostname up again (bounded by the probe timeout); an IP literal stays as it is.
     async fn resolve(&self) {
         if !self.is_hostname() {
@@ -184,6 +195,7 @@ impl PeerHandle {
         let now = Instant::now();
         let passed = |t: Option<Instant>| t.is_none_or(|t| now >= t);
         s.node_id.is_some()
+            && s.down_since.is_none()
             && !s.is_self
             && s.incompatible.is_none()
             && passed(s.retry_at)
@@ -236,6 +248,8 @@ pub struct Membership {
     metrics: Arc<crate::metrics::Metrics>,
     /// Wakes the probe loop at once (a peer said Hello: probe it now, not in two seconds).
     wake: tokio::sync::Notify,
+    /// Gossip detects failures: peers known to be up are probed only every [`KNOWN_REPROBE`].
+    gossiping: std::sync::atomic::AtomicBool,
 }
 
 /// Why the peer stack cannot be set up from its settings.
@@ -284,6 +298,7 @@ impl Membership {
             peers: RwLock::new(Vec::new()),
             metrics,
             wake: tokio::sync::Notify::new(),
+            gossiping: Default::default(),
         };
         m.refresh_addresses()?;
         Ok(m)
@@ -347,12 +362,55 @@ impl Membership {
             None => {
                 let mut ignored = self.ignored.lock().unwrap_or_else(|p| p.into_inner());
                 if ignored.len() < MAX_LEARNED && ignored.insert(a.clone()) {
-                    warn!(peer = %a, node = %node_id, "ignoring a hello from an address that is not a configured peer (peers are unauthenticated; set --peer-token-file or mutual TLS to let peers join)");
+                    warn!(peer = %a, node = %node_id, "ignoring a hello or gossip naming an address that is not a configured peer (peers are unauthenticated; set --peer-token-file or mutual TLS to let peers join)");
                 }
                 return;
             }
         }
         self.wake.notify_one();
+    }
+
+    /// Whether a caller at `ip` may gossip: any caller when peers authenticate (the token or TLS
+    /// was checked), else only a configured peer.
+    pub fn admits(&self, ip: std::net::IpAddr) -> bool {
+        self.authenticated || self.all().iter().any(|p| p.has_ip(ip))
+    }
+
+    /// Whether peers authenticate (token or mutual TLS).
+    pub fn authenticated(&self) -> bool {
+        self.authenticated
+    }
+
+    /// Gossip says member `node_id` at `addr` is down: it is not used until it answers a probe
+    /// (or says Hello). A report about another process at that address changes nothing.
+    pub fn gossip_down(&self, addr: std::net::SocketAddr, node_id: &str) {
+        for p in self.all().into_iter().filter(|p| p.answers_at(addr) && p.node_id().as_deref() == Some(node_id)) {
+            info!(peer = %p.addr, node = %node_id, "gossip reports the peer down; not used until it answers again");
+            p.update(|s| {
+                s.down_since.get_or_insert_with(Instant::now);
+                s.failures = s.failures.max(1);
+                s.retry_at = Some(Instant::now() + PROBE_INTERVAL);
+                s.last_error = Some("reported down by gossip".into());
+            });
+        }
+    }
+
+    /// Peers that answered as compatible members and are not down, as gossip members: node id
+    /// and the address they are reached at.
+    pub fn gossip_members(&self) -> Vec<(String, std::net::SocketAddr)> {
+        self.all()
+            .iter()
+            .filter_map(|p| {
+                let s = p.state();
+                let ok = !s.is_self && s.incompatible.is_none() && s.down_since.is_none();
+                Some((s.node_id.filter(|_| ok)?, p.socket_addr()?))
+            })
+            .collect()
+    }
+
+    /// From now on gossip detects failures (see [`KNOWN_REPROBE`]).
+    pub fn set_gossiping(&self) {
+        self.gossiping.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Add a peer that introduced itself, if there is room.
@@ -559,10 +617,21 @@ impl Membership {
         Some(format!("node id {node_id} already answers at {}", other.addr))
     }
 
-    /// Peers whose backoff has passed.
+    /// Peers whose backoff has passed; with gossip, not those known to be up and probed within
+    /// [`KNOWN_REPROBE`].
     fn due(&self) -> Vec<Arc<PeerHandle>> {
         let now = Instant::now();
-        self.all().into_iter().filter(|p| p.state().retry_at.is_none_or(|t| now >= t)).collect()
+        let gossiping = self.gossiping.load(std::sync::atomic::Ordering::SeqCst);
+        let quiet = |s: &PeerState| {
+            gossiping && s.node_id.is_some() && s.failures == 0 && s.probed_at.is_some_and(|t| now.duration_since(t) < KNOWN_REPROBE)
+        };
+        self.all()
+            .into_iter()
+            .filter(|p| {
+                let s = p.state();
+                s.retry_at.is_none_or(|t| now >= t) && !quiet(&s)
+            })
+            .collect()
     }
 
     /// Probe every peer whose backoff has passed, [`PROBES_AT_ONCE`] at a time (at start).

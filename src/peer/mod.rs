@@ -6,10 +6,12 @@
 //! - `client`: the peer tier of the read path ([`PeerSource`], a `ChunkSource`).
 //! - `server`: what this agent serves to others ([`PeerServer`]); `streams`: its gRPC chunk streams.
 //! - `handoff`: handing off sole copies before this agent goes away, and taking them.
+//! - `gossip`: membership gossip (`swarm::gossip`, SWIM) over the `Gossip` RPC.
 //! - `tracking`: holder discovery by segment trackers (`swarm::Discovery` over gRPC).
 //! - `raw`: the bulk data path (`ReadChunk` without HTTP/2, on the same port, when not using TLS).
 
 pub mod client;
+pub mod gossip;
 pub mod handoff;
 pub mod inventory;
 pub mod membership;

@@ -99,9 +99,32 @@ impl Ring {
         best(key_hash(key), &self.hashes, |i| &self.nodes[i], k).into_iter().map(|i| &self.nodes[i]).collect()
     }
 
+    /// Whether this ring's members are exactly `sorted` (sorted, without duplicates).
+    fn has_members(&self, sorted: &[std::sync::Arc<str>]) -> bool {
+        self.nodes == sorted
+    }
+
     /// The same members without `node`.
     pub fn without(&self, node: &str) -> Ring {
         Ring::new(self.nodes.iter().filter(|n| &***n != node).cloned().collect())
+    }
+}
+
+/// The ring of the member list asked for last, rebuilt only when the list changes (a fetch
+/// among 1000 members then costs no hashing of member names).
+#[derive(Default)]
+pub struct RingCache(std::sync::Mutex<std::sync::Arc<Ring>>);
+
+impl RingCache {
+    /// The ring of `nodes`.
+    pub fn of(&self, mut nodes: Vec<std::sync::Arc<str>>) -> std::sync::Arc<Ring> {
+        nodes.sort();
+        nodes.dedup();
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !last.has_members(&nodes) {
+            *last = std::sync::Arc::new(Ring::new(nodes));
+        }
+        last.clone()
     }
 }
 

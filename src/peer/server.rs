@@ -26,8 +26,8 @@ use tracing::debug;
 use super::membership::Membership;
 use super::proto::peer_server::Peer;
 use super::proto::{
-    AnnounceRequest, AnnounceResponse, DrainAck, DrainNotice, HandoffProgress, HandoffRequest, HelloRequest, HelloResponse,
-    InventoryRequest, InventoryResponse, LookupRequest, LookupResponse, ObjectInventory, ReadChunkRequest, SegmentHolding,
+    AnnounceRequest, AnnounceResponse, DrainAck, DrainNotice, GossipAck, GossipMessage, HandoffProgress, HandoffRequest, HelloRequest,
+    HelloResponse, InventoryRequest, InventoryResponse, LookupRequest, LookupResponse, ObjectInventory, ReadChunkRequest, SegmentHolding,
 };
 use super::streams::{ChunkStream, Streams};
 use super::{bitmap, same_version, PROTOCOL, TOKEN_HEADER};
@@ -56,6 +56,8 @@ pub struct PeerServer {
     pub fills: FillLimit,
     /// Holder discovery: this agent's tracking state (None: lookups and announcements refused).
     pub tracking: Option<Arc<super::tracking::Tracking>>,
+    /// Membership gossip (None: gossip messages refused).
+    pub gossip: Option<Arc<super::gossip::Swim>>,
 }
 
 /// Chunks this agent fetches from the origin for peers at once (`allow_fill`); requests that
@@ -328,6 +330,15 @@ impl Peer for PeerServer {
             source: self.source.clone(),
             raw_data: self.raw_data,
         }))
+    }
+
+    async fn gossip(&self, req: Request<GossipMessage>) -> Result<Response<GossipAck>, Status> {
+        let swim = self.gossip.as_ref().ok_or_else(|| Status::unimplemented("this agent does not gossip"))?;
+        if !req.remote_addr().is_some_and(|a| self.membership.admits(a.ip())) {
+            return Err(Status::permission_denied("gossip is taken only from configured peers (peers are unauthenticated)"));
+        }
+        swim.receive(&req.into_inner().data).map_err(Status::invalid_argument)?;
+        Ok(Response::new(GossipAck {}))
     }
 
     async fn drain(&self, req: Request<DrainNotice>) -> Result<Response<DrainAck>, Status> {

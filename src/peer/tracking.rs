@@ -65,6 +65,7 @@ pub struct Tracking {
     /// Tracker key → the object and when it was last read through this agent.
     recent: Mutex<LruCache<Arc<str>, Recent>>,
     told: Mutex<HashMap<Arc<str>, Told>>,
+    rings: crate::peer::placement::RingCache,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -91,6 +92,7 @@ impl Tracking {
             draining,
             recent: Mutex::new(LruCache::new(cap)),
             told: Mutex::new(HashMap::new()),
+            rings: Default::default(),
         }
     }
 
@@ -100,12 +102,12 @@ impl Tracking {
     }
 
     /// The members trackers are chosen among: usable peers and this agent unless it drains.
-    fn ring(&self, usable: &[Arc<PeerHandle>]) -> Ring {
+    fn ring(&self, usable: &[Arc<PeerHandle>]) -> Arc<Ring> {
         let mut nodes: Vec<NodeId> = usable.iter().filter_map(|p| p.node_id()).map(NodeId::from).collect();
         if !self.draining.load(Ordering::SeqCst) {
             nodes.push(self.discovery.me().clone());
         }
-        Ring::new(nodes)
+        self.rings.of(nodes)
     }
 
     /// `obj` is read through this agent: its holdings are announced.

@@ -25,6 +25,9 @@ use serde::{Deserialize, Serialize};
 pub const GOSSIP_EVERY: Duration = Duration::from_secs(1);
 /// Members each unprompted gossip goes to.
 pub const GOSSIP_FANOUT: usize = 2;
+/// How often an agent asks one member (and one member it believes down) for its whole view,
+/// so that members nobody spread news of, and false downs, are healed.
+pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(30);
 
 /// A member: its node id, the address it was dialed at, and a counter bumped on rejoin.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -80,6 +83,8 @@ pub fn config(size: usize) -> Config {
     let mut c = Config::new_lan(n);
     c.periodic_gossip =
         Some(PeriodicParams { frequency: GOSSIP_EVERY, num_members: NonZeroUsize::new(GOSSIP_FANOUT).unwrap_or(NonZeroUsize::MIN) });
+    c.periodic_announce = Some(PeriodicParams { frequency: ANNOUNCE_EVERY, num_members: NonZeroUsize::MIN });
+    c.periodic_announce_to_down_members = Some(PeriodicParams { frequency: ANNOUNCE_EVERY, num_members: NonZeroUsize::MIN });
     c
 }
 
@@ -90,14 +95,25 @@ impl Gossip {
     }
 
     /// Take `seeds` as alive members and tell one of them (chosen by this agent's id, so that
-    /// a fleet started at once does not all call the first) we are here.
-    pub fn join(&mut self, seeds: &[Member]) -> Effects {
+    /// a fleet started at once does not all call the first) we are here. With `spread`, the
+    /// seeds are news to pass on (this agent may be the only one that knows them); a list every
+    /// member was configured with is not.
+    pub fn join(&mut self, seeds: &[Member], spread: bool) -> Effects {
         let me = self.foca.identity().clone();
         let others: Vec<Member> = seeds.iter().filter(|s| s.addr != me.addr).cloned().collect();
-        let _ = self.foca.apply_many(others.iter().cloned().map(foca::Member::alive), false, &mut self.rt);
+        let _ = self.foca.apply_many(others.iter().cloned().map(foca::Member::alive), spread, &mut self.rt);
         if !others.is_empty() {
             let pick = crate::peer::placement::node_hash(&me.id) % others.len() as u64;
             let _ = self.foca.announce(others[pick as usize].clone(), &mut self.rt);
+        }
+        self.effects()
+    }
+
+    /// `m` answered this agent directly (its own probe): take it as an alive member and tell
+    /// others (it may know only this agent).
+    pub fn meet(&mut self, m: Member) -> Effects {
+        if m.addr != self.foca.identity().addr {
+            let _ = self.foca.apply_many(std::iter::once(foca::Member::alive(m)), true, &mut self.rt);
         }
         self.effects()
     }
@@ -125,6 +141,13 @@ impl Gossip {
         let mut m: Vec<Member> = self.foca.iter_members().map(|m| m.id().clone()).collect();
         m.sort();
         m
+    }
+
+    /// Gossip to a few members now (what the periodic gossip timer does).
+    #[cfg(test)]
+    fn gossip_now(&mut self) -> Effects {
+        let _ = self.foca.gossip(&mut self.rt);
+        self.effects()
     }
 
     pub fn me(&self) -> &Member {
@@ -162,10 +185,44 @@ mod tests {
     fn seeds_are_members_and_garbage_is_an_error() {
         let seeds: Vec<Member> = (0..5).map(member).collect();
         let mut g = Gossip::new(member(0), 5, 1);
-        let e = g.join(&seeds);
+        let e = g.join(&seeds, false);
         assert_eq!(g.members().len(), 4);
         assert_eq!(e.send.len(), 1, "one announce to a seed");
         assert!(g.handle(b"\xff\x00garbage").is_err());
         assert_eq!(g.members().len(), 4);
+    }
+
+    /// Deliver every message until none is left (timers not fired); returns changes seen.
+    fn settle(fleet: &mut [Gossip], mut queue: Vec<(Member, bytes::Bytes)>) -> Vec<(usize, Change)> {
+        let mut seen = Vec::new();
+        while let Some((to, data)) = queue.pop() {
+            let Some(i) = fleet.iter().position(|g| g.me().addr == to.addr) else { continue };
+            let e = fleet[i].handle(&data).unwrap_or_default();
+            queue.extend(e.send);
+            seen.extend(e.changes.into_iter().map(|c| (i, c)));
+        }
+        seen
+    }
+
+    /// A knows B; C meets B later: A learns of C through B, without ever being told by config.
+    #[test]
+    fn a_member_met_by_one_is_spread_to_the_others() {
+        let mut fleet = vec![Gossip::new(member(0), 3, 1), Gossip::new(member(1), 3, 2), Gossip::new(member(2), 3, 3)];
+        let e = fleet[0].join(&[member(1)], true);
+        settle(&mut fleet, e.send);
+        let e = fleet[2].join(&[member(1)], true);
+        settle(&mut fleet, e.send);
+        let e = fleet[1].meet(member(2));
+        settle(&mut fleet, e.send);
+        // B's next probe or gossip carries C to A.
+        for _ in 0..20 {
+            let mut sends = Vec::new();
+            for g in fleet.iter_mut() {
+                let e = g.gossip_now();
+                sends.extend(e.send);
+            }
+            settle(&mut fleet, sends);
+        }
+        assert!(fleet[0].members().contains(&member(2)), "A never learned C: {:?}", fleet[0].members());
     }
 }

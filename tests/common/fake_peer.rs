@@ -136,6 +136,13 @@ impl Peer for Svc {
         Err(tonic::Status::unimplemented("tracks nothing"))
     }
 
+    async fn gossip(
+        &self,
+        _r: tonic::Request<cachefs::peer::proto::GossipMessage>,
+    ) -> Result<tonic::Response<cachefs::peer::proto::GossipAck>, tonic::Status> {
+        Err(tonic::Status::unimplemented("does not gossip"))
+    }
+
     async fn handoff(&self, _req: Request<HandoffRequest>) -> Result<Response<Self::HandoffStream>, Status> {
         self.hang().await;
         Err(Status::unimplemented("takes no handoffs"))

@@ -224,7 +224,7 @@ impl SimAgent {
 
     /// Seed the membership with every configured peer.
     pub fn join(self: &Arc<Self>, sim: &Arc<Sim>, seeds: &[Member]) {
-        let e = lock(&self.gossip).join(seeds);
+        let e = lock(&self.gossip).join(seeds, false);
         *lock(&self.members) = Arc::new(Ring::new(seeds.iter().map(|s| NodeId::from(s.id.as_str())).collect()));
         self.apply(sim, e);
     }
