@@ -1,5 +1,7 @@
 //! Holder discovery between real agents: what one agent reads, it announces to the segment's
-//! trackers, a tracker answers lookups with it, and only members may announce.
+//! trackers, a tracker answers lookups with it, and only members may announce; a draining
+//! tracker hands its state to the next trackers, and beyond the inventory mesh a draining agent
+//! finds its sole copies by asking trackers.
 
 mod common;
 
@@ -76,6 +78,7 @@ fn what_an_agent_reads_its_trackers_answer_and_only_members_announce() {
                 present: u64::MAX,
                 filling: 0,
                 complete: true,
+                holder: String::new(),
             }],
         };
         let e = c.announce(forged).await.unwrap_err();
@@ -88,4 +91,155 @@ fn what_an_agent_reads_its_trackers_answer_and_only_members_announce() {
     });
     let sent = a.metric("cachefs_control_messages_total{kind=\"announce\",direction=\"sent\"}");
     assert!((1.0..=20.0).contains(&sent), "A announced {sent} times for one 40 MiB file");
+}
+
+/// `n` agents on `src`, each given all the others, with 1 MiB chunks and `extra` flags.
+fn mesh(src: &str, n: usize, extra: &[&str]) -> (Vec<Agent>, Vec<String>) {
+    let addrs: Vec<String> = (0..n).map(|_| peer_addr()).collect();
+    let agents = (0..n)
+        .map(|i| {
+            let others: Vec<&str> = (0..n).filter(|j| *j != i).map(|j| addrs[j].as_str()).collect();
+            let others = others.join(",");
+            let mut args = vec!["--listen", addrs[i].as_str(), "--peers", others.as_str(), "--chunk-size", "1MiB"];
+            args.extend_from_slice(extra);
+            Agent::start(src, &args)
+        })
+        .collect();
+    (agents, addrs)
+}
+
+fn status(a: &Agent) -> serde_json::Value {
+    serde_json::from_str(&http_get(a.admin, "/status").unwrap().1).unwrap()
+}
+
+fn live(a: &Agent) -> usize {
+    status(a)["peers"].as_array().unwrap().iter().filter(|p| p["state"] == "live").count()
+}
+
+fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(s, "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+fn object_of(dir: &std::path::Path, key: &str) -> proto::ObjectRef {
+    let (etag, size) = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use object_store::ObjectStoreExt;
+        let store = object_store::local::LocalFileSystem::new_with_prefix(dir).unwrap();
+        let m = store.head(&key.into()).await.unwrap();
+        (m.e_tag.unwrap_or_default(), m.size)
+    });
+    proto::ObjectRef { key: key.into(), etag, version: String::new(), size }
+}
+
+/// What the tracker at `addr` answers for segment 0 of `object`: holder id -> present bits.
+fn tracked(rt: &tokio::runtime::Runtime, addr: &str, object: &proto::ObjectRef) -> std::collections::HashMap<String, u64> {
+    rt.block_on(async {
+        let mut c = PeerClient::connect(format!("http://{addr}")).await.unwrap();
+        let req = proto::LookupRequest { object: Some(object.clone()), segment: 0, chunk_size: 1 << 20, node_id: "test".into() };
+        c.lookup(req).await.unwrap().into_inner().holders.into_iter().map(|h| (h.node_id, h.present)).collect()
+    })
+}
+
+/// Five agents; R reads a file whose one segment three of them track. When tracker D drains,
+/// it hands what it tracks to the segment's next tracker E at once (R would tell E only at its
+/// next refresh, two minutes later); a handover from a member that is not draining is refused.
+#[test]
+fn a_draining_tracker_hands_its_tracking_over() {
+    if !fuse_available("a_draining_tracker_hands_its_tracking_over") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    write_random(&src.path().join("h.bin"), 8 << 20, 31);
+    let (agents, addrs) = mesh(&src.path().display().to_string(), 5, &[]);
+    for a in &agents {
+        assert!(poll_until(Duration::from_secs(20), || live(a) == 4), "peers did not converge: {}", status(a));
+    }
+    let ids: Vec<String> = agents.iter().map(|a| status(a)["node_id"].as_str().unwrap().to_string()).collect();
+    let object = object_of(src.path(), "h.bin");
+    let key = cachefs::peer::tracking::tracker_key(&object);
+    let ring = cachefs::swarm::Ring::new(ids.iter().map(|i| std::sync::Arc::from(i.as_str())).collect());
+    let before = cachefs::swarm::trackers(&key, 0, &ring);
+    let d = ids.iter().position(|i| **i == *before[0]).unwrap();
+    let after = cachefs::swarm::trackers(&key, 0, &ring.without(&ids[d]));
+    let e = ids.iter().position(|i| after.iter().any(|t| **t == **i) && !before.iter().any(|t| **t == **i)).unwrap();
+    let r = (0..5).find(|i| !before.iter().chain(&after).any(|t| **t == *ids[*i])).unwrap();
+
+    let reader = &agents[r];
+    assert_eq!(sha256_file(&reader.path("h.bin")), sha256_file(&src.path().join("h.bin")));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let knows = |i: usize| tracked(&rt, &addrs[i], &object).get(&ids[r]).copied().unwrap_or(0) == 0xff;
+    assert!(poll_until(Duration::from_secs(10), || knows(d)), "tracker D never learned what R holds");
+    assert!(!knows(e), "E knew of R's chunks before any handover: the test shows nothing");
+
+    // R is a member at its own address, but it is not draining: it may not speak for others.
+    let forged = proto::AnnounceRequest {
+        node_id: ids[r].clone(),
+        chunk_size: 1 << 20,
+        segments: vec![proto::SegmentAnnounce {
+            object: Some(object.clone()),
+            segment: 0,
+            present: 0xff,
+            filling: 0,
+            complete: true,
+            holder: "someone-else".into(),
+        }],
+    };
+    let refused = rt.block_on(async {
+        let mut c = PeerClient::connect(format!("http://{}", addrs[e])).await.unwrap();
+        c.announce(forged).await.map(|_| ()).map_err(|s| s.code())
+    });
+    assert_eq!(refused, Err(tonic::Code::PermissionDenied));
+
+    let answer = post(agents[d].admin, "/drain", "");
+    assert!(answer.contains("drained"), "{answer}");
+    assert!(poll_until(Duration::from_secs(5), || knows(e)), "E was not handed R's holding; D's log:\n{}", agents[d].log_text());
+    assert!(agents[d].log_text().contains("handed what this agent tracks to the next trackers"));
+}
+
+/// Ten agents: a draining agent's nine survivors are beyond the inventory mesh, so its sole
+/// copies are found by asking each held segment's trackers, not every survivor; exactly the
+/// chunks nobody else holds are handed off.
+#[test]
+fn beyond_the_inventory_mesh_sole_copies_are_found_by_trackers() {
+    if !fuse_available("beyond_the_inventory_mesh_sole_copies_are_found_by_trackers") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    write_random(&src.path().join("shared.bin"), 4 << 20, 41);
+    write_random(&src.path().join("only-x.bin"), 3 << 20, 42);
+    let (agents, addrs) = mesh(&src.path().display().to_string(), 10, &[]);
+    for a in &agents {
+        assert!(poll_until(Duration::from_secs(30), || live(a) == 9), "peers did not converge: {}", status(a));
+    }
+    let ids: Vec<String> = agents.iter().map(|a| status(a)["node_id"].as_str().unwrap().to_string()).collect();
+    let (x, y) = (&agents[0], &agents[1]);
+    for f in ["shared.bin", "only-x.bin"] {
+        assert_eq!(sha256_file(&x.path(f)), sha256_file(&src.path().join(f)));
+    }
+    assert_eq!(sha256_file(&y.path("shared.bin")), sha256_file(&src.path().join("shared.bin")));
+    // Wait until the trackers of shared.bin know Y holds it all.
+    let object = object_of(src.path(), "shared.bin");
+    let key = cachefs::peer::tracking::tracker_key(&object);
+    let ring = cachefs::swarm::Ring::new(ids.iter().map(|i| std::sync::Arc::from(i.as_str())).collect());
+    let trackers = cachefs::swarm::trackers(&key, 0, &ring);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let everywhere = || {
+        trackers.iter().all(|t| {
+            let i = ids.iter().position(|id| **id == **t).unwrap();
+            tracked(&rt, &addrs[i], &object).get(&ids[1]).copied().unwrap_or(0) == 0x0f
+        })
+    };
+    assert!(poll_until(Duration::from_secs(10), everywhere), "the trackers never learned what Y holds");
+    let inventories = || x.metric("cachefs_control_messages_total{kind=\"inventory\",direction=\"sent\"}");
+    let asked_before = inventories();
+    let answer: serde_json::Value = serde_json::from_str(&post(x.admin, "/drain", r#"{"handoff":true}"#)).unwrap();
+    assert_eq!(answer["handed_off_bytes"], 3u64 << 20, "{answer}; X's log:\n{}", x.log_text());
+    assert_eq!(answer["lost_bytes"], 0);
+    assert_eq!(inventories(), asked_before, "the drain asked survivors for inventories");
 }

@@ -83,6 +83,7 @@ impl Peers {
             catalog: storage.catalog.clone(),
             metrics: shared.metrics.clone(),
             inventory_timeout: PeerTimeouts::within(read_timeout).inventory,
+            tracking: Some(self.tracking.clone()),
         })
     }
 

@@ -1,8 +1,10 @@
 //! Handing off sole copies before this agent goes away (a preemption notice, `drain --handoff`).
 //!
 //! # Contract
-//! - [`Handoff`] (the draining side) finds the chunks it holds that no live, non-draining peer
-//!   holds (their inventories; a peer that does not answer counts as holding nothing) and asks
+//! - [`Handoff`] (the draining side) first hands what it tracks to each segment's next trackers,
+//!   then finds the chunks it holds that no live, non-draining peer holds (their inventories in a
+//!   small mesh, the segments' trackers beyond; one that does not answer counts as knowing of no
+//!   copy) and asks
 //!   each chunk's owner among those survivors (rendezvous over the survivors only) to pull it,
 //!   most recently used first, until every sole chunk is placed or `until` passes. It reports
 //!   the bytes of sole copies and, of those, the bytes a survivor confirmed it holds.
@@ -10,7 +12,7 @@
 //!   stream and stores it only within its own budget, evicting only chunks used less recently
 //!   than the draining peer last used it; one outcome per chunk, in order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use futures::{Stream, StreamExt};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::client::INVENTORY_PEERS;
 use super::membership::{Membership, PeerHandle};
 use super::proto::{HandoffChunk, HandoffOutcome, HandoffProgress, HandoffRequest, InventoryRequest};
 use super::{bit, object_ref, placement, PeerSource};
@@ -27,6 +30,7 @@ use crate::cache::MemoryTier;
 use crate::catalog::{Catalog, ObjectVersion};
 use crate::metrics::{ControlKind, Direction, Metrics};
 use crate::preempt::{HandOff, HandoffPolicy, HandoffReport};
+use crate::swarm::{bit_of, segment_of};
 
 /// Chunks asked for in one `Handoff` request.
 const BATCH: usize = 16;
@@ -44,6 +48,9 @@ pub const MIN_IDLE: Duration = Duration::from_secs(30);
 /// Most chunks one `Handoff` request may name.
 pub const MAX_BATCH: usize = 256;
 
+/// A chunk this agent holds: its object, index, and how long since it was used.
+type Held = (Arc<ObjectVersion>, u64, Duration);
+
 /// One sole chunk to hand off.
 struct Sole {
     obj: Arc<ObjectVersion>,
@@ -59,6 +66,9 @@ pub struct Handoff {
     pub catalog: Arc<Catalog>,
     pub metrics: Arc<Metrics>,
     pub inventory_timeout: Duration,
+    /// Holder discovery: its tracking state is handed over, and in a large mesh its trackers say
+    /// which chunks others hold.
+    pub tracking: Option<Arc<super::tracking::Tracking>>,
 }
 
 impl HandOff for Handoff {
@@ -69,6 +79,9 @@ impl HandOff for Handoff {
 
 impl Handoff {
     async fn hand_off(&self, until: Instant, policy: HandoffPolicy) -> HandoffReport {
+        if let Some(t) = &self.tracking {
+            t.hand_over(until).await;
+        }
         let survivors = self.membership.owner_candidates();
         let sole = self.sole_copies(&survivors, until).await;
         let sole_bytes = sole.iter().map(|s| s.len).sum::<u64>();
@@ -98,17 +111,33 @@ impl Handoff {
         HandoffReport { sole_bytes, handed_off_bytes }
     }
 
-    /// Held chunks of listed objects that no survivor holds, most recently used first. The
-    /// survivors are asked [`ASKS`] at a time, none past `until`: one that has not answered by
-    /// then counts as holding nothing.
+    /// Held chunks of listed objects that no survivor holds, most recently used first. In a
+    /// mesh of at most `INVENTORY_PEERS` survivors, each is asked for its inventory ([`ASKS`] at
+    /// a time); beyond, each held segment's trackers are asked. None past `until`: a survivor
+    /// or tracker that has not answered by then counts as knowing of no other copy.
     async fn sole_copies(&self, survivors: &[Arc<PeerHandle>], until: Instant) -> Vec<Sole> {
         let versions: HashMap<Arc<str>, Arc<ObjectVersion>> = self.catalog.files().into_iter().map(|o| (o.id.clone(), o)).collect();
         let held: Vec<(Arc<ObjectVersion>, u64, Duration)> =
             self.memory.held().into_iter().filter_map(|(k, _, idle)| Some((versions.get(&k.object)?.clone(), k.index, idle))).collect();
-        let mut seen = std::collections::HashSet::new();
+        let elsewhere = match &self.tracking {
+            Some(t) if survivors.len() > INVENTORY_PEERS => self.tracked_elsewhere(t, &held, until).await,
+            _ => self.inventories_elsewhere(survivors, &held, until).await,
+        };
+        let chunk_size = self.memory.chunk_size();
+        held.into_iter()
+            .filter(|(o, i, _)| !elsewhere.contains(&(o.id.clone(), *i)))
+            .map(|(obj, index, idle)| {
+                let r = chunk_range(index, obj.size, chunk_size);
+                Sole { obj, index, len: r.end - r.start, idle }
+            })
+            .collect()
+    }
+
+    /// Held chunks some survivor's inventory lists.
+    async fn inventories_elsewhere(&self, survivors: &[Arc<PeerHandle>], held: &[Held], until: Instant) -> HashSet<(Arc<str>, u64)> {
+        let mut seen = HashSet::new();
         let objects: Vec<Arc<ObjectVersion>> =
             held.iter().filter(|(o, _, _)| seen.insert(o.id.clone())).map(|(o, _, _)| o.clone()).collect();
-        let mut present: HashMap<Arc<str>, Vec<Vec<u8>>> = HashMap::new();
         let objects = &objects;
         let asks = futures::stream::iter(survivors.iter().cloned())
             .map(|p: Arc<PeerHandle>| async move {
@@ -119,17 +148,31 @@ impl Handoff {
                 })
             })
             .buffer_unordered(ASKS);
+        let mut present: HashMap<Arc<str>, Vec<Vec<u8>>> = HashMap::new();
         for (id, bits) in asks.collect::<Vec<_>>().await.into_iter().flatten() {
             present.entry(id).or_default().push(bits);
         }
-        let chunk_size = self.memory.chunk_size();
-        held.into_iter()
-            .filter(|(o, i, _)| !present.get(&o.id).is_some_and(|maps| maps.iter().any(|m| bit(m, *i))))
-            .map(|(obj, index, idle)| {
-                let r = chunk_range(index, obj.size, chunk_size);
-                Sole { obj, index, len: r.end - r.start, idle }
+        let listed = |o: &ObjectVersion, i: u64| present.get(&o.id).is_some_and(|maps| maps.iter().any(|m| bit(m, i)));
+        held.iter().filter(|(o, i, _)| listed(o, *i)).map(|(o, i, _)| (o.id.clone(), *i)).collect()
+    }
+
+    /// Held chunks the trackers of their segments know another member to hold (one lookup per
+    /// held segment, [`ASKS`] at a time, whatever the mesh's size).
+    async fn tracked_elsewhere(&self, t: &super::tracking::Tracking, held: &[Held], until: Instant) -> HashSet<(Arc<str>, u64)> {
+        let mut segments: HashMap<(Arc<str>, u64), Arc<ObjectVersion>> = HashMap::new();
+        for (o, i, _) in held {
+            segments.entry((o.id.clone(), segment_of(*i))).or_insert_with(|| o.clone());
+        }
+        let asks = futures::stream::iter(segments)
+            .map(|((id, seg), o)| async move {
+                let bits = tokio::time::timeout_at(until, t.held_elsewhere(&o, seg)).await.ok().flatten().unwrap_or(0);
+                (id, seg, bits)
             })
-            .collect()
+            .buffer_unordered(ASKS);
+        let found: Vec<(Arc<str>, u64, u64)> = asks.collect().await;
+        let bits: HashMap<(Arc<str>, u64), u64> = found.into_iter().map(|(id, seg, b)| ((id, seg), b)).collect();
+        let listed = |o: &ObjectVersion, i: u64| bits.get(&(o.id.clone(), segment_of(i))).is_some_and(|b| b & bit_of(i) != 0);
+        held.iter().filter(|(o, i, _)| listed(o, *i)).map(|(o, i, _)| (o.id.clone(), *i)).collect()
     }
 
     /// What `peer` holds of `objects`: object id → present bitmap (nothing if it does not answer).

@@ -265,14 +265,22 @@ impl Peer for PeerServer {
         }
         // Only a member may say what it holds, and only from its own address.
         let known = self.membership.all().into_iter().find(|p| p.node_id().as_deref() == Some(r.node_id.as_str()));
-        if !known.is_some_and(|p| from.is_some_and(|f| p.has_ip(f.ip()))) {
+        let known = known.filter(|p| from.is_some_and(|f| p.has_ip(f.ip())));
+        if known.is_none() {
             return Err(Status::permission_denied("announcements are taken only from a member, at its own address"));
         }
         let node: crate::swarm::NodeId = Arc::from(r.node_id.as_str());
+        let handing_over = known.as_ref().is_some_and(|p| p.state().draining);
         let mut batch = Vec::with_capacity(r.segments.len());
         for a in &r.segments {
             let (tracking, object) = self.tracked(a.object.as_ref(), r.chunk_size)?;
-            let holding = crate::swarm::tracker::Holding { node: node.clone(), present: a.present, filling: a.filling };
+            let node = match a.holder.as_str() {
+                "" => node.clone(),
+                h if h == r.node_id => node.clone(),
+                _ if !handing_over => return Err(Status::permission_denied("only a draining tracker hands over what others hold")),
+                h => Arc::from(h),
+            };
+            let holding = crate::swarm::tracker::Holding { node, present: a.present, filling: a.filling };
             batch.push((tracking, crate::swarm::tracker::Announce { object, segment: a.segment, holding, complete: a.complete }));
         }
         let enough = batch.into_iter().map(|(t, a)| t.discovery.on_announce(vec![a]).first().copied().unwrap_or(false)).collect();

@@ -33,6 +33,8 @@ use crate::swarm::{Discovery, NodeId, Ring, Transport};
 
 /// How often this agent's holdings are compared with what it told its trackers.
 pub const ANNOUNCE_TICK: Duration = Duration::from_millis(100);
+/// Segments in one announcement (the server's limit).
+const MAX_ANNOUNCED: usize = 1024;
 /// Objects whose holdings are announced (the least recently read beyond it are not).
 const RECENT_OBJECTS: usize = 256;
 /// Holdings are compared only for objects read this recently: an idle cache costs no scans (what
@@ -42,6 +44,13 @@ const SYNC_WINDOW: Duration = Duration::from_secs(30);
 /// The name trackers know an object version by (the same on every agent).
 pub fn tracker_key(r: &ObjectRef) -> Arc<str> {
     Arc::from(format!("{}\0{}\0{}\0{}", r.key, r.etag, r.version, r.size))
+}
+
+/// The object version a tracker key names.
+fn object_from_key(key: &str) -> Option<ObjectRef> {
+    let mut parts = key.split('\0');
+    let (k, etag, version, size) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?.parse().ok()?);
+    parts.next().is_none().then(|| ObjectRef { key: k.into(), etag: etag.into(), version: version.into(), size })
 }
 
 /// An object read through this agent lately, and when.
@@ -182,9 +191,41 @@ impl Tracking {
         self.usable().into_iter().find(|p| p.node_id().as_deref() == Some(id)).ok_or_else(|| format!("{id} is not a live peer"))
     }
 
-    /// The object an announcement names, from a tracker key (the agent announces only recent ones).
+    /// The object a tracker key names.
     fn object_of(&self, key: &Arc<str>) -> Option<ObjectRef> {
-        lock(&self.recent).peek(key).map(|(o, _)| object_ref(o))
+        lock(&self.recent).peek(key).map(|(o, _)| object_ref(o)).or_else(|| object_from_key(key))
+    }
+
+    /// This agent drains: what it tracks goes to each segment's next trackers (bounded by
+    /// `until`), so lookups keep finding holders without waiting for their next announcements.
+    pub async fn hand_over(&self, until: tokio::time::Instant) {
+        let ring = self.ring(&self.usable());
+        let per = self.discovery.handover(&ring);
+        let segments: usize = per.values().map(Vec::len).sum();
+        if segments == 0 {
+            return;
+        }
+        let trackers = per.len();
+        let via = Grpc(self);
+        let via = &via;
+        let sends = per.into_iter().map(|(to, batch)| async move {
+            for part in batch.chunks(MAX_ANNOUNCED) {
+                if let Err(e) = via.announce(&to, part.to_vec()).await {
+                    tracing::debug!(tracker = %to, error = %e, "handing tracking over failed");
+                }
+            }
+        });
+        let done = tokio::time::timeout_at(until, futures::future::join_all(sends)).await.is_ok();
+        tracing::info!(segments, trackers, done, "handed what this agent tracks to the next trackers");
+    }
+
+    /// Chunks of `segment` of `obj` (bit i: chunk i of the segment) that its trackers know a
+    /// member other than this agent to hold; None if no tracker answered.
+    pub async fn held_elsewhere(&self, obj: &Arc<ObjectVersion>, segment: u64) -> Option<u64> {
+        let ring = self.ring(&self.usable());
+        let key = tracker_key(&object_ref(obj));
+        let holders = self.discovery.holders_of(&Grpc(self), &ring, &key, segment).await?;
+        Some(holders.iter().filter(|h| h.node != *self.discovery.me()).fold(0, |m, h| m | h.present))
     }
 }
 
@@ -234,6 +275,7 @@ impl Transport for Grpc<'_> {
                         present: a.holding.present,
                         filling: a.holding.filling,
                         complete: a.complete,
+                        holder: if a.holding.node == *t.discovery.me() { String::new() } else { a.holding.node.to_string() },
                     })
                 })
                 .collect();

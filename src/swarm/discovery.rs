@@ -74,6 +74,12 @@ impl Discovery {
         }
     }
 
+    /// Who the trackers of `segment` know to hold or fill it (no view kept); None if no
+    /// tracker answered.
+    pub async fn holders_of<T: Transport>(&self, t: &T, members: &Ring, object: &Arc<str>, segment: u64) -> Option<Vec<Holding>> {
+        self.lookup(t, members, object, segment).await
+    }
+
     /// Ask the trackers of `segment` in turn, starting at one of this agent's own (so that
     /// lookups spread over them); None if none could answer.
     async fn lookup<T: Transport>(&self, t: &T, members: &Ring, object: &Arc<str>, segment: u64) -> Option<Vec<Holding>> {
