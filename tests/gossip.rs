@@ -50,8 +50,10 @@ fn authenticated_members_are_learned_by_gossip_and_a_killed_one_goes_down() {
     let learned = poll_until(Duration::from_secs(20), || state_of(&a, &c_addr).as_deref() == Some("live"));
     assert!(learned, "A never learned C; A's log:\n{}\nB's log:\n{}\nC's log:\n{}", a.log_text(), b.log_text(), c.log_text());
     for x in [&a, &b, &c] {
-        assert!(x.metric("cachefs_control_messages_total{kind=\"gossip\",direction=\"sent\"}") > 0.0);
-        assert!(x.metric("cachefs_control_messages_total{kind=\"gossip\",direction=\"received\"}") > 0.0);
+        for d in ["sent", "received"] {
+            let name = format!("cachefs_control_messages_total{{kind=\"gossip\",direction=\"{d}\"}}");
+            assert!(poll_until(Duration::from_secs(5), || x.metric(&name) > 0.0), "no gossip {d}: {}", x.log_text());
+        }
     }
     c.kill9();
     let down = poll_until(Duration::from_secs(15), || state_of(&a, &c_addr).as_deref() != Some("live"));

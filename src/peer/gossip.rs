@@ -120,7 +120,7 @@ impl Swim {
     fn apply(self: &Arc<Self>, e: Effects) {
         for c in e.changes {
             match c {
-                Change::Up(m) => self.membership.heard_from(m.addr, &m.id),
+                Change::Up(m) => self.membership.gossip_up(m.addr, &m.id),
                 Change::Down(m) => self.membership.gossip_down(m.addr, &m.id),
             }
         }
@@ -158,7 +158,7 @@ impl Swim {
     async fn send(&self, to: Member, data: bytes::Bytes) {
         let Some(peer) = self.membership.all().into_iter().find(|p| p.answers_at(to.addr)) else {
             // Taught by gossip: an address that is not (yet) a peer is asked Hello first.
-            self.membership.heard_from(to.addr, &to.id);
+            self.membership.gossip_up(to.addr, &to.id);
             return;
         };
         let mut req = tonic::Request::new(GossipMessage { data });

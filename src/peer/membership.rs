@@ -342,7 +342,6 @@ impl Membership {
     /// once (the probe, not the caller, says who is there); a peer already up waits for its
     /// next probe. An unknown address is added only when callers are authenticated.
     pub fn heard_from(&self, addr: std::net::SocketAddr, node_id: &str) {
-        let a = addr.to_string();
         match self.all().into_iter().find(|p| p.answers_at(addr)) {
             Some(p) => {
                 let mut news = false;
@@ -358,16 +357,45 @@ impl Membership {
                     return;
                 }
             }
-            None if self.authenticated => self.learn(&a),
-            None => {
-                let mut ignored = self.ignored.lock().unwrap_or_else(|p| p.into_inner());
-                if ignored.len() < MAX_LEARNED && ignored.insert(a.clone()) {
-                    warn!(peer = %a, node = %node_id, "ignoring a hello or gossip naming an address that is not a configured peer (peers are unauthenticated; set --peer-token-file or mutual TLS to let peers join)");
-                }
-                return;
-            }
+            None if !self.stranger(addr, node_id) => return,
+            None => {}
         }
         self.wake.notify_one();
+    }
+
+    /// Gossip says member `node_id` at `addr` is up: a hint, never a reset of what this agent
+    /// saw itself. A known address not known up as that node is probed at once; an unknown one
+    /// is taken as for a Hello.
+    pub fn gossip_up(&self, addr: std::net::SocketAddr, node_id: &str) {
+        let wake = match self.all().into_iter().find(|p| p.answers_at(addr)) {
+            Some(p) => {
+                let s = p.state();
+                let news = s.node_id.as_deref() != Some(node_id) || s.down_since.is_some();
+                if news {
+                    p.update(|s| s.retry_at = None);
+                }
+                news
+            }
+            None => self.stranger(addr, node_id),
+        };
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    /// `node_id` at the unknown address `addr` (a Hello or gossip): learned when callers are
+    /// authenticated (true), else ignored with a warning once.
+    fn stranger(&self, addr: std::net::SocketAddr, node_id: &str) -> bool {
+        let a = addr.to_string();
+        if self.authenticated {
+            self.learn(&a);
+            return true;
+        }
+        let mut ignored = self.ignored.lock().unwrap_or_else(|p| p.into_inner());
+        if ignored.len() < MAX_LEARNED && ignored.insert(a.clone()) {
+            warn!(peer = %a, node = %node_id, "ignoring a hello or gossip naming an address that is not a configured peer (peers are unauthenticated; set --peer-token-file or mutual TLS to let peers join)");
+        }
+        false
     }
 
     /// Whether a caller at `ip` may gossip: any caller when peers authenticate (the token or TLS
