@@ -352,6 +352,10 @@ impl Membership {
                     s.heard_at = Some(Instant::now());
                     s.failures = 0;
                     s.retry_at = None;
+                    if news {
+                        // Ask at once, whatever the gossip-time schedule of known peers says.
+                        s.probed_at = None;
+                    }
                 });
                 if !news {
                     return;
@@ -372,7 +376,7 @@ impl Membership {
                 let s = p.state();
                 let news = s.node_id.as_deref() != Some(node_id) || s.down_since.is_some();
                 if news {
-                    p.update(|s| s.retry_at = None);
+                    p.update(|s| (s.retry_at, s.probed_at) = (None, None));
                 }
                 news
             }
