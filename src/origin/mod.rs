@@ -29,6 +29,7 @@ use crate::catalog::ObjectVersion;
 use crate::metrics::Metrics;
 
 pub mod checksum;
+pub mod locallist;
 pub mod s3list;
 pub mod whole;
 pub use checksum::{Checksums, Crc64Kind, Lookup};
@@ -207,12 +208,18 @@ impl Origin {
         c.lookup(obj).await
     }
 
-    /// Every object under the prefix (keys that cannot be paths here are skipped, with a warning).
+    /// Every object under the prefix (keys that cannot be paths here, and local files whose names
+    /// cannot be keys, are skipped, with a warning).
     pub async fn list(&self) -> Result<Vec<ObjectMeta>, OriginError> {
         let _permit = self.limit.acquire().await.map_err(|_| OriginError::Request("shutting down".into()))?;
         self.metrics.origin_requests.inc();
         if let Some(lister) = &self.lister {
             let listing = lister.list(&self.prefix).await?;
+            self.warn_skipped(&listing.skipped);
+            return Ok(listing.objects);
+        }
+        if let Some(root) = &self.local_root {
+            let listing = locallist::list(self.store.as_ref(), root.clone(), &self.prefix).await?;
             self.warn_skipped(&listing.skipped);
             return Ok(listing.objects);
         }
@@ -232,7 +239,7 @@ impl Origin {
         let before = self.skipped.swap(skipped.len(), std::sync::atomic::Ordering::Relaxed);
         if !skipped.is_empty() && skipped.len() != before {
             let first: Vec<&String> = skipped.iter().take(5).collect();
-            warn!(count = skipped.len(), first = ?first, "skipped object keys that cannot be file paths (empty, '.' or '..' segments, control characters)");
+            warn!(count = skipped.len(), first = ?first, "skipped object keys that cannot be file paths (empty, '.' or '..' segments, control characters; for a local directory: names that cannot be object keys)");
         }
     }
 
@@ -626,6 +633,23 @@ mod tests {
 
     fn m() -> Arc<Metrics> {
         Arc::new(Metrics::new())
+    }
+
+    /// A local file whose name object_store cannot represent failed the whole listing (the agent
+    /// exited "cannot list the source"); it is skipped and the rest listed.
+    #[tokio::test]
+    async fn a_local_file_with_an_unrepresentable_name_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("good.bin"), b"ok").unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub").join("also-good.bin"), b"ok").unwrap();
+        std::fs::write(dir.path().join("bad\u{1}name.bin"), b"no").unwrap();
+        let o = Origin::from_url(&dir.path().display().to_string(), &[], 4, m()).unwrap();
+        let listed = o.list().await.expect("one bad name failed the whole listing");
+        let mut keys: Vec<String> = listed.iter().filter_map(|meta| o.relative_key(&meta.location)).collect();
+        keys.sort();
+        assert_eq!(keys, ["good.bin", "sub/also-good.bin"]);
+        assert_eq!(o.skipped.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     #[test]
