@@ -1,14 +1,20 @@
 //! The load benchmark: one large safetensors file read through every tier, side by side with the
 //! references that give the numbers meaning, in one run.
 //!
-//! `cargo bench --bench load [-- --size 4GiB] [--quick] [--runs N] [--origin-mbps MBPS]`
+//! `cargo bench --bench load [-- --size 4GiB] [--quick] [--runs N] [--origin-mbps MBPS]
+//! [--link-gbps G] [--link-rtt-ms MS] [--origin-rtt-ms MS] [--sizes 2GB,4GB,7.2GB]`
 //!
 //! Needs root and /dev/fuse (it mounts real agents). Prints a markdown table (time, GB/s, ratio to
-//! the tmpfs reference; medians of `--runs`) and writes `target/bench/load.json`.
+//! the tmpfs reference; medians of `--runs`) and writes `target/bench/load.json`. Any of the link
+//! flags adds the emulated-link rows and the seed table (`links`, on network namespaces).
 
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
+#[path = "load/links.rs"]
+mod links;
+#[path = "load/netns.rs"]
+mod netns;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -30,6 +36,25 @@ struct Opts {
     runs: usize,
     quick: bool,
     origin_mbps: Option<f64>,
+    /// The emulated-link profile, when any link flag is given.
+    links: Option<links::Profile>,
+}
+
+/// The positive number after `flag`.
+fn positive(args: &mut impl Iterator<Item = String>, flag: &str, what: &str) -> Result<f64, String> {
+    args.next()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|m| *m > 0.0 && m.is_finite())
+        .ok_or(format!("{flag} needs a positive number ({what})"))
+}
+
+fn parse_sizes(v: Option<String>) -> Result<Vec<u64>, String> {
+    let v = v.ok_or("--sizes needs a list such as 2GB,4GB,7.2GB")?;
+    let sizes = v.split(',').map(|s| cachefs::size::parse_size(s).map_err(|e| format!("--sizes: {e}"))).collect::<Result<Vec<u64>, _>>()?;
+    if sizes.iter().any(|s| *s < 16 << 20) {
+        return Err("--sizes: each size must be at least 16MiB".into());
+    }
+    Ok(sizes)
 }
 
 fn parse_opts() -> Result<Opts, String> {
@@ -37,6 +62,7 @@ fn parse_opts() -> Result<Opts, String> {
     let mut runs = None;
     let mut quick = false;
     let mut origin_mbps = None;
+    let (mut link_gbps, mut link_rtt_ms, mut origin_rtt_ms, mut sizes) = (None, None, None, None);
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -48,22 +74,31 @@ fn parse_opts() -> Result<Opts, String> {
             "--runs" => {
                 runs = Some(args.next().and_then(|v| v.parse::<usize>().ok()).filter(|r| *r > 0).ok_or("--runs needs a positive number")?)
             }
-            "--origin-mbps" => {
-                origin_mbps = Some(
-                    args.next()
-                        .and_then(|v| v.parse::<f64>().ok())
-                        .filter(|m| *m > 0.0)
-                        .ok_or("--origin-mbps needs a positive number (MB/s)")?,
-                )
+            "--origin-mbps" => origin_mbps = Some(positive(&mut args, "--origin-mbps", "MB/s")?),
+            "--link-gbps" => link_gbps = Some(positive(&mut args, "--link-gbps", "Gbit/s")?),
+            "--link-rtt-ms" => link_rtt_ms = Some(positive(&mut args, "--link-rtt-ms", "milliseconds")?),
+            "--origin-rtt-ms" => origin_rtt_ms = Some(positive(&mut args, "--origin-rtt-ms", "milliseconds")?),
+            "--sizes" => sizes = Some(parse_sizes(args.next())?),
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?}; use --size SIZE, --quick, --runs N, --origin-mbps MBPS, --link-gbps G, --link-rtt-ms MS, --origin-rtt-ms MS, --sizes LIST"
+                ))
             }
-            other => return Err(format!("unknown argument {other:?}; use --size SIZE, --quick, --runs N, --origin-mbps MBPS")),
         }
     }
     let size = size.unwrap_or(if quick { 256 << 20 } else { 4 << 30 });
     if size < 16 << 20 {
         return Err("--size must be at least 16MiB".into());
     }
-    Ok(Opts { size, runs: runs.unwrap_or(if quick { 2 } else { 3 }), quick, origin_mbps })
+    let any_link = link_gbps.is_some() || link_rtt_ms.is_some() || origin_rtt_ms.is_some() || sizes.is_some();
+    let links = any_link.then(|| links::Profile {
+        link_gbps: link_gbps.unwrap_or(8.0),
+        link_rtt_ms: link_rtt_ms.unwrap_or(0.2),
+        origin_rtt_ms: origin_rtt_ms.unwrap_or(20.0),
+        origin_mbps: origin_mbps.unwrap_or(80.0),
+        sizes: sizes.unwrap_or_default(),
+    });
+    Ok(Opts { size, runs: runs.unwrap_or(if quick { 2 } else { 3 }), quick, origin_mbps, links })
 }
 
 // ---- the model file -------------------------------------------------------------------------
@@ -240,6 +275,23 @@ fn start_throttle(upstream: SocketAddr, mbps: f64) -> SocketAddr {
     addr
 }
 
+/// Upload a file in 64 MiB parts.
+async fn upload_file(store: Arc<dyn ObjectStore>, key: &str, path: &Path) {
+    let up = store.put_multipart(&key.into()).await.unwrap();
+    let mut wm = object_store::WriteMultipart::new_with_chunk_size(up, 64 << 20);
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 16 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        wm.wait_for_capacity(4).await.unwrap();
+        wm.write(&buf[..n]);
+    }
+    wm.finish().await.unwrap();
+}
+
 fn find_weed() -> Option<PathBuf> {
     if let Some(w) = common::weed::weed_binary().filter(|p| p.is_file()) {
         return Some(w);
@@ -306,6 +358,10 @@ fn single_stream(rt: &tokio::runtime::Runtime, o: &Origin, key: &str) -> (u64, f
 
 /// Ranged GETs of 8 MiB, `conc` at a time; every answer's length is checked.
 fn parallel_ranged(rt: &tokio::runtime::Runtime, o: &Origin, key: &str, size: u64, conc: usize) -> f64 {
+    parallel_ranged_on(rt, o.store.clone(), key, size, conc)
+}
+
+fn parallel_ranged_on(rt: &tokio::runtime::Runtime, store: Arc<dyn ObjectStore>, key: &str, size: u64, conc: usize) -> f64 {
     rt.block_on(async {
         let t = Instant::now();
         let part = 8u64 << 20;
@@ -313,7 +369,7 @@ fn parallel_ranged(rt: &tokio::runtime::Runtime, o: &Origin, key: &str, size: u6
         let path: object_store::path::Path = key.into();
         let total: u64 = futures::stream::iter(ranges)
             .map(|r| {
-                let (store, path) = (o.store.clone(), path.clone());
+                let (store, path) = (store.clone(), path.clone());
                 async move {
                     let want = r.end - r.start;
                     let b = store.get_range(&path, r).await.unwrap();
@@ -381,6 +437,8 @@ struct Bench {
     rows: Vec<serde_json::Value>,
     agents: Vec<serde_json::Value>,
     tmpfs_secs: f64,
+    /// The seed system's table (emulated links): `{size_bytes, cold_seconds, remote_seconds, remote_vs_cold}`.
+    seed_table: Vec<serde_json::Value>,
 }
 
 impl Bench {
@@ -608,19 +666,7 @@ fn main() {
         rt.block_on(async {
             // The bucket is created asynchronously after the port opens: wait for a small put.
             w.put("ready", b"ok".to_vec()).await;
-            let up = upload.put_multipart(&"model.safetensors".into()).await.unwrap();
-            let mut wm = object_store::WriteMultipart::new_with_chunk_size(up, 64 << 20);
-            let mut f = std::fs::File::open(&model).unwrap();
-            let mut buf = vec![0u8; 16 << 20];
-            loop {
-                let n = f.read(&mut buf).unwrap();
-                if n == 0 {
-                    break;
-                }
-                wm.wait_for_capacity(4).await.unwrap();
-                wm.write(&buf[..n]);
-            }
-            wm.finish().await.unwrap();
+            upload_file(upload, "model.safetensors", &model).await;
         });
         let _ = o;
     }
@@ -629,7 +675,15 @@ fn main() {
         std::process::exit(1);
     }
     let agent_origin_is_s3 = s3_origin.is_some();
-    let mut b = Bench { size, origin: s3_origin.unwrap_or(file_origin), rows: vec![], agents: vec![], tmpfs_secs: f64::NAN, opts };
+    let mut b = Bench {
+        size,
+        origin: s3_origin.unwrap_or(file_origin),
+        rows: vec![],
+        agents: vec![],
+        tmpfs_secs: f64::NAN,
+        seed_table: vec![],
+        opts,
+    };
     let runs = b.opts.runs;
     let file_store = Origin {
         label: "file",
@@ -792,6 +846,10 @@ fn main() {
 
     handoff_row(&mut b, runs, size, src_crc);
 
+    if let Some(p) = b.opts.links.clone() {
+        links::run(&mut b, &p, &model, src_crc, work.path());
+    }
+
     // Report.
     let mut table = String::new();
     table.push_str(&format!(
@@ -802,7 +860,7 @@ fn main() {
         if b.opts.quick { "--quick" } else { "full run" }
     ));
     table.push_str("| row | time (s) | GB/s | vs tmpfs | agent CPU s/GiB | notes |\n|---|---:|---:|---:|---:|---|\n");
-    for r in &b.rows {
+    for r in b.rows.iter().filter(|r| r["section"] != "links") {
         let secs = r["seconds"].as_f64().unwrap();
         let cpu = r["cpu_seconds_per_gib"].as_f64().map(|c| format!("{c:.2}")).unwrap_or_default();
         table.push_str(&format!(
@@ -828,6 +886,10 @@ fn main() {
             cachefs::size::format_size(a["cache_bytes"].as_u64().unwrap())
         ));
     }
+    if let Some(p) = &b.opts.links {
+        table.push('\n');
+        table.push_str(&links::report(&b, p));
+    }
     println!("\n{table}");
     let out_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -840,6 +902,8 @@ fn main() {
         "origin_mbps": b.opts.origin_mbps,
         "machine": { "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "mem_bytes": cachefs::config::available_memory() },
         "rows": b.rows, "agents": b.agents, "markdown": table, "remote_vs_cold": remote_vs_cold,
+        "links": b.opts.links.as_ref().map(|p| serde_json::json!({"link_gbps": p.link_gbps, "link_rtt_ms": p.link_rtt_ms, "origin_rtt_ms": p.origin_rtt_ms, "origin_mbps": p.origin_mbps})),
+        "seed_table": b.seed_table,
         "elapsed_seconds": started.elapsed().as_secs_f64(),
     });
     std::fs::write(out_dir.join("load.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
