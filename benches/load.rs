@@ -38,6 +38,8 @@ struct Opts {
     origin_mbps: Option<f64>,
     /// The emulated-link profile, when any link flag is given.
     links: Option<links::Profile>,
+    /// `--only-links`: skip the loopback rows.
+    only_links: bool,
 }
 
 /// The positive number after `flag`.
@@ -61,6 +63,7 @@ fn parse_opts() -> Result<Opts, String> {
     let mut size = None;
     let mut runs = None;
     let mut quick = false;
+    let mut only_links = false;
     let mut origin_mbps = None;
     let (mut link_gbps, mut link_rtt_ms, mut origin_rtt_ms, mut sizes) = (None, None, None, None);
     let mut args = std::env::args().skip(1);
@@ -68,6 +71,7 @@ fn parse_opts() -> Result<Opts, String> {
         match a.as_str() {
             "--bench" => {}
             "--quick" => quick = true,
+            "--only-links" => only_links = true,
             "--size" => {
                 size = Some(cachefs::size::parse_size(&args.next().ok_or("--size needs a value")?).map_err(|e| format!("--size: {e}"))?)
             }
@@ -81,7 +85,7 @@ fn parse_opts() -> Result<Opts, String> {
             "--sizes" => sizes = Some(parse_sizes(args.next())?),
             other => {
                 return Err(format!(
-                    "unknown argument {other:?}; use --size SIZE, --quick, --runs N, --origin-mbps MBPS, --link-gbps G, --link-rtt-ms MS, --origin-rtt-ms MS, --sizes LIST"
+                    "unknown argument {other:?}; use --size SIZE, --quick, --runs N, --origin-mbps MBPS, --link-gbps G, --link-rtt-ms MS, --origin-rtt-ms MS, --sizes LIST, --only-links"
                 ))
             }
         }
@@ -98,7 +102,7 @@ fn parse_opts() -> Result<Opts, String> {
         origin_mbps: origin_mbps.unwrap_or(80.0),
         sizes: sizes.unwrap_or_default(),
     });
-    Ok(Opts { size, runs: runs.unwrap_or(if quick { 2 } else { 3 }), quick, origin_mbps, links })
+    Ok(Opts { size, runs: runs.unwrap_or(if quick { 2 } else { 3 }), quick, origin_mbps, links, only_links })
 }
 
 // ---- the model file -------------------------------------------------------------------------
@@ -602,6 +606,167 @@ fn handoff_row(b: &mut Bench, runs: usize, size: u64, src_crc: u32) {
     b.row("handoff: a draining agent hands its sole copies to a survivor", secs, size, format!("{note}; 4 GiB at this rate: {gib4:.1} s"));
 }
 
+/// Every row on loopback (references, origins, cold, local and remote hits, Python, scale-out,
+/// handoff): the cold and remote-hit medians, seconds.
+fn loopback_rows(
+    b: &mut Bench,
+    rt: &tokio::runtime::Runtime,
+    shm: &Path,
+    file_store: &Origin,
+    agent_origin_is_s3: bool,
+    src_crc: u32,
+) -> (f64, f64) {
+    let (size, runs) = (b.size, b.opts.runs);
+    eprintln!("references ...");
+    let _ = read_file(shm);
+    let tmpfs: Vec<f64> = (0..runs).map(|_| read_file(shm).1).collect();
+    b.tmpfs_secs = median(tmpfs.clone());
+    b.row("tmpfs reference (/dev/shm, 4 MiB reads)", tmpfs, size, String::new());
+    let tcp: Vec<f64> = (0..runs).map(|_| loopback_tcp(size)).collect();
+    b.row("loopback TCP reference (127.0.0.1, one stream)", tcp, size, String::new());
+
+    eprintln!("origins ...");
+    let mut origins = vec![file_store];
+    if agent_origin_is_s3 {
+        origins.push(&b.origin);
+    }
+    let mut origin_rows = vec![];
+    for o in origins {
+        let single: Vec<f64> = (0..runs)
+            .map(|_| single_stream(rt, o, "model.safetensors"))
+            .map(|(n, s)| {
+                assert_eq!(n, size);
+                s
+            })
+            .collect();
+        let mut best = (0usize, f64::INFINITY, vec![]);
+        for conc in [4usize, 16, 32] {
+            let v: Vec<f64> = (0..runs).map(|_| parallel_ranged(rt, o, "model.safetensors", size, conc)).collect();
+            if median(v.clone()) < best.1 {
+                best = (conc, median(v.clone()), v);
+            }
+        }
+        let lim =
+            if o.label == "s3" { b.opts.origin_mbps.map(|m| format!(", limited to {m} MB/s")).unwrap_or_default() } else { String::new() };
+        origin_rows.push((format!("origin {}, single stream GET", o.label), single, format!("{}{lim}", o.label)));
+        origin_rows.push((format!("origin {}, parallel ranged GET (8 MiB x {})", o.label, best.0), best.2, format!("{}{lim}", o.label)));
+    }
+    for (n, v, note) in origin_rows {
+        b.row(&n, v, size, note);
+    }
+
+    // Cold: a fresh agent reads the file once through its mount.
+    eprintln!("cold reads through a mount (origin {}) ...", b.origin.label);
+    let a_port = common::free_port();
+    let (mut cold, mut cold_cpu) = (vec![], vec![]);
+    let mut a_keep = None;
+    for i in 0..runs {
+        let a = b.start_agent(a_port, &[]);
+        let before = metric(&a, "cachefs_fuse_read_requests_total");
+        let c0 = cpu_seconds(a.pid());
+        let (n, s) = read_file(&key_path(&a));
+        cold_cpu.push(cpu_seconds(a.pid()) - c0);
+        assert_eq!(n, size);
+        cold.push(s);
+        let reqs = metric(&a, "cachefs_fuse_read_requests_total") - before;
+        eprintln!("    cold run {i}: {s:.3} s, {reqs} FUSE reads (avg {:.0} KiB)", size as f64 / reqs.max(1.0) / 1024.0);
+        if i + 1 == runs {
+            a_keep = Some((a, reqs));
+        } else {
+            drop(a);
+        }
+    }
+    let (mut a, cold_reqs) = a_keep.unwrap();
+    assert_eq!(crc_file(&key_path(&a)), src_crc, "cold read: wrong bytes");
+    let ratio = metric(&a, "cachefs_origin_bytes_total") / size as f64;
+    let cold_secs = median(cold.clone());
+    b.miss_row(
+        "cold: first read through a cachefs mount",
+        cold,
+        cold_cpu,
+        size,
+        format!("origin {}; {cold_reqs} FUSE reads; origin bytes/file {ratio:.3}", b.origin.label),
+    );
+
+    // Local hit, interleaved with the tmpfs reference (this VM warms up within a run).
+    eprintln!("local hits (interleaved with tmpfs) ...");
+    let (mut local, mut tm) = (vec![], vec![]);
+    for round in 0..runs + 2 {
+        let t = read_file(shm).1;
+        let before = metric(&a, "cachefs_fuse_read_requests_total");
+        let (n, l) = read_file(&key_path(&a));
+        assert_eq!(n, size);
+        let reqs = metric(&a, "cachefs_fuse_read_requests_total") - before;
+        if round >= 2 {
+            tm.push(t);
+            local.push(l);
+        }
+        eprintln!("    round {round}: tmpfs {t:.3} s, local hit {l:.3} s, {reqs} FUSE reads");
+    }
+    let passthrough = metric(&a, "cachefs_passthrough_opens_total");
+    b.row(
+        "local hit: second read through the same mount",
+        local,
+        size,
+        format!("passthrough opens {passthrough}; tmpfs in the same rounds {:.3} s", median(tm)),
+    );
+
+    // Remote hit: a fresh second agent reads from A's memory.
+    eprintln!("remote hits ...");
+    let (mut remote, mut remote_cpu) = (vec![], vec![]);
+    let mut note = String::new();
+    for i in 0..runs {
+        let bb = b.start_agent(common::free_port(), &[a_port]);
+        assert!(
+            poll_until(Duration::from_secs(10), || http_get(bb.admin, "/status").is_some_and(|(_, s)| s.contains("\"live\""))),
+            "B never saw A live"
+        );
+        let c0 = cpu_seconds(bb.pid());
+        let (n, s) = read_file(&key_path(&bb));
+        remote_cpu.push(cpu_seconds(bb.pid()) - c0);
+        assert_eq!(n, size);
+        remote.push(s);
+        let ob = metric(&bb, "cachefs_origin_bytes_total");
+        let peer = metric(&bb, "cachefs_peer_received_bytes_total");
+        let reqs = metric(&bb, "cachefs_fuse_read_requests_total");
+        eprintln!("    remote run {i}: {s:.3} s, origin bytes {ob}, peer bytes {peer}, {reqs} FUSE reads");
+        if i == 0 {
+            assert_eq!(crc_file(&key_path(&bb)), src_crc, "remote hit: wrong bytes");
+            note = format!("origin bytes {ob}; peer bytes/file {:.3}; {reqs} FUSE reads", peer / size as f64);
+            b.agent_record("B (remote hit)", &bb);
+        }
+    }
+    let remote_secs = median(remote.clone());
+    b.miss_row("remote hit: a second agent reads from the first's memory", remote, remote_cpu, size, note);
+
+    // Python.
+    if python_ok() {
+        eprintln!("python safetensors.numpy.load_file ...");
+        let v: Vec<f64> = (0..runs).map(|_| python_load(shm, size)).collect();
+        b.row("Python load_file from /dev/shm", v, size, String::new());
+        let v: Vec<f64> = (0..runs).map(|_| python_load(&key_path(&a), size)).collect();
+        b.row("Python load_file from the mount (local hit)", v, size, String::new());
+        let v: Vec<f64> = (0..runs)
+            .map(|_| {
+                let c = b.start_agent(common::free_port(), &[a_port]);
+                assert!(poll_until(Duration::from_secs(10), || http_get(c.admin, "/status").is_some_and(|(_, s)| s.contains("\"live\""))));
+                python_load(&key_path(&c), size)
+            })
+            .collect();
+        b.row("Python load_file from the mount (remote hit)", v, size, String::new());
+    } else {
+        eprintln!("!!! python3 with safetensors and numpy unavailable: Python rows skipped");
+    }
+    b.agent_record("A (cold, then local hits and the source of remote hits)", &a);
+    a.stop();
+    drop(a);
+
+    scale_out_row(b, runs, size, src_crc);
+
+    handoff_row(b, runs, size, src_crc);
+    (cold_secs, remote_secs)
+}
+
 fn key_path(a: &Agent) -> PathBuf {
     a.path("model.safetensors")
 }
@@ -697,154 +862,9 @@ fn main() {
     let touch = cachefs::config::available_memory().unwrap_or(0).saturating_sub(4 << 30).max(2 * size);
     eprintln!("touching {} of memory first ...", cachefs::size::format_size(touch));
     pretouch(touch);
-    eprintln!("references ...");
-    let _ = read_file(&shm);
-    let tmpfs: Vec<f64> = (0..runs).map(|_| read_file(&shm).1).collect();
-    b.tmpfs_secs = median(tmpfs.clone());
-    b.row("tmpfs reference (/dev/shm, 4 MiB reads)", tmpfs, size, String::new());
-    let tcp: Vec<f64> = (0..runs).map(|_| loopback_tcp(size)).collect();
-    b.row("loopback TCP reference (127.0.0.1, one stream)", tcp, size, String::new());
-
-    eprintln!("origins ...");
-    let mut origins = vec![&file_store];
-    if agent_origin_is_s3 {
-        origins.push(&b.origin);
-    }
-    let mut origin_rows = vec![];
-    for o in origins {
-        let single: Vec<f64> = (0..runs)
-            .map(|_| single_stream(&rt, o, "model.safetensors"))
-            .map(|(n, s)| {
-                assert_eq!(n, size);
-                s
-            })
-            .collect();
-        let mut best = (0usize, f64::INFINITY, vec![]);
-        for conc in [4usize, 16, 32] {
-            let v: Vec<f64> = (0..runs).map(|_| parallel_ranged(&rt, o, "model.safetensors", size, conc)).collect();
-            if median(v.clone()) < best.1 {
-                best = (conc, median(v.clone()), v);
-            }
-        }
-        let lim =
-            if o.label == "s3" { b.opts.origin_mbps.map(|m| format!(", limited to {m} MB/s")).unwrap_or_default() } else { String::new() };
-        origin_rows.push((format!("origin {}, single stream GET", o.label), single, format!("{}{lim}", o.label)));
-        origin_rows.push((format!("origin {}, parallel ranged GET (8 MiB x {})", o.label, best.0), best.2, format!("{}{lim}", o.label)));
-    }
-    for (n, v, note) in origin_rows {
-        b.row(&n, v, size, note);
-    }
-
-    // Cold: a fresh agent reads the file once through its mount.
-    eprintln!("cold reads through a mount (origin {}) ...", b.origin.label);
-    let a_port = common::free_port();
-    let (mut cold, mut cold_cpu) = (vec![], vec![]);
-    let mut a_keep = None;
-    for i in 0..runs {
-        let a = b.start_agent(a_port, &[]);
-        let before = metric(&a, "cachefs_fuse_read_requests_total");
-        let c0 = cpu_seconds(a.pid());
-        let (n, s) = read_file(&key_path(&a));
-        cold_cpu.push(cpu_seconds(a.pid()) - c0);
-        assert_eq!(n, size);
-        cold.push(s);
-        let reqs = metric(&a, "cachefs_fuse_read_requests_total") - before;
-        eprintln!("    cold run {i}: {s:.3} s, {reqs} FUSE reads (avg {:.0} KiB)", size as f64 / reqs.max(1.0) / 1024.0);
-        if i + 1 == runs {
-            a_keep = Some((a, reqs));
-        } else {
-            drop(a);
-        }
-    }
-    let (mut a, cold_reqs) = a_keep.unwrap();
-    assert_eq!(crc_file(&key_path(&a)), src_crc, "cold read: wrong bytes");
-    let ratio = metric(&a, "cachefs_origin_bytes_total") / size as f64;
-    let cold_secs = median(cold.clone());
-    b.miss_row(
-        "cold: first read through a cachefs mount",
-        cold,
-        cold_cpu,
-        size,
-        format!("origin {}; {cold_reqs} FUSE reads; origin bytes/file {ratio:.3}", b.origin.label),
-    );
-
-    // Local hit, interleaved with the tmpfs reference (this VM warms up within a run).
-    eprintln!("local hits (interleaved with tmpfs) ...");
-    let (mut local, mut tm) = (vec![], vec![]);
-    for round in 0..runs + 2 {
-        let t = read_file(&shm).1;
-        let before = metric(&a, "cachefs_fuse_read_requests_total");
-        let (n, l) = read_file(&key_path(&a));
-        assert_eq!(n, size);
-        let reqs = metric(&a, "cachefs_fuse_read_requests_total") - before;
-        if round >= 2 {
-            tm.push(t);
-            local.push(l);
-        }
-        eprintln!("    round {round}: tmpfs {t:.3} s, local hit {l:.3} s, {reqs} FUSE reads");
-    }
-    let passthrough = metric(&a, "cachefs_passthrough_opens_total");
-    b.row(
-        "local hit: second read through the same mount",
-        local,
-        size,
-        format!("passthrough opens {passthrough}; tmpfs in the same rounds {:.3} s", median(tm)),
-    );
-
-    // Remote hit: a fresh second agent reads from A's memory.
-    eprintln!("remote hits ...");
-    let (mut remote, mut remote_cpu) = (vec![], vec![]);
-    let mut note = String::new();
-    for i in 0..runs {
-        let bb = b.start_agent(common::free_port(), &[a_port]);
-        assert!(
-            poll_until(Duration::from_secs(10), || http_get(bb.admin, "/status").is_some_and(|(_, s)| s.contains("\"live\""))),
-            "B never saw A live"
-        );
-        let c0 = cpu_seconds(bb.pid());
-        let (n, s) = read_file(&key_path(&bb));
-        remote_cpu.push(cpu_seconds(bb.pid()) - c0);
-        assert_eq!(n, size);
-        remote.push(s);
-        let ob = metric(&bb, "cachefs_origin_bytes_total");
-        let peer = metric(&bb, "cachefs_peer_received_bytes_total");
-        let reqs = metric(&bb, "cachefs_fuse_read_requests_total");
-        eprintln!("    remote run {i}: {s:.3} s, origin bytes {ob}, peer bytes {peer}, {reqs} FUSE reads");
-        if i == 0 {
-            assert_eq!(crc_file(&key_path(&bb)), src_crc, "remote hit: wrong bytes");
-            note = format!("origin bytes {ob}; peer bytes/file {:.3}; {reqs} FUSE reads", peer / size as f64);
-            b.agent_record("B (remote hit)", &bb);
-        }
-    }
-    let remote_secs = median(remote.clone());
-    b.miss_row("remote hit: a second agent reads from the first's memory", remote, remote_cpu, size, note);
-
-    // Python.
-    if python_ok() {
-        eprintln!("python safetensors.numpy.load_file ...");
-        let v: Vec<f64> = (0..runs).map(|_| python_load(&shm, size)).collect();
-        b.row("Python load_file from /dev/shm", v, size, String::new());
-        let v: Vec<f64> = (0..runs).map(|_| python_load(&key_path(&a), size)).collect();
-        b.row("Python load_file from the mount (local hit)", v, size, String::new());
-        let v: Vec<f64> = (0..runs)
-            .map(|_| {
-                let c = b.start_agent(common::free_port(), &[a_port]);
-                assert!(poll_until(Duration::from_secs(10), || http_get(c.admin, "/status").is_some_and(|(_, s)| s.contains("\"live\""))));
-                python_load(&key_path(&c), size)
-            })
-            .collect();
-        b.row("Python load_file from the mount (remote hit)", v, size, String::new());
-    } else {
-        eprintln!("!!! python3 with safetensors and numpy unavailable: Python rows skipped");
-    }
-    b.agent_record("A (cold, then local hits and the source of remote hits)", &a);
-    a.stop();
-    drop(a);
+    let (cold_secs, remote_secs) =
+        if b.opts.only_links { (f64::NAN, f64::NAN) } else { loopback_rows(&mut b, &rt, &shm, &file_store, agent_origin_is_s3, src_crc) };
     let _ = std::fs::remove_dir_all(&shm_dir);
-
-    scale_out_row(&mut b, runs, size, src_crc);
-
-    handoff_row(&mut b, runs, size, src_crc);
 
     if let Some(p) = b.opts.links.clone() {
         links::run(&mut b, &p, &model, src_crc, work.path());

@@ -21,6 +21,7 @@ pub mod peer;
 pub mod preempt;
 pub mod redact;
 pub mod size;
+pub mod splice;
 pub mod swarm;
 pub mod sys;
 pub mod systemd;

@@ -107,6 +107,35 @@ impl Sink {
     }
 }
 
+/// A sink on the raw path, counting what it receives.
+struct Counted<'a> {
+    sink: &'a mut Sink,
+    metrics: &'a Metrics,
+}
+
+impl super::raw::RawDest for Counted<'_> {
+    fn take(&mut self, data: &[u8]) -> Result<(), super::raw::RawError> {
+        self.metrics.peer_received_bytes.inc_by(data.len() as u64);
+        self.sink.write(data).map_err(|e| super::raw::RawError::Frame(e.to_string()))
+    }
+
+    fn splices(&self) -> bool {
+        matches!(self.sink, Sink::File(_))
+    }
+
+    fn take_from_pipe(&mut self, pipe: &crate::splice::Pipe, n: usize) -> Result<(), super::raw::RawError> {
+        self.metrics.peer_received_bytes.inc_by(n as u64);
+        match self.sink {
+            Sink::File(f) => f.write_from_pipe(pipe, n).map_err(super::raw::RawError::Io),
+            Sink::Heap(b) => {
+                let at = b.len();
+                b.resize(at + n, 0);
+                pipe.drain_into(&mut b[at..]).map_err(super::raw::RawError::Io)
+            }
+        }
+    }
+}
+
 pub struct PeerSource {
     membership: Arc<Membership>,
     memory: Arc<MemoryTier>,
@@ -305,12 +334,8 @@ impl PeerSource {
     /// The chunk over the raw data path into `sink`; returns the crc32c the peer sent.
     async fn receive_raw(&self, peer: &PeerHandle, req: ReadChunkRequest, want: u64, sink: &mut Sink) -> Result<u32, PeerFetchError> {
         use super::raw::RawError;
-        let metrics = &self.metrics;
-        let on_data = |data: &[u8]| {
-            metrics.peer_received_bytes.inc_by(data.len() as u64);
-            sink.write(data).map_err(|e| RawError::Frame(e.to_string()))
-        };
-        match peer.raw.read_chunk(&req, want, self.timeouts.inventory, on_data).await {
+        let mut dest = Counted { sink, metrics: &self.metrics };
+        match peer.raw.read_chunk(&req, want, self.timeouts.inventory, &mut dest).await {
             Ok(crc) => Ok(crc),
             Err(RawError::Status(code, msg)) => Err(PeerFetchError::Status(code, msg)),
             Err(e) => Err(PeerFetchError::Protocol(format!("raw data path: {e}"))),
@@ -379,11 +404,8 @@ impl PeerSource {
     /// The members owners are chosen among: live, non-draining peers and this agent unless it
     /// drains.
     fn owner_ring(&self, candidates: &[Arc<PeerHandle>]) -> Arc<swarm::Ring> {
-        let mut names: Vec<NodeId> = candidates.iter().filter_map(|p| p.node_id()).map(NodeId::from).collect();
-        if !self.draining.load(Ordering::SeqCst) {
-            names.push(NodeId::from(self.membership.self_id()));
-        }
-        self.rings.of(names)
+        let me = (!self.draining.load(Ordering::SeqCst)).then(|| self.membership.self_id());
+        self.rings.of_members(candidates, me)
     }
 }
 

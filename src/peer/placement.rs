@@ -126,6 +126,14 @@ impl RingCache {
         }
         last.clone()
     }
+
+    /// The ring of `peers` (those whose id is known) and `me`, when given (an agent that drains
+    /// leaves itself out).
+    pub fn of_members(&self, peers: &[std::sync::Arc<super::membership::PeerHandle>], me: Option<&str>) -> std::sync::Arc<Ring> {
+        let mut nodes: Vec<std::sync::Arc<str>> = peers.iter().filter_map(|p| p.node_id()).map(std::sync::Arc::from).collect();
+        nodes.extend(me.map(std::sync::Arc::from));
+        self.of(nodes)
+    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,9 @@
 //!   arrive within [`PREAMBLE`]; nothing is allocated for a token before its length is checked;
 //!   at most [`MAX_CONNS`] connections are told apart or served at once, [`MAX_CONNS_PER_SOURCE`]
 //!   from one address (more are closed at once); an idle connection is closed after [`IDLE`].
-//! - The client receives a chunk straight into its sink (the memory tier) through one reused
-//!   buffer per connection. Idle connections are kept for reuse for at most [`CLIENT_IDLE`]
+//! - The client moves a chunk from the socket into its destination: into a cache file through a
+//!   pipe per connection (`splice`, no copy in user space) when the destination takes that, else
+//!   through one reused buffer per connection. Idle connections are kept for reuse for at most [`CLIENT_IDLE`]
 //!   (shorter than the server's), [`POOL`] per peer and [`MAX_IDLE`] in all; one the server has
 //!   closed is never reused, a failed one is dropped.
 //! - Every read and write is bounded by a timeout; connections end when the agent stops.
@@ -246,10 +247,21 @@ async fn serve_conn(mut s: TcpStream, server: &PeerServer, token: Option<&Vec<u8
     }
 }
 
-/// A client connection with its receive buffer.
+/// A client connection with its receive buffer and pipe (each made on first use).
 pub struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
+    pipe: Option<crate::splice::Pipe>,
+}
+
+/// Where the bytes of a chunk go on the client.
+pub trait RawDest {
+    /// Take the next bytes, in order.
+    fn take(&mut self, data: &[u8]) -> Result<(), RawError>;
+    /// Whether the next bytes may come as a pipe's contents instead ([`RawDest::take_from_pipe`]).
+    fn splices(&self) -> bool;
+    /// Take the next `n` bytes, waiting in `pipe`: all of them, or an error.
+    fn take_from_pipe(&mut self, pipe: &crate::splice::Pipe, n: usize) -> Result<(), RawError>;
 }
 
 impl Conn {
@@ -322,7 +334,7 @@ impl Pool {
             .await
             .map_err(|_| RawError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))??;
         stream.set_nodelay(true)?;
-        let mut c = Conn { stream, buf: Vec::new() };
+        let mut c = Conn { stream, buf: Vec::new(), pipe: None };
         let mut pre = MAGIC.to_vec();
         pre.extend_from_slice(&(self.token.len() as u32).to_be_bytes());
         pre.extend_from_slice(&self.token);
@@ -361,7 +373,7 @@ impl Pool {
         idle.push(Idle { conn: c, since: Instant::now(), _counted: counted });
     }
 
-    /// Ask for one chunk of `want` bytes; `on_data` gets them in order. Returns the crc32c the
+    /// Ask for one chunk of `want` bytes; `dest` gets them in order. Returns the crc32c the
     /// peer sent once all were delivered; the caller bounds the whole call with a timeout (a
     /// connection abandoned mid-answer is dropped, never reused).
     pub async fn read_chunk(
@@ -369,7 +381,7 @@ impl Pool {
         req: &ReadChunkRequest,
         want: u64,
         connect_timeout: Duration,
-        mut on_data: impl FnMut(&[u8]) -> Result<(), RawError>,
+        dest: &mut (dyn RawDest + Send),
     ) -> Result<u32, RawError> {
         let (mut c, h) = self.ask(req, connect_timeout).await?;
         if h.code != 0 {
@@ -379,19 +391,48 @@ impl Pool {
         if h.chunk_len != want {
             return Err(RawError::Frame(format!("chunk length {} != {want}", h.chunk_len)));
         }
-        if c.buf.len() < RECV_BUFFER {
-            c.buf = vec![0u8; RECV_BUFFER];
+        if dest.splices() && c.pipe.is_none() {
+            c.pipe = crate::splice::Pipe::new().map_err(|e| debug!(error = %e, "no pipe: receiving through a buffer")).ok();
         }
-        let mut left = h.chunk_len;
-        while left > 0 {
-            let n = (left as usize).min(c.buf.len());
-            c.stream.read_exact(&mut c.buf[..n]).await?;
-            on_data(&c.buf[..n])?;
-            left -= n as u64;
+        match &c.pipe {
+            Some(pipe) if dest.splices() => splice_body(&c.stream, pipe, h.chunk_len, dest).await?,
+            _ => buffer_body(&mut c, h.chunk_len, dest).await?,
         }
         self.put_back(c);
         Ok(h.crc32c)
     }
+}
+
+/// `len` bytes from the socket into `dest` through `pipe`.
+async fn splice_body(stream: &TcpStream, pipe: &crate::splice::Pipe, len: u64, dest: &mut (dyn RawDest + Send)) -> Result<(), RawError> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
+    let mut left = len;
+    while left > 0 {
+        let want = usize::try_from(left).unwrap_or(usize::MAX);
+        let n = stream.async_io(tokio::io::Interest::READABLE, || pipe.fill_from(fd, want)).await?;
+        if n == 0 {
+            return Err(RawError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        dest.take_from_pipe(pipe, n)?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// `len` bytes from the socket into `dest` through the connection's buffer.
+async fn buffer_body(c: &mut Conn, len: u64, dest: &mut (dyn RawDest + Send)) -> Result<(), RawError> {
+    if c.buf.len() < RECV_BUFFER {
+        c.buf = vec![0u8; RECV_BUFFER];
+    }
+    let mut left = len;
+    while left > 0 {
+        let n = (left as usize).min(c.buf.len());
+        c.stream.read_exact(&mut c.buf[..n]).await?;
+        dest.take(&c.buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

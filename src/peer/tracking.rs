@@ -112,11 +112,8 @@ impl Tracking {
 
     /// The members trackers are chosen among: usable peers and this agent unless it drains.
     fn ring(&self, usable: &[Arc<PeerHandle>]) -> Arc<Ring> {
-        let mut nodes: Vec<NodeId> = usable.iter().filter_map(|p| p.node_id()).map(NodeId::from).collect();
-        if !self.draining.load(Ordering::SeqCst) {
-            nodes.push(self.discovery.me().clone());
-        }
-        self.rings.of(nodes)
+        let me = (!self.draining.load(Ordering::SeqCst)).then(|| &**self.discovery.me());
+        self.rings.of_members(usable, me)
     }
 
     /// `obj` is read through this agent: its holdings are announced.

@@ -75,6 +75,30 @@ impl Fill {
         Ok(())
     }
 
+    /// Append the next `n` bytes waiting in `pipe` (see [`crate::splice`]): they go into the
+    /// file without a copy in user space, and the checksums are taken from the file's mapping,
+    /// so they are of exactly the bytes that will be served.
+    pub fn write_from_pipe(&mut self, pipe: &crate::splice::Pipe, n: usize) -> io::Result<()> {
+        if n as u64 > self.remaining() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "more bytes than the chunk holds"));
+        }
+        self.flush()?;
+        let at = self.chunk.start + self.written;
+        let r = {
+            let _one = lock(&self.file.write);
+            pipe.drain_to(std::os::fd::AsRawFd::as_raw_fd(&self.file.file), at, n)
+        };
+        self.full(r)?;
+        let map = self.file.mapping().ok_or_else(|| io::Error::other("cannot map the cache file"))?;
+        let landed = map.get(at as usize..at as usize + n).ok_or_else(|| io::Error::other("the cache file is shorter than its object"))?;
+        self.crc = crc32c::crc32c_append(self.crc, landed);
+        if let Some(d) = &mut self.crc64 {
+            d.update(landed);
+        }
+        self.written += n as u64;
+        Ok(())
+    }
+
     /// Write what is staged.
     pub(super) fn flush(&mut self) -> io::Result<()> {
         if !self.staged.is_empty() {
