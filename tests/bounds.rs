@@ -9,17 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn peer_addr() -> String {
-    format!("127.0.0.1:{}", free_port())
-}
-
 fn control(a: &Agent, kind: &str, direction: &str) -> f64 {
     a.metric(&format!("cachefs_control_messages_total{{kind=\"{kind}\",direction=\"{direction}\"}}"))
-}
-
-fn live_peers(a: &Agent) -> usize {
-    let st: serde_json::Value = serde_json::from_str(&http_get(a.admin, "/status").unwrap().1).unwrap();
-    st["peers"].as_array().unwrap().iter().filter(|p| p["state"] == "live").count()
 }
 
 /// A Hello from a peer already known to be up must not wake the probe loop: with three agents
@@ -43,7 +34,7 @@ fn idle_agents_check_each_other_at_a_steady_bounded_rate() {
         })
         .collect();
     for a in &agents {
-        assert!(poll_until(Duration::from_secs(15), || live_peers(a) == 2), "peers did not converge: {}", a.log_text());
+        assert!(poll_until(Duration::from_secs(15), || a.live_peers() == 2), "peers did not converge: {}", a.log_text());
     }
     let window = Duration::from_secs(10);
     let counts = |a: &Agent| ["hello", "gossip"].map(|k| (control(a, k, "sent"), control(a, k, "received")));
@@ -140,7 +131,7 @@ fn stalled_raw_preambles_cost_nothing_once_they_time_out() {
     assert_eq!(sha256_file(&a.path("model.bin")), want);
     assert_eq!(sha256_file(&a.path("second.bin")), want2);
     let b = Agent::start(&s, &["--listen", &b_addr, "--peers", &a_addr, "--chunk-size", "4MiB"]);
-    assert!(poll_until(Duration::from_secs(15), || live_peers(&b) == 1), "B does not see A: {}", b.log_text());
+    assert!(poll_until(Duration::from_secs(15), || b.live_peers() == 1), "B does not see A: {}", b.log_text());
     // B's first read opens its connections to A: the baseline has them.
     assert_eq!(sha256_file(&b.path("model.bin")), want);
     let (fds0, rss0) = (fds(a.pid()), rss_anon_kib(a.pid()));

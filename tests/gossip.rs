@@ -11,10 +11,6 @@ use common::*;
 use cachefs::peer::proto;
 use cachefs::peer::proto::peer_client::PeerClient;
 
-fn peer_addr() -> String {
-    format!("127.0.0.1:{}", free_port())
-}
-
 /// The state `a`'s /status gives the peer at `addr` (None: not a peer of `a`).
 fn state_of(a: &Agent, addr: &str) -> Option<String> {
     let (_, body) = http_get(a.admin, "/status")?;

@@ -45,14 +45,6 @@ fn wait_event(hook: &FakeHttp, kind: &str, limit: Duration) -> Option<(Instant, 
     found
 }
 
-fn status(a: &Agent) -> Value {
-    serde_json::from_str(&http_get(a.admin, "/status").map(|r| r.1).unwrap_or_default()).unwrap_or_default()
-}
-
-fn live_peers(a: &Agent) -> usize {
-    status(a)["peers"].as_array().map(|p| p.iter().filter(|p| p["state"] == "live").count()).unwrap_or(0)
-}
-
 fn handoff_bytes(a: &Agent, direction: &str) -> f64 {
     a.metric(&format!("cachefs_handoff_bytes_total{{direction=\"{direction}\"}}"))
 }
@@ -101,7 +93,7 @@ fn a_preempted_agent_hands_off_what_only_it_holds() {
     let b = peer(src.path(), &b_addr, &format!("{a_addr},{c_addr}"));
     let c = peer(src.path(), &c_addr, &format!("{a_addr},{b_addr}"));
     for (x, name) in [(&a, "A"), (&b, "B"), (&c, "C")] {
-        assert!(poll_until(Duration::from_secs(15), || live_peers(x) == 2), "{name} does not see two live peers: {}", status(x));
+        assert!(poll_until(Duration::from_secs(15), || x.live_peers() == 2), "{name} does not see two live peers: {}", x.status());
     }
     assert_eq!(b.metric("cachefs_cache_bytes") + c.metric("cachefs_cache_bytes"), 0.0, "a peer holds part of the model already");
 
@@ -115,12 +107,12 @@ fn a_preempted_agent_hands_off_what_only_it_holds() {
     assert_eq!(handoff_bytes(&a, "sent"), MODEL as f64);
     assert_eq!(handoff_bytes(&b, "received") + handoff_bytes(&c, "received"), MODEL as f64);
     assert_eq!(a.metric("cachefs_handoff_lost_bytes"), 0.0);
-    assert_eq!(status(&a)["drain"]["handed_off_bytes"], MODEL as u64);
+    assert_eq!(a.status()["drain"]["handed_off_bytes"], MODEL as u64);
 
     // The instance goes; a replacement joins the survivors and reads the model from them.
     a.kill9();
     let d = peer(src.path(), &d_addr, &format!("{b_addr},{c_addr}"));
-    assert!(poll_until(Duration::from_secs(15), || live_peers(&d) == 2), "D does not see B and C: {}", status(&d));
+    assert!(poll_until(Duration::from_secs(15), || d.live_peers() == 2), "D does not see B and C: {}", d.status());
     assert_eq!(sha256_file(&d.path("model.bin")), sha256_file(&src.path().join("model.bin")));
     for (x, name) in [(&b, "B"), (&c, "C"), (&d, "D")] {
         assert_eq!(x.metric("cachefs_origin_bytes_total"), 0.0, "{name} went to the origin; its log:\n{}", x.log_text());
@@ -145,7 +137,7 @@ fn a_short_notice_reports_what_was_lost_and_drains_in_time() {
     link.throttle(16_000_000);
     let b = peer(src.path(), &b_addr, &format!("127.0.0.1:{}", link.port));
     for (x, name) in [(&a, "A"), (&b, "B")] {
-        assert!(poll_until(Duration::from_secs(15), || live_peers(x) == 1), "{name} does not see its peer: {}", status(x));
+        assert!(poll_until(Duration::from_secs(15), || x.live_peers() == 1), "{name} does not see its peer: {}", x.status());
     }
 
     let termination = Utc::now() + chrono::Duration::seconds(5);
@@ -166,10 +158,6 @@ fn a_short_notice_reports_what_was_lost_and_drains_in_time() {
         "MEASURED short notice: {handed} handed off, {lost} lost, drain_ready {:.1} s before termination",
         (termination - came_at).as_seconds_f64()
     );
-}
-
-fn peer_addr() -> String {
-    format!("127.0.0.1:{}", free_port())
 }
 
 /// Twenty survivors, ten of which answer their probes but never another request: asking them
@@ -196,7 +184,7 @@ fn a_handoff_to_stuck_survivors_ends_at_the_drain_deadline() {
         .enumerate()
         .map(|(i, addr)| FakePeer::start_on(addr, &source, chunk, if i % 2 == 0 { Misbehave::Empty } else { Misbehave::Unresponsive }))
         .collect();
-    assert!(poll_until(Duration::from_secs(30), || live_peers(&a) == 20), "A does not see 20 live survivors: {}", status(&a));
+    assert!(poll_until(Duration::from_secs(30), || a.live_peers() == 20), "A does not see 20 live survivors: {}", a.status());
 
     let termination = Utc::now() + chrono::Duration::seconds(6);
     *notice.lock().unwrap() = Some(termination);
@@ -223,8 +211,8 @@ fn a_handoff_from_a_peer_that_is_not_draining_is_refused() {
     let (a_addr, b_addr) = (peer_addr(), peer_addr());
     let a = peer(src.path(), &a_addr, &b_addr);
     let b = peer(src.path(), &b_addr, &a_addr);
-    assert!(poll_until(Duration::from_secs(15), || live_peers(&a) == 1), "A does not see B: {}", status(&a));
-    let b_id = status(&b)["node_id"].as_str().unwrap().to_string();
+    assert!(poll_until(Duration::from_secs(15), || a.live_peers() == 1), "A does not see B: {}", a.status());
+    let b_id = b.status()["node_id"].as_str().unwrap().to_string();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let code = rt.block_on(async {
         let mut c = proto::peer_client::PeerClient::connect(format!("http://{a_addr}")).await.expect("connect");

@@ -12,10 +12,6 @@ use common::*;
 use cachefs::peer::proto;
 use cachefs::peer::proto::peer_client::PeerClient;
 
-fn peer_addr() -> String {
-    format!("127.0.0.1:{}", free_port())
-}
-
 fn announced(a: &Agent) -> f64 {
     a.metric("cachefs_control_messages_total{kind=\"announce\",direction=\"received\"}")
 }
@@ -108,14 +104,6 @@ fn mesh(src: &str, n: usize, extra: &[&str]) -> (Vec<Agent>, Vec<String>) {
     (agents, addrs)
 }
 
-fn status(a: &Agent) -> serde_json::Value {
-    serde_json::from_str(&http_get(a.admin, "/status").unwrap().1).unwrap()
-}
-
-fn live(a: &Agent) -> usize {
-    status(a)["peers"].as_array().unwrap().iter().filter(|p| p["state"] == "live").count()
-}
-
 fn post(addr: std::net::SocketAddr, path: &str, body: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -158,9 +146,9 @@ fn a_draining_tracker_hands_its_tracking_over() {
     write_random(&src.path().join("h.bin"), 8 << 20, 31);
     let (agents, addrs) = mesh(&src.path().display().to_string(), 5, &[]);
     for a in &agents {
-        assert!(poll_until(Duration::from_secs(20), || live(a) == 4), "peers did not converge: {}", status(a));
+        assert!(poll_until(Duration::from_secs(20), || a.live_peers() == 4), "peers did not converge: {}", a.status());
     }
-    let ids: Vec<String> = agents.iter().map(|a| status(a)["node_id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> = agents.iter().map(|a| a.status()["node_id"].as_str().unwrap().to_string()).collect();
     let object = object_of(src.path(), "h.bin");
     let key = cachefs::peer::tracking::tracker_key(&object);
     let ring = cachefs::swarm::Ring::new(ids.iter().map(|i| std::sync::Arc::from(i.as_str())).collect());
@@ -215,9 +203,9 @@ fn beyond_the_inventory_mesh_sole_copies_are_found_by_trackers() {
     write_random(&src.path().join("only-x.bin"), 3 << 20, 42);
     let (agents, addrs) = mesh(&src.path().display().to_string(), 10, &[]);
     for a in &agents {
-        assert!(poll_until(Duration::from_secs(30), || live(a) == 9), "peers did not converge: {}", status(a));
+        assert!(poll_until(Duration::from_secs(30), || a.live_peers() == 9), "peers did not converge: {}", a.status());
     }
-    let ids: Vec<String> = agents.iter().map(|a| status(a)["node_id"].as_str().unwrap().to_string()).collect();
+    let ids: Vec<String> = agents.iter().map(|a| a.status()["node_id"].as_str().unwrap().to_string()).collect();
     let (x, y) = (&agents[0], &agents[1]);
     for f in ["shared.bin", "only-x.bin"] {
         assert_eq!(sha256_file(&x.path(f)), sha256_file(&src.path().join(f)));

@@ -23,13 +23,9 @@ fn tier(a: &Agent, t: &str) -> f64 {
     a.metric(&format!("cachefs_read_bytes_total{{tier=\"{t}\"}}"))
 }
 
-fn status(a: &Agent) -> serde_json::Value {
-    serde_json::from_str(&http_get(a.admin, "/status").expect("status").1).expect("status JSON")
-}
-
 /// The entry of `/status` peers for `addr`.
 fn peer_entry(a: &Agent, addr: &str) -> Option<serde_json::Value> {
-    status(a)["peers"].as_array()?.iter().find(|p| p["addr"] == addr).cloned()
+    a.status()["peers"].as_array()?.iter().find(|p| p["addr"] == addr).cloned()
 }
 
 /// A peer that claims to hold every chunk of every object it is asked about and serves bytes of
@@ -214,7 +210,7 @@ fn a_stranger_cannot_join_without_or_with_a_token() {
     for f in ["m.bin", "small.json"] {
         assert_eq!(sha256_file(&a.path(f)), sha256_file(&src.path().join(f)), "forged bytes reached A's mount");
     }
-    assert_eq!(peer_entry(&a, &forger.addr), None, "the stranger joined: {}", status(&a));
+    assert_eq!(peer_entry(&a, &forger.addr), None, "the stranger joined: {}", a.status());
     assert_eq!(forger.served.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert_eq!(tier(&a, "peer"), 0.0);
     assert!(a.log_text().contains("naming an address that is not a configured peer"), "{}", a.log_text());
@@ -241,8 +237,8 @@ fn forged_hello_and_drain_for_another_node_change_nothing() {
     let ((_, a_addr), (b_port, b_addr)) = (peer_addr(), peer_addr());
     let a = Agent::start(&s, &["--listen", &a_addr, "--peers", &b_addr]);
     let b = Agent::start(&s, &["--listen", &b_addr, "--peers", &a_addr]);
-    let b_id = status(&b)["node_id"].as_str().unwrap().to_string();
-    assert!(poll_until(Duration::from_secs(10), || peer_entry(&a, &b_addr).is_some_and(|p| p["state"] == "live")), "{}", status(&a));
+    let b_id = b.status()["node_id"].as_str().unwrap().to_string();
+    assert!(poll_until(Duration::from_secs(10), || peer_entry(&a, &b_addr).is_some_and(|p| p["state"] == "live")), "{}", a.status());
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -260,7 +256,7 @@ fn forged_hello_and_drain_for_another_node_change_nothing() {
     // B really drains: A learns it from B itself.
     let st = std::process::Command::new(bin()).args(["drain", "--admin", &b.admin.to_string()]).status().unwrap();
     assert!(st.success());
-    assert!(poll_until(Duration::from_secs(5), || peer_entry(&a, &b_addr).is_some_and(|p| p["state"] == "draining")), "{}", status(&a));
+    assert!(poll_until(Duration::from_secs(5), || peer_entry(&a, &b_addr).is_some_and(|p| p["state"] == "draining")), "{}", a.status());
 }
 
 #[test]
@@ -290,7 +286,7 @@ fn peers_with_another_chunk_size_or_source_are_incompatible_and_never_asked() {
     }
     assert_eq!(a.metric("cachefs_peer_sent_bytes_total"), 0.0);
     // A sees them the same way.
-    assert!(poll_until(Duration::from_secs(5), || peer_entry(&a, &c_addr).is_some_and(|p| p["state"] == "incompatible")), "{}", status(&a));
+    assert!(poll_until(Duration::from_secs(5), || peer_entry(&a, &c_addr).is_some_and(|p| p["state"] == "incompatible")), "{}", a.status());
 }
 
 /// One raw HTTP/1.0 request with `headers`; the status code and body.
@@ -425,7 +421,7 @@ fn no_secret_in_logs_status_or_peer_messages() {
 
 /// The `/status` verification entry of `key`.
 fn check_of(a: &Agent, key: &str) -> Option<serde_json::Value> {
-    status(a)["verification"]["files"].as_array()?.iter().find(|f| f["key"] == key).cloned()
+    a.status()["verification"]["files"].as_array()?.iter().find(|f| f["key"] == key).cloned()
 }
 
 #[test]
@@ -441,7 +437,7 @@ fn a_configured_peer_that_forges_bytes_is_caught_by_the_origin_checksum() {
     args.extend(["--chunk-size", "1MiB", "--peers", &forger.addr].map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let c = Agent::start("s3://bkt/p", &args);
-    assert!(poll_until(Duration::from_secs(10), || peer_entry(&c, &forger.addr).is_some_and(|p| p["state"] == "live")), "{}", status(&c));
+    assert!(poll_until(Duration::from_secs(10), || peer_entry(&c, &forger.addr).is_some_and(|p| p["state"] == "live")), "{}", c.status());
 
     // The first read is served from the forger as it streams in; once the file is whole it is
     // checked against the origin's CRC64NVME, dropped, and loaded from the origin alone.
@@ -451,7 +447,7 @@ fn a_configured_peer_that_forges_bytes_is_caught_by_the_origin_checksum() {
     assert!(
         poll_until(Duration::from_secs(20), || check_of(&c, "v.bin").is_some_and(|f| f["check"] == "verified")),
         "{}\n{}",
-        status(&c),
+        c.status(),
         c.log_text()
     );
     assert_eq!(c.metric("cachefs_verify_failures_total"), 1.0);
@@ -491,16 +487,16 @@ fn files_assembled_from_honest_peers_are_verified() {
     let b = Agent::start("s3://bkt/p", &b_args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(std::fs::read(b.path("h.bin")).unwrap() == data);
     assert!(tier(&b, "peer") > 0.0, "B read nothing from A: the test proves nothing");
-    assert!(poll_until(Duration::from_secs(10), || check_of(&b, "h.bin").is_some_and(|f| f["check"] == "verified")), "{}", status(&b));
+    assert!(poll_until(Duration::from_secs(10), || check_of(&b, "h.bin").is_some_and(|f| f["check"] == "verified")), "{}", b.status());
     assert_eq!(b.metric("cachefs_verify_failures_total"), 0.0);
-    assert_eq!(status(&b)["verification"]["checksum"], "crc64nvme");
+    assert_eq!(b.status()["verification"]["checksum"], "crc64nvme");
 
     // A local directory publishes no checksum: /status says so.
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("h.bin"), &data).unwrap();
     let (_, d_addr) = peer_addr();
     let d = Agent::start(&src.path().display().to_string(), &["--listen", &d_addr]);
-    assert!(status(&d)["verification"]["note"].as_str().unwrap_or("").contains("publishes no whole-object checksum"), "{}", status(&d));
+    assert!(d.status()["verification"]["note"].as_str().unwrap_or("").contains("publishes no whole-object checksum"), "{}", d.status());
 }
 
 /// Three holders striped over by one reader, one of which forges a single chunk (valid
@@ -528,20 +524,20 @@ fn only_the_peer_that_forged_a_chunk_is_distrusted() {
     assert!(std::fs::read(b.path("s.bin")).unwrap() == data);
     let c = start(&c_addr, &[&a_addr, &b_addr, &forger.addr]);
     let live = |x: &Agent, addr: &str| peer_entry(x, addr).is_some_and(|p| p["state"] == "live");
-    assert!(poll_until(Duration::from_secs(15), || [&a_addr, &b_addr, &forger.addr].iter().all(|p| live(&c, p))), "{}", status(&c));
+    assert!(poll_until(Duration::from_secs(15), || [&a_addr, &b_addr, &forger.addr].iter().all(|p| live(&c, p))), "{}", c.status());
 
     let _ = std::fs::read(c.path("s.bin")).unwrap();
     assert!(forger.forged_index.lock().unwrap().is_some(), "the forger was never asked: the test proves nothing");
     assert!(
         poll_until(Duration::from_secs(20), || check_of(&c, "s.bin").is_some_and(|f| f["check"] == "verified")),
         "{}\n{}",
-        status(&c),
+        c.status(),
         c.log_text()
     );
     assert_eq!(c.metric("cachefs_verify_failures_total"), 1.0);
-    assert_eq!(peer_entry(&c, &forger.addr).unwrap()["state"], "distrusted", "{}", status(&c));
+    assert_eq!(peer_entry(&c, &forger.addr).unwrap()["state"], "distrusted", "{}", c.status());
     for honest in [&a_addr, &b_addr] {
-        assert_eq!(peer_entry(&c, honest).unwrap()["state"], "live", "an honest holder was distrusted: {}", status(&c));
+        assert_eq!(peer_entry(&c, honest).unwrap()["state"], "live", "an honest holder was distrusted: {}", c.status());
     }
     assert!(std::fs::read(c.path("s.bin")).unwrap() == data, "the file is wrong after the reload");
 }
@@ -566,10 +562,10 @@ fn peer_bytes_that_cannot_be_checked_are_reported() {
     let a = start(&a_addr, &b_addr, "64MiB");
     assert!(std::fs::read(a.path("big.bin")).unwrap() == data);
     let b = start(&b_addr, &a_addr, "4MiB");
-    assert!(poll_until(Duration::from_secs(15), || peer_entry(&b, &a_addr).is_some_and(|p| p["state"] == "live")), "{}", status(&b));
+    assert!(poll_until(Duration::from_secs(15), || peer_entry(&b, &a_addr).is_some_and(|p| p["state"] == "live")), "{}", b.status());
     assert!(std::fs::read(b.path("big.bin")).unwrap() == data);
     assert!(tier(&b, "peer") > 0.0, "B read nothing from A: the test proves nothing");
-    assert_eq!(b.metric("cachefs_unverified_files_total"), 1.0, "{}", status(&b));
+    assert_eq!(b.metric("cachefs_unverified_files_total"), 1.0, "{}", b.status());
     let f = check_of(&b, "big.bin").unwrap_or_default();
     assert_eq!(f["served_unverified"], true, "{f}");
     assert!(b.log_text().contains("cannot be checked against the origin"), "{}", b.log_text());

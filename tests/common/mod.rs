@@ -69,6 +69,11 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A free address on 127.0.0.1 for an agent's peer port.
+pub fn peer_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
 /// A plain HTTP/1.0 GET: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
@@ -287,6 +292,16 @@ impl Agent {
 
     pub fn metric(&self, name: &str) -> f64 {
         *self.metrics().get(name).unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+
+    /// The agent's `/status` document (Null when it does not answer).
+    pub fn status(&self) -> serde_json::Value {
+        http_get(self.admin, "/status").and_then(|(_, b)| serde_json::from_str(&b).ok()).unwrap_or_default()
+    }
+
+    /// Peers the agent's `/status` calls live.
+    pub fn live_peers(&self) -> usize {
+        self.status()["peers"].as_array().map(|p| p.iter().filter(|p| p["state"] == "live").count()).unwrap_or(0)
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
