@@ -127,6 +127,20 @@ fn timed_read(a: &Agent, size: u64, crc: Option<u32>, key: &str) -> (f64, f64) {
     (s, cpu)
 }
 
+/// Rounds of each row: the first (fresh memory: this VM reports freed pages to its host, so
+/// the first touch after an agent's exit is slow again) is a warm-up, the median is of the rest.
+fn rounds(b: &Bench) -> usize {
+    b.opts.runs + 1
+}
+
+fn warm_up(i: usize) -> &'static str {
+    if i == 0 {
+        " (warm-up, not counted)"
+    } else {
+        ""
+    }
+}
+
 /// Tag the last row with its profile and its ratio to `link_gbs`.
 fn tag(b: &mut Bench, p: &Profile, link_gbs: f64) {
     if let Some(r) = b.rows.last_mut() {
@@ -184,14 +198,16 @@ pub fn run(b: &mut Bench, p: &Profile, model: &Path, src_crc: u32, work: &Path) 
 /// the file).
 fn cold_row(b: &mut Bench, p: &Profile, l: &Links, size: u64, crc: u32, (origin_gbs, ranged_gbs): (f64, f64)) -> Agent {
     let (mut secs, mut cpu, mut keep) = (vec![], vec![], None);
-    for i in 0..b.opts.runs {
+    for i in 0..rounds(b) {
         // The last run's agent leaves the port first.
         drop(keep.take());
         let a = l.agent(&l.holders[0], &[], size + (512 << 20));
         let (s, c) = timed_read(&a, size, (i == 0).then_some(crc), KEY);
-        eprintln!("    cold run {i}: {s:.3} s, {c:.2} CPU s");
-        secs.push(s);
-        cpu.push(c);
+        eprintln!("    cold run {i}: {s:.3} s, {c:.2} CPU s{}", warm_up(i));
+        if i > 0 {
+            secs.push(s);
+            cpu.push(c);
+        }
         keep = Some(a);
     }
     let a = keep.expect("at least one run");
@@ -217,7 +233,7 @@ fn remote_row(b: &mut Bench, p: &Profile, l: &Links, holder: &Agent, size: u64, 
     let _ = holder;
     let (mut secs, mut cpu) = (vec![], vec![]);
     let mut note = String::new();
-    for i in 0..b.opts.runs {
+    for i in 0..rounds(b) {
         let r = l.agent(&l.reader, &[&l.holders[0]], size + (512 << 20));
         let (s, c) = timed_read(&r, size, (i == 0).then_some(crc), KEY);
         let m = metrics_in(&l.reader.ns, &r);
@@ -225,11 +241,13 @@ fn remote_row(b: &mut Bench, p: &Profile, l: &Links, holder: &Agent, size: u64, 
             m.get("cachefs_origin_bytes_total").copied().unwrap_or(0.0),
             m.get("cachefs_peer_received_bytes_total").copied().unwrap_or(0.0),
         );
-        eprintln!("    remote run {i}: {s:.3} s, {c:.2} CPU s, origin bytes {ob}, peer bytes {pb}");
+        eprintln!("    remote run {i}: {s:.3} s, {c:.2} CPU s, origin bytes {ob}, peer bytes {pb}{}", warm_up(i));
         assert_eq!(ob, 0.0, "a remote hit over the link went to the origin");
         note = format!("{} Gbit/s link; origin bytes 0; peer bytes/file {:.3}", p.link_gbps, pb / size as f64);
-        secs.push(s);
-        cpu.push(c);
+        if i > 0 {
+            secs.push(s);
+            cpu.push(c);
+        }
     }
     b.miss_row("remote hit over one link: a reader takes the file from one holder", secs, cpu, size, note);
     tag(b, p, peer_gbs);
@@ -251,7 +269,7 @@ fn striped_row(b: &mut Bench, p: &Profile, l: &Links, first: Agent, size: u64, c
     }
     let holders: Vec<&Node> = l.holders.iter().collect();
     let (mut secs, mut cpu, mut shares) = (vec![], vec![], String::new());
-    for i in 0..b.opts.runs {
+    for i in 0..rounds(b) {
         let before: Vec<f64> = l.holders.iter().zip([&first].into_iter().chain(&others)).map(|(h, a)| sent(h, a)).collect();
         let r = l.agent(&l.reader, &holders, cache);
         let (s, c) = timed_read(&r, size, (i == 0).then_some(crc), KEY);
@@ -294,12 +312,16 @@ fn seed_table(b: &mut Bench, l: &Links, p: &Profile, work: &Path) {
         let _ = std::fs::remove_file(&path);
         let cache = size + (512 << 20);
         let (mut cold, mut remote) = (vec![], vec![]);
-        for run in 0..b.opts.runs {
+        for run in 0..rounds(b) {
             let h = l.agent(&l.holders[0], &[], cache);
-            cold.push(timed_read(&h, size, (run == 0).then_some(crc), &key).0);
+            let c = timed_read(&h, size, (run == 0).then_some(crc), &key).0;
             let r = l.agent(&l.reader, &[&l.holders[0]], cache);
-            remote.push(timed_read(&r, size, (run == 0).then_some(crc), &key).0);
-            eprintln!("    seed {}: cold {:.2} s, remote {:.2} s", cachefs::size::format_size(size), cold[run], remote[run]);
+            let rs = timed_read(&r, size, (run == 0).then_some(crc), &key).0;
+            eprintln!("    seed {}: cold {c:.2} s, remote {rs:.2} s{}", cachefs::size::format_size(size), warm_up(run));
+            if run > 0 {
+                cold.push(c);
+                remote.push(rs);
+            }
         }
         let (c, r) = (median(cold), median(remote));
         b.seed_table.push(serde_json::json!({"size_bytes": size, "cold_seconds": c, "remote_seconds": r, "remote_vs_cold": c / r}));
