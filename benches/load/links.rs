@@ -133,7 +133,7 @@ fn rounds(b: &Bench) -> usize {
     b.opts.runs + 1
 }
 
-fn warm_up(i: usize) -> &'static str {
+pub fn warm_up(i: usize) -> &'static str {
     if i == 0 {
         " (warm-up, not counted)"
     } else {
@@ -280,15 +280,17 @@ fn striped_row(b: &mut Bench, p: &Profile, l: &Links, first: Agent, size: u64, c
             .zip(&before)
             .map(|((h, a), b0)| format!("{:.2}", (sent(h, a) - b0) / size as f64))
             .collect();
-        eprintln!("    striped run {i}: {s:.3} s, {c:.2} CPU s, share per holder {got:?}");
+        eprintln!("    striped run {i}: {s:.3} s, {c:.2} CPU s, share per holder {got:?}{}", warm_up(i));
         shares = format!(
             "3 holders at {:.2} Gbit/s up each, reader {} Gbit/s; share per holder {}",
             p.link_gbps / 3.0,
             p.link_gbps,
             got.join("/")
         );
-        secs.push(s);
-        cpu.push(c);
+        if i > 0 {
+            secs.push(s);
+            cpu.push(c);
+        }
     }
     for h in &l.holders {
         l.net.shape(h, link, link).expect("restore a holder's uplink");
