@@ -267,9 +267,14 @@ impl FsCore {
     fn readahead(&self, h: &Handle, offset: u64, len: u64) {
         let cs = self.reader.chunk_size();
         let mut ra = lock(&h.ra);
-        let sequential = offset <= ra.next_offset.saturating_add(cs) && offset.saturating_add(cs) >= ra.next_offset;
-        ra.next_offset = offset.saturating_add(len);
         let chunk = offset / cs;
+        let near = offset <= ra.next_offset.saturating_add(cs) && offset.saturating_add(cs) >= ra.next_offset;
+        // The kernel keeps several reads in flight (mmap faults, async readahead), so they may
+        // arrive out of order: a read inside the window already fetched is still sequential.
+        let in_window = ra.window > 0 && ra.last_chunk.is_some_and(|l| chunk + ra.window >= l) && chunk < ra.upto;
+        let sequential = near || in_window;
+        let end = offset.saturating_add(len);
+        ra.next_offset = if in_window { ra.next_offset.max(end) } else { end };
         if !sequential {
             tracing::debug!(offset, next = ra.next_offset, "random read: readahead reset");
             ra.window = 0;
@@ -277,7 +282,7 @@ impl FsCore {
             ra.last_chunk = Some(chunk);
             return;
         }
-        if ra.last_chunk != Some(chunk) || ra.window == 0 {
+        if ra.window == 0 || ra.last_chunk.is_none_or(|l| chunk > l) {
             ra.window = (ra.window * 2).clamp(1, self.reader.max_window());
             ra.last_chunk = Some(chunk);
         }

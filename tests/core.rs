@@ -381,3 +381,25 @@ async fn an_open_directory_pages_through_one_snapshot() {
     let fh = core.opendir(d).unwrap();
     assert_eq!(core.readdir(d, fh).unwrap().len(), 1502, "a new opendir sees the refresh");
 }
+
+/// The kernel keeps several reads of one file in flight, so a sequential reader's requests may
+/// arrive out of order; a read inside the window already fetched keeps readahead going.
+#[tokio::test]
+async fn reads_out_of_order_inside_the_window_keep_readahead() {
+    let cs = 65536u64;
+    let v = data(16 * cs as usize, 11);
+    let r = rig(&[("m.bin", &v)], cs, 8 << 20, Duration::from_secs(5)).await;
+    let core = FsCore::new(r.catalog.clone(), r.reader.clone());
+    let ino = r.catalog.lookup(cachefs::catalog::ROOT_INO, "m.bin").unwrap().ino;
+    let h = core.handle(core.open(ino, false).unwrap().fh).unwrap();
+    for chunk in [0u64, 1, 2, 3, 6, 4, 5, 7] {
+        let got = core.read(&h, chunk * cs, cs as u32).await.unwrap();
+        assert_eq!(&got[..], clamp(&v, chunk * cs, cs));
+    }
+    // Chunk 11 is only fetched if the window survived the reads of chunks 6, 4 and 5.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while r.reader.read_cached(&h.obj, 11 * cs, cs).is_none() {
+        assert!(std::time::Instant::now() < deadline, "readahead was reset by reads inside its window");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
