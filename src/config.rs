@@ -182,7 +182,8 @@ pub struct Settings {
     /// A DNS name whose A/AAAA records are the peers, NAME:PORT (re-resolved every 10 s)
     #[arg(long)]
     pub peer_dns: Option<String>,
-    /// File holding a shared token peers must present (sent as gRPC metadata)
+    /// File holding the fleet token peers prove they hold (a mutual challenge-response; the
+    /// token never crosses the wire); while rotating, two lines: the current and the next
     #[arg(long)]
     pub peer_token_file: Option<PathBuf>,
     /// Never open files with FUSE passthrough (serve local hits through normal FUSE replies).
@@ -294,8 +295,8 @@ pub struct PeerConfig {
     pub listen: Option<SocketAddr>,
     pub peers: Vec<String>,
     pub dns: Option<String>,
-    /// The shared peer token (read from `--peer-token-file`).
-    pub token: Option<String>,
+    /// The fleet tokens, current first (read from `--peer-token-file`; empty: none).
+    pub tokens: Vec<String>,
     pub tls: Option<PeerTls>,
 }
 
@@ -434,6 +435,20 @@ pub fn read_token(flag: &str, p: &std::path::Path) -> Result<String, ConfigError
     Ok(t)
 }
 
+/// `--peer-token-file`: one token a line, the current one first; two while a fleet rotates.
+pub fn read_peer_tokens(p: &std::path::Path) -> Result<Vec<String>, ConfigError> {
+    const FLAG: &str = "--peer-token-file";
+    let t = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { what: FLAG.into(), path: p.into(), source })?;
+    let tokens: Vec<String> = t.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    if tokens.is_empty() || tokens.len() > 2 || tokens.iter().any(|t| !t.bytes().all(|b| b.is_ascii_graphic())) {
+        return Err(ConfigError::Invalid(format!(
+            "{FLAG} {}: one or two tokens (current, next), one a line, each printable ASCII",
+            p.display()
+        )));
+    }
+    Ok(tokens)
+}
+
 /// Bytes the kernel reports as available (`MemAvailable`), if it can be read.
 pub fn available_memory() -> Option<u64> {
     crate::memlimit::host_available(std::path::Path::new("/proc/meminfo"))
@@ -528,7 +543,7 @@ fn resolve_peers(s: &Settings) -> Result<PeerConfig, ConfigError> {
     if let Some(d) = &s.peer_dns {
         check_host_port("--peer-dns", d)?;
     }
-    let token = s.peer_token_file.as_deref().map(|p| read_token("--peer-token-file", p)).transpose()?;
+    let tokens = s.peer_token_file.as_deref().map(read_peer_tokens).transpose()?.unwrap_or_default();
     let tls = match (&s.peer_tls_cert, &s.peer_tls_key, &s.peer_tls_ca) {
         (None, None, None) => None,
         (Some(c), Some(k), Some(a)) => {
@@ -536,7 +551,7 @@ fn resolve_peers(s: &Settings) -> Result<PeerConfig, ConfigError> {
         }
         _ => return Err(ConfigError::Invalid("peer TLS needs all of --peer-tls-cert, --peer-tls-key and --peer-tls-ca".into())),
     };
-    Ok(PeerConfig { listen, peers, dns: s.peer_dns.clone(), token, tls })
+    Ok(PeerConfig { listen, peers, dns: s.peer_dns.clone(), tokens, tls })
 }
 
 fn read_pem(flag: &str, p: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
@@ -691,5 +706,27 @@ mod example_config {
         // deny_unknown_fields: every key, commented out or not, is a real setting.
         let parsed: Result<Settings, _> = table.try_into();
         assert!(parsed.is_ok(), "{parsed:?}");
+    }
+}
+
+#[cfg(test)]
+mod peer_tokens {
+    use super::*;
+
+    /// One or two tokens (current, next); blank lines are nothing; three, or a space, is an error.
+    #[test]
+    fn a_token_file_holds_one_or_two_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let read = |text: &str| {
+            let p = dir.path().join("t");
+            std::fs::write(&p, text).unwrap();
+            read_peer_tokens(&p).map_err(|e| e.to_string())
+        };
+        assert_eq!(read("cur\n").unwrap(), vec!["cur"]);
+        assert_eq!(read("cur\n\nnext\n").unwrap(), vec!["cur", "next"]);
+        for bad in ["", "\n\n", "a\nb\nc\n", "two words\n"] {
+            let e = read(bad).unwrap_err();
+            assert!(e.contains("one or two tokens") && !e.contains('\n'), "{bad:?}: {e}");
+        }
     }
 }

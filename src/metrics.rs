@@ -60,6 +60,11 @@ pub struct ControlLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabel {
     pub peer: String,
 }
@@ -93,6 +98,7 @@ pub mod names {
     pub const HANDOFF_BYTES: &str = "cachefs_handoff_bytes_total";
     pub const HANDOFF_LOST_BYTES: &str = "cachefs_handoff_lost_bytes";
     pub const CONTROL_MESSAGES: &str = "cachefs_control_messages_total";
+    pub const PEER_AUTH_FAILURES: &str = "cachefs_peer_auth_failures_total";
 }
 
 /// The agent's metrics. Clone-free: share it behind an `Arc`.
@@ -129,6 +135,8 @@ pub struct Metrics {
     pub handoff_lost_bytes: Gauge,
     /// Peer requests without chunk bytes (Hello, Inventory, Drain, Handoff), sent or answered.
     pub control_messages: Family<ControlLabel, Counter>,
+    /// Peer handshakes that failed, either side, by reason.
+    pub peer_auth_failures: Family<ReasonLabel, Counter>,
 }
 
 fn base(name: &str) -> &str {
@@ -172,6 +180,7 @@ impl Metrics {
             handoff_bytes: Family::default(),
             handoff_lost_bytes: Gauge::default(),
             control_messages: Family::default(),
+            peer_auth_failures: Family::default(),
             registry: Registry::default(),
         }
     }
@@ -231,6 +240,11 @@ impl Metrics {
             "Peer requests that carry no chunk bytes, by kind, sent or received",
             m.control_messages.clone(),
         );
+        registry.register(
+            base(PEER_AUTH_FAILURES),
+            "Peer connection handshakes that failed (a peer without the fleet token, or none offered), by reason",
+            m.peer_auth_failures.clone(),
+        );
         for direction in [Direction::sent, Direction::received] {
             let _ = m.handoff_bytes.get_or_create(&DirectionLabel { direction });
             for kind in [
@@ -266,6 +280,11 @@ impl Metrics {
     /// One control message of `kind` went `direction`.
     pub fn add_control(&self, kind: ControlKind, direction: Direction) {
         self.control_messages.get_or_create(&ControlLabel { kind, direction }).inc();
+    }
+
+    /// A peer handshake failed for `reason`.
+    pub fn peer_auth_failure(&self, reason: &'static str) {
+        self.peer_auth_failures.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     pub fn read_bytes_of(&self, tier: Tier) -> u64 {

@@ -11,7 +11,19 @@ use common::*;
 use tonic::{Request, Response, Status};
 
 use cachefs::peer::proto;
+use cachefs::peer::auth::{Keyring, Purpose};
 use cachefs::peer::proto::peer_client::PeerClient;
+
+/// A keyring holding `token`, as a test client.
+fn keyring(token: &str) -> Arc<Keyring> {
+    Keyring::new(&[token.to_string()], "test-client".into(), Arc::new(cachefs::metrics::Metrics::new())).unwrap()
+}
+
+/// A gRPC channel to `addr` whose connections pass the handshake with `token`.
+fn authed_channel(addr: &str, token: &str) -> tonic::transport::Channel {
+    let connector = cachefs::peer::auth::connector(keyring(token), addr.to_string(), std::time::Duration::from_secs(5));
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_with_connector_lazy(connector)
+}
 
 fn peer_port() -> (u16, String) {
     let p = free_port();
@@ -268,15 +280,16 @@ fn token_etag_and_prefix_are_enforced_and_dns_discovery_works() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut no_token = PeerClient::connect(format!("http://{a_addr}")).await.unwrap();
-        let e = no_token.hello(proto::HelloRequest { node_id: "x".into(), protocol: 1, listen_port: 0 }).await.unwrap_err();
-        assert_eq!(e.code(), tonic::Code::Unauthenticated);
-
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{a_addr}")).unwrap().connect().await.unwrap();
-        let mut client = PeerClient::with_interceptor(channel, |mut r: Request<()>| {
+        // A plain gRPC client (no handshake) gets a closed connection, and the token itself
+        // in metadata opens nothing: it never travels in the clear.
+        let plain = tonic::transport::Endpoint::from_shared(format!("http://{a_addr}")).unwrap().connect_lazy();
+        let mut no_token = PeerClient::with_interceptor(plain, |mut r: Request<()>| {
             r.metadata_mut().insert(cachefs::peer::TOKEN_HEADER, "s3cret-token".parse().unwrap());
             Ok(r)
         });
+        assert!(no_token.hello(proto::HelloRequest { node_id: "x".into(), protocol: 1, listen_port: 0 }).await.is_err());
+        assert!(a.metric("cachefs_peer_auth_failures_total{reason=\"no_handshake\"}") >= 1.0);
+        let mut client = PeerClient::new(authed_channel(&a_addr, "s3cret-token"));
         let hello = client.hello(proto::HelloRequest { node_id: "x".into(), protocol: 1, listen_port: 0 }).await.unwrap().into_inner();
         assert_eq!(hello.chunk_size, 8 << 20);
         let (_, status) = http_get(a.admin, "/status").unwrap();
@@ -452,7 +465,8 @@ fn raw_header(s: &mut std::net::TcpStream) -> Option<proto::RawChunkHeader> {
     proto::RawChunkHeader::decode(body.as_slice()).ok()
 }
 
-/// The raw data path on the peer port: a wrong token is refused, a hostile frame length closes
+/// The raw data path on the peer port: a connection without the handshake gets only a close, a
+/// wrong token is refused, a hostile frame length closes
 /// only that connection, a bad request gets its status, a good one the exact chunk with its
 /// crc32c; the agent keeps serving throughout.
 #[test]
@@ -472,29 +486,45 @@ fn raw_data_path_refuses_bad_tokens_and_frames() {
         &["--listen", &a_addr, "--peer-token-file", &tok.path().display().to_string(), "--chunk-size", "4MiB"],
     );
     assert!(read_all(&a.path("r.bin")) == data);
-    let connect = |token: &[u8]| {
-        let mut s = std::net::TcpStream::connect(&a_addr).unwrap();
+    // A plain TCP client with the old preamble and even the right token: nothing but a close.
+    let mut plain = std::net::TcpStream::connect(&a_addr).unwrap();
+    plain.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut preamble = b"CFS1".to_vec();
+    preamble.extend_from_slice(&9u32.to_be_bytes());
+    preamble.extend_from_slice(b"raw-token");
+    // The agent may close before it all arrives (it needs only the first bytes to refuse).
+    let _ = std::io::Write::write_all(&mut plain, &preamble);
+    // Unread bytes make the close a reset; either way not one byte comes back.
+    let got = plain.read(&mut [0u8; 64]);
+    assert!(
+        matches!(&got, Ok(0)) || matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a connection without a session proof must get only a close: {got:?}"
+    );
+    assert!(a.metric("cachefs_peer_auth_failures_total{reason=\"no_handshake\"}") >= 1.0);
+    // A client proving the wrong token is refused.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let wrong = rt.block_on(keyring("nope").dial(&a_addr, Purpose::Raw, std::time::Duration::from_secs(5)));
+    assert_eq!(wrong.err().map(|e| e.reason()), Some("server_proof"), "a server that does not hold our token is found out");
+    let connect = || {
+        let (s, _) = rt.block_on(keyring("raw-token").dial(&a_addr, Purpose::Raw, std::time::Duration::from_secs(5))).unwrap();
+        let s = s.into_std().unwrap();
+        s.set_nonblocking(false).unwrap();
         s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-        std::io::Write::write_all(&mut s, b"CFS1").unwrap();
-        raw_frame(&mut s, token);
         s
     };
-    // Wrong token: UNAUTHENTICATED, then closed.
-    let mut s = connect(b"nope");
-    assert_eq!(raw_header(&mut s).map(|h| h.code), Some(tonic::Code::Unauthenticated as u32));
     // A frame length far past the limit: this connection closes, nothing else happens.
-    let mut s = connect(b"raw-token");
+    let mut s = connect();
     std::io::Write::write_all(&mut s, &u32::MAX.to_be_bytes()).unwrap();
     assert!(raw_header(&mut s).is_none(), "a hostile frame length must close the connection");
     // A good request, then a bad one (another chunk size), on one connection.
-    let etag = tokio::runtime::Runtime::new().unwrap().block_on(async {
+    let etag = rt.block_on(async {
         use object_store::ObjectStoreExt;
         let store = object_store::local::LocalFileSystem::new_with_prefix(src.path()).unwrap();
         store.head(&"r.bin".into()).await.unwrap().e_tag.unwrap_or_default()
     });
     let object = proto::ObjectRef { key: "r.bin".into(), etag, version: String::new(), size: data.len() as u64 };
     let req = proto::ReadChunkRequest { object: Some(object), index: 1, chunk_size: 4 << 20, allow_fill: false, protocol: 1 };
-    let mut s = connect(b"raw-token");
+    let mut s = connect();
     raw_frame(&mut s, &req.encode_to_vec());
     let h = raw_header(&mut s).expect("header");
     assert_eq!((h.code, h.chunk_len), (0, 4 << 20), "{h:?}");

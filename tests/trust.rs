@@ -215,12 +215,13 @@ fn a_stranger_cannot_join_without_or_with_a_token() {
     assert_eq!(tier(&a, "peer"), 0.0);
     assert!(a.log_text().contains("naming an address that is not a configured peer"), "{}", a.log_text());
 
-    // With a token: the stranger's Hello is refused outright.
+    // With a token: the stranger's connection is closed before any gRPC byte is read.
     let tok = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(tok.path(), "trust-token\n").unwrap();
     let (_, b_addr) = peer_addr();
     let b = Agent::start(&s, &["--listen", &b_addr, "--peer-token-file", &tok.path().display().to_string()]);
-    assert_eq!(say_hello(&forger.rt, &b_addr, "forger", forger.port), tonic::Code::Unauthenticated);
+    assert_ne!(say_hello(&forger.rt, &b_addr, "forger", forger.port), tonic::Code::Ok);
+    assert!(b.metric("cachefs_peer_auth_failures_total{reason=\"no_handshake\"}") >= 1.0);
     assert_eq!(sha256_file(&b.path("m.bin")), sha256_file(&src.path().join("m.bin")));
     assert_eq!(peer_entry(&b, &forger.addr), None);
     assert_eq!(forger.served.load(std::sync::atomic::Ordering::SeqCst), 0);

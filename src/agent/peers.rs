@@ -46,7 +46,7 @@ impl Peers {
         if let Some(t) = &cfg.tls {
             crate::peer::server::check_tls(t).map_err(AgentError::Peers)?;
             info!("peer traffic uses mutual TLS");
-        } else if cfg.token.is_none() {
+        } else if cfg.tokens.is_empty() {
             warn!("peers are unauthenticated: only configured peers (--peers, --peer-dns) are used, but any host that reaches the peer port can read cached chunks (set --peer-token-file or mutual TLS)");
         }
         let (origin, memory) = (storage.origin.clone(), storage.memory.clone());
@@ -118,9 +118,9 @@ impl Peers {
         let announcer = self.tracking.clone().run(reader.clone(), shared.stop.clone());
         shared.tasks.spawn(announcer.instrument(tracing::info_span!("tracking")));
         info!(listen = %listen, node = %shared.node_id, "serving chunks to peers");
-        let (token, tls, stop, raw_tasks) = (cfg.token.clone(), cfg.tls.clone(), shared.stop.clone(), shared.tasks.clone());
+        let (tokens, tls, stop, raw_tasks) = (cfg.tokens.clone(), cfg.tls.clone(), shared.stop.clone(), shared.tasks.clone());
         let serve = async move {
-            if let Err(e) = crate::peer::server::serve(server, listener, token, tls, raw_tasks, stop).await {
+            if let Err(e) = crate::peer::server::serve(server, listener, tokens, tls, raw_tasks, stop).await {
                 warn!(error = %e, "peer server stopped");
             }
         };

@@ -51,7 +51,7 @@ const MAX_LEARNED: usize = 1024;
 /// its next Hello teaches it again.
 pub const LEARNED_EXPIRY: Duration = Duration::from_secs(300);
 
-/// Adds the shared token to every request.
+/// Adds the shared token to every request (inside TLS; without it connections prove the token).
 #[derive(Clone)]
 pub struct Auth(Option<AsciiMetadataValue>);
 
@@ -238,8 +238,11 @@ pub struct Membership {
     /// Last DNS answer.
     resolved: Mutex<Vec<String>>,
     dns: Option<String>,
+    /// The token sent as request metadata, inside TLS only (the first of the tokens).
     token: Option<AsciiMetadataValue>,
     tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Without TLS, every connection proves both sides hold a token (None: no tokens).
+    keyring: Option<Arc<super::auth::Keyring>>,
     /// Callers are authenticated (token or mutual TLS): a Hello may add its caller.
     authenticated: bool,
     /// Unconfigured callers already told they are ignored (logged once each, bounded).
@@ -274,19 +277,21 @@ impl Membership {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Self, PeerSetupError> {
         let listen_port = cfg.listen.map(|l| l.port()).unwrap_or(0);
-        let (static_peers, dns, token) = (cfg.peers.clone(), cfg.dns.clone(), cfg.token.clone());
+        let (static_peers, dns) = (cfg.peers.clone(), cfg.dns.clone());
         let tls = cfg.tls.as_ref().map(|t| {
             use tonic::transport::{Certificate, ClientTlsConfig, Identity};
             ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&t.ca)).identity(Identity::from_pem(&t.cert, &t.key))
         });
-        let token = match token {
-            Some(t) => Some(AsciiMetadataValue::try_from(t.trim()).map_err(|_| PeerSetupError::Token)?),
-            None => None,
+        let token = match (cfg.tokens.first(), &tls) {
+            (Some(t), Some(_)) => Some(AsciiMetadataValue::try_from(t.trim()).map_err(|_| PeerSetupError::Token)?),
+            _ => None,
         };
+        let keyring = if tls.is_some() { None } else { super::auth::Keyring::new(&cfg.tokens, self_id.clone(), metrics.clone()) };
         let m = Membership {
+            authenticated: keyring.is_some() || tls.is_some(),
+            keyring,
             self_id,
             compat,
-            authenticated: token.is_some() || tls.is_some(),
             ignored: Mutex::new(Default::default()),
             listen_port,
             static_peers,
@@ -320,11 +325,14 @@ impl Membership {
             .tcp_nodelay(true)
             .initial_stream_window_size(super::STREAM_WINDOW)
             .initial_connection_window_size(super::CONNECTION_WINDOW);
-        let channel = endpoint.connect_lazy();
+        let channel = match &self.keyring {
+            Some(k) => endpoint.connect_with_connector_lazy(super::auth::connector(k.clone(), addr.to_string(), PROBE_TIMEOUT)),
+            None => endpoint.connect_lazy(),
+        };
         let client = PeerClient::with_interceptor(channel, Auth(self.token.clone()))
             .max_decoding_message_size(MAX_GRPC_MESSAGE)
             .max_encoding_message_size(MAX_GRPC_MESSAGE);
-        let raw = super::raw::Pool::new(addr, self.token.as_ref().and_then(|t| t.to_str().ok()));
+        let raw = super::raw::Pool::new(addr, self.keyring.clone());
         let ips = addr.parse::<std::net::SocketAddr>().map(|a| vec![a.ip()]).unwrap_or_default();
         Ok(PeerHandle { addr: addr.to_string(), client, raw, state: Mutex::new(PeerState::default()), ips: Mutex::new(ips) })
     }
@@ -411,6 +419,11 @@ impl Membership {
     /// Whether peers authenticate (token or mutual TLS).
     pub fn authenticated(&self) -> bool {
         self.authenticated
+    }
+
+    /// The tokens every connection proves (peers with tokens and without TLS).
+    pub fn keyring(&self) -> Option<Arc<super::auth::Keyring>> {
+        self.keyring.clone()
     }
 
     /// Gossip says member `node_id` at `addr` is down: it is not used until it answers a probe
@@ -827,7 +840,7 @@ mod tests {
         let m = Membership::new(
             "self".into(),
             compat,
-            &crate::config::PeerConfig { listen: Some(([127, 0, 0, 1], 1).into()), token: Some("secret".into()), ..Default::default() },
+            &crate::config::PeerConfig { listen: Some(([127, 0, 0, 1], 1).into()), tokens: vec!["secret".into()], ..Default::default() },
             metrics,
         )
         .unwrap();

@@ -10,6 +10,7 @@
 //! - `tracking`: holder discovery by segment trackers (`swarm::Discovery` over gRPC).
 //! - `raw`: the bulk data path (`ReadChunk` without HTTP/2, on the same port, when not using TLS).
 
+pub mod auth;
 pub mod client;
 pub mod gossip;
 pub mod handoff;

@@ -2,8 +2,9 @@
 //! transfers between agents that do not use TLS. gRPC stays for everything else.
 //!
 //! # Contract
-//! - Wire format: see `RawChunkHeader` in `proto/cachefs.proto`. A connection starts with the
-//!   magic and the peer token; a wrong token is answered with UNAUTHENTICATED and closed.
+//! - Wire format: see `RawChunkHeader` in `proto/cachefs.proto`. Where peers use tokens a
+//!   connection starts with the mutual handshake of [`super::auth`] (a connection without it
+//!   gets only a close); without tokens, with the magic and an empty token.
 //! - The server answers exactly what the gRPC `ReadChunk` would (same checks, same crc32c);
 //!   the chunk bytes go from the tmpfs mapping to the socket without a copy in user space.
 //! - The server is bounded whatever callers do: the first bytes and the whole preamble must
@@ -24,7 +25,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::proto::{RawChunkHeader, ReadChunkRequest};
+use super::auth::{Keyring, Purpose};
 use super::server::PeerServer;
 
 /// First bytes of a raw data connection.
@@ -43,7 +44,7 @@ const MAX_TOKEN: u32 = 4 << 10;
 /// An idle server connection is closed after this long.
 pub const IDLE: Duration = Duration::from_secs(60);
 /// Longest wait from accepting a connection to the end of its preamble (the first bytes, which
-/// tell raw from gRPC, then the magic and the token).
+/// tell raw from gRPC, then the handshake or the magic and the token).
 pub const PREAMBLE: Duration = Duration::from_secs(5);
 /// Connections being told apart or served on the raw path at once, in all and from one address.
 pub const MAX_CONNS: usize = 4096;
@@ -67,6 +68,8 @@ pub enum RawError {
     Status(tonic::Code, String),
     #[error("bad frame: {0}")]
     Frame(String),
+    #[error("peer authentication: {0}")]
+    Auth(String),
 }
 
 async fn read_frame<M: Message + Default>(s: &mut TcpStream) -> Result<M, RawError> {
@@ -130,11 +133,13 @@ impl Drop for Admitted {
 }
 
 /// Accept on `listener`: raw data connections are served here, every other connection is
-/// handed to gRPC through the returned stream. Tasks are tracked and end with `stop`.
+/// handed to gRPC through the returned stream. With a keyring every connection must first pass
+/// its handshake ([`super::auth`]); without one, raw connections start with the preamble.
+/// Tasks are tracked and end with `stop`.
 pub fn split(
     listener: tokio::net::TcpListener,
     server: Arc<PeerServer>,
-    token: Option<Arc<Vec<u8>>>,
+    keyring: Option<Arc<Keyring>>,
     tasks: TaskTracker,
     stop: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TcpStream>> {
@@ -163,30 +168,65 @@ pub fn split(
                 }
                 continue;
             };
-            let (tx, server, token, stop) = (tx.clone(), server.clone(), token.clone(), stop.clone());
+            let route = Route { tx: tx.clone(), server: server.clone(), keyring: keyring.clone(), from, slot };
+            let stop = stop.clone();
             accept_tasks.spawn(async move {
-                let _ = conn.set_nodelay(true);
-                let by = tokio::time::Instant::now() + PREAMBLE;
-                let mut first = [0u8; 4];
-                let raw = matches!(tokio::time::timeout_at(by, conn.peek(&mut first)).await, Ok(Ok(4))) && &first == MAGIC;
-                if !raw {
-                    drop(slot);
-                    let _ = tx.send(Ok(conn)).await;
-                    return;
-                }
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    r = serve_conn(conn, &server, token.as_deref(), by) => if let Err(e) = r { debug!(error = %e, "raw data connection ended") },
+                    r = route.run(conn) => if let Err(e) = r { debug!(error = %e, "raw data connection ended") },
                 }
-                drop(slot);
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Read the magic and the token, all before `by`; whether the token is right.
-async fn preamble(s: &mut TcpStream, token: Option<&Vec<u8>>, by: tokio::time::Instant) -> Result<bool, RawError> {
+/// Where one accepted connection goes: through its handshake or preamble, to gRPC or the raw path.
+struct Route {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<TcpStream>>,
+    server: Arc<PeerServer>,
+    keyring: Option<Arc<Keyring>>,
+    from: std::net::SocketAddr,
+    /// Held while the connection is told apart or served raw.
+    slot: Admitted,
+}
+
+impl Route {
+    async fn run(self, mut conn: TcpStream) -> Result<(), RawError> {
+        let _ = conn.set_nodelay(true);
+        let by = tokio::time::Instant::now() + PREAMBLE;
+        let mut first = [0u8; 4];
+        let peeked = matches!(tokio::time::timeout_at(by, conn.peek(&mut first)).await, Ok(Ok(4)));
+        let purpose = match &self.keyring {
+            Some(k) if !(peeked && &first == super::auth::MAGIC) => {
+                // A plain client (gRPC or raw) where peers must prove themselves: only a close.
+                k.failed(&self.from.to_string(), &super::auth::AuthError::NoHandshake);
+                return Ok(());
+            }
+            Some(k) => match k.accept(&mut conn, &self.from.to_string(), by).await {
+                Ok((purpose, _client)) => purpose,
+                Err(_) => return Ok(()),
+            },
+            None if peeked && &first == MAGIC => {
+                preamble(&mut conn, by).await?;
+                Purpose::Raw
+            }
+            None => Purpose::Grpc,
+        };
+        match purpose {
+            Purpose::Grpc => {
+                drop(self.slot);
+                let _ = self.tx.send(Ok(conn)).await;
+                Ok(())
+            }
+            Purpose::Raw if self.server.raw_data => serve_requests(conn, &self.server).await,
+            Purpose::Raw => Ok(()),
+        }
+    }
+}
+
+/// Read the magic and the (empty, unchecked: peers without tokens) token, all before `by`.
+async fn preamble(s: &mut TcpStream, by: tokio::time::Instant) -> Result<(), RawError> {
     let read = async {
         let mut magic = [0u8; 4];
         s.read_exact(&mut magic).await?;
@@ -200,24 +240,13 @@ async fn preamble(s: &mut TcpStream, token: Option<&Vec<u8>>, by: tokio::time::I
         if got.len() != len as usize {
             return Err(RawError::Frame("preamble cut short".into()));
         }
-        Ok(got)
+        Ok(())
     };
-    let got = tokio::time::timeout_at(by, read).await.map_err(|_| RawError::Frame("preamble timed out".into()))??;
-    Ok(token.is_none_or(|want| got.len() == want.len() && bool::from(got.as_slice().ct_eq(want.as_slice()))))
+    tokio::time::timeout_at(by, read).await.map_err(|_| RawError::Frame("preamble timed out".into()))?
 }
 
-/// One raw connection: the preamble (by `by`), then requests until the client closes or idles out.
-async fn serve_conn(mut s: TcpStream, server: &PeerServer, token: Option<&Vec<u8>>, by: tokio::time::Instant) -> Result<(), RawError> {
-    if !preamble(&mut s, token, by).await? {
-        let h = RawChunkHeader {
-            code: tonic::Code::Unauthenticated as u32,
-            message: "missing or wrong peer token".into(),
-            ..Default::default()
-        };
-        let wrote = tokio::time::timeout(PREAMBLE, write_frame(&mut s, &h)).await;
-        wrote.map_err(|_| RawError::Frame("answer timed out".into()))??;
-        return Ok(());
-    }
+/// Requests on one raw connection until the client closes or idles out.
+async fn serve_requests(mut s: TcpStream, server: &PeerServer) -> Result<(), RawError> {
     loop {
         let req: ReadChunkRequest = match tokio::time::timeout(IDLE, read_frame(&mut s)).await {
             Ok(Ok(r)) => r,
@@ -291,13 +320,14 @@ impl Drop for Counted {
 /// Raw connections to one peer.
 pub struct Pool {
     addr: String,
-    token: Vec<u8>,
+    /// Peers prove themselves on every connection (None: the plain preamble).
+    keyring: Option<Arc<Keyring>>,
     idle: Mutex<Vec<Idle>>,
 }
 
 impl Pool {
-    pub fn new(addr: &str, token: Option<&str>) -> Self {
-        Pool { addr: addr.to_string(), token: token.unwrap_or("").as_bytes().to_vec(), idle: Mutex::new(Vec::new()) }
+    pub fn new(addr: &str, keyring: Option<Arc<Keyring>>) -> Self {
+        Pool { addr: addr.to_string(), keyring, idle: Mutex::new(Vec::new()) }
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
@@ -330,14 +360,17 @@ impl Pool {
         if let Some(c) = self.pooled() {
             return Ok((c, true));
         }
+        if let Some(k) = &self.keyring {
+            let (stream, _node) = k.dial(&self.addr, Purpose::Raw, connect_timeout).await.map_err(|e| RawError::Auth(e.to_string()))?;
+            return Ok((Conn { stream, buf: Vec::new(), pipe: None }, false));
+        }
         let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(&self.addr))
             .await
             .map_err(|_| RawError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))??;
         stream.set_nodelay(true)?;
         let mut c = Conn { stream, buf: Vec::new(), pipe: None };
         let mut pre = MAGIC.to_vec();
-        pre.extend_from_slice(&(self.token.len() as u32).to_be_bytes());
-        pre.extend_from_slice(&self.token);
+        pre.extend_from_slice(&0u32.to_be_bytes());
         c.stream.write_all(&pre).await?;
         Ok((c, false))
     }
@@ -444,7 +477,7 @@ mod tests {
     #[tokio::test]
     async fn the_pool_drops_closed_and_stale_connections() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let pool = Pool::new(&listener.local_addr().unwrap().to_string(), Some("t"));
+        let pool = Pool::new(&listener.local_addr().unwrap().to_string(), None);
         let (c, reused) = pool.take(Duration::from_secs(1)).await.unwrap();
         assert!(!reused);
         let (server_side, _) = listener.accept().await.unwrap();

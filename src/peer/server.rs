@@ -10,7 +10,9 @@
 //!   single-flight read path first, at most `MAX_PEER_FILLS` at once (beyond, after a short
 //!   wait, `RESOURCE_EXHAUSTED`). Messages carry at most `MESSAGE_BYTES` of data; the first
 //!   carries the chunk's length and crc32c.
-//! - With a token configured, requests without it are `UNAUTHENTICATED` (constant-time compare).
+//! - With tokens and without TLS, only connections that passed the handshake of
+//!   [`super::auth`] reach the service; with TLS and tokens, requests without one of them in
+//!   their metadata are `UNAUTHENTICATED` (constant-time compare).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -99,12 +101,15 @@ fn clean_key(key: &str) -> bool {
     !key.is_empty() && !key.starts_with('/') && key.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
 }
 
-/// Server-side token check, in constant time.
-pub fn check_token(expected: Option<Arc<Vec<u8>>>) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+/// Server-side check of the token sent as metadata (inside TLS): any of `expected`, in
+/// constant time; none expected lets every request through.
+pub fn check_token(expected: Arc<Vec<Vec<u8>>>) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |req: Request<()>| {
-        let Some(want) = &expected else { return Ok(req) };
+        if expected.is_empty() {
+            return Ok(req);
+        }
         let got = req.metadata().get(TOKEN_HEADER).map(|v| v.as_bytes()).unwrap_or(b"");
-        if got.len() == want.len() && bool::from(got.ct_eq(want.as_slice())) {
+        if expected.iter().any(|want| got.len() == want.len() && bool::from(got.ct_eq(want.as_slice()))) {
             Ok(req)
         } else {
             Err(Status::unauthenticated("missing or wrong peer token"))
@@ -374,21 +379,23 @@ const KEEPALIVE: Duration = Duration::from_secs(10);
 pub async fn serve(
     server: PeerServer,
     listener: tokio::net::TcpListener,
-    token: Option<String>,
+    tokens: Vec<String>,
     tls: Option<crate::config::PeerTls>,
     tasks: tokio_util::task::TaskTracker,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let token = token.map(|t| Arc::new(t.trim().as_bytes().to_vec()));
+    // Inside TLS the token travels as metadata; without TLS every connection proves it instead.
+    let metadata_tokens = if tls.is_some() { tokens.iter().map(|t| t.trim().as_bytes().to_vec()).collect() } else { Vec::new() };
+    let keyring = if tls.is_none() { server.membership.keyring() } else { None };
     let server = Arc::new(server);
     let raw_data = server.raw_data && tls.is_none();
     let svc = super::proto::peer_server::PeerServer::from_arc(server.clone())
         .max_decoding_message_size(super::MAX_GRPC_MESSAGE)
         .max_encoding_message_size(super::MAX_GRPC_MESSAGE);
-    let svc = tonic_intercept(svc, check_token(token.clone()));
+    let svc = tonic_intercept(svc, check_token(Arc::new(metadata_tokens)));
     tasks.spawn(server.streams.clone().run(stop.clone()));
-    let incoming: std::pin::Pin<Box<dyn Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send>> = if raw_data {
-        Box::pin(super::raw::split(listener, server, token, tasks, stop.clone()))
+    let incoming: std::pin::Pin<Box<dyn Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send>> = if raw_data || keyring.is_some() {
+        Box::pin(super::raw::split(listener, server, keyring, tasks, stop.clone()))
     } else {
         Box::pin(tokio_stream::wrappers::TcpListenerStream::new(listener))
     };
