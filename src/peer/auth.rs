@@ -209,7 +209,13 @@ impl Keyring {
         let t = Transcript { client_nonce: &hello.client_nonce, server_nonce: &server_nonce, client_node: &hello.client_node, server_node: &self.node, dialed: &hello.dialed, purpose: hello.purpose };
         let proofs = self.tokens.iter().map(|k| t.proof(k, SERVER_LABEL).into()).collect();
         write(s, &AuthChallenge { server_nonce: server_nonce.to_vec().into(), server_node: self.node.clone(), proofs }).await?;
-        let proof: AuthProof = read(s).await?;
+        let proof: AuthProof = match read(s).await {
+            // A client that found none of its tokens among our proofs hangs up here.
+            Err(AuthError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(AuthError::Refused("the client closed after our challenge (it holds none of our tokens)".into()));
+            }
+            r => r?,
+        };
         let ok = t.check(&self.tokens, CLIENT_LABEL, &proof.proof).is_some();
         let message = if ok { String::new() } else { "wrong peer token".to_string() };
         write(s, &AuthResult { ok, message }).await?;
