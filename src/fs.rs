@@ -168,7 +168,11 @@ impl FsCore {
         let obj = self.catalog.object(ino)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let memory = self.reader.memory();
-        let pinned = self.passthrough.load(Ordering::Relaxed) && memory.pin_if_complete(&obj);
+        let mut handles = lock(&self.handles);
+        // The kernel keeps one I/O mode per inode: while any handle of it is served without
+        // passthrough (and may have mapped it), a passthrough open would fail with EIO.
+        let mixed = handles.values().any(|h| h.ino == ino && !h.pinned.load(Ordering::Relaxed));
+        let pinned = !mixed && self.passthrough.load(Ordering::Relaxed) && memory.pin_if_complete(&obj);
         let mode = if pinned {
             OpenMode::Passthrough(memory.file_path(&obj))
         } else if memory.is_complete(&obj) {
@@ -177,7 +181,7 @@ impl FsCore {
             OpenMode::Uncached
         };
         let h = Handle { ino, obj, ra: Mutex::new(Readahead::default()), pinned: AtomicBool::new(pinned) };
-        lock(&self.handles).insert(fh, Arc::new(h));
+        handles.insert(fh, Arc::new(h));
         Ok(Opened { fh, mode })
     }
 

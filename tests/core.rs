@@ -330,8 +330,19 @@ async fn open_mode_and_pins() {
     let h = core.handle(cold.fh).unwrap();
     // Reads run readahead whichever way they are answered; the whole file lands in memory.
     assert_eq!(&core.read(&h, 0, 300_000).await.unwrap()[..], &v[..]);
-    assert_eq!(core.open(ino, false).unwrap().mode, OpenMode::Cached, "no passthrough until the kernel agrees");
+    let cached = core.open(ino, false).unwrap();
+    assert_eq!(cached.mode, OpenMode::Cached, "no passthrough until the kernel agrees");
     core.enable_passthrough();
+    // The kernel keeps one I/O mode per inode: no passthrough while other handles are open
+    // without it (a passthrough open would fail with EIO).
+    let beside = core.open(ino, false).unwrap();
+    assert_eq!(beside.mode, OpenMode::Cached, "passthrough beside handles without it");
+    assert!(!memory.is_pinned(&h.obj));
+    // The handle's own version answers getattr through its handle.
+    assert_eq!(core.getattr(ino, Some(cold.fh)).unwrap().size, 300_000);
+    for fh in [cached.fh, beside.fh, cold.fh] {
+        core.release(fh);
+    }
     let pt = core.open(ino, false).unwrap();
     assert_eq!(pt.mode, OpenMode::Passthrough(memory.file_path(&h.obj)));
     assert!(memory.is_pinned(&h.obj));
@@ -344,8 +355,6 @@ async fn open_mode_and_pins() {
     assert!(memory.is_pinned(&h.obj));
     core.release(again.fh);
     assert!(!memory.is_pinned(&h.obj));
-    // The handle's own version answers getattr through its handle.
-    assert_eq!(core.getattr(ino, Some(cold.fh)).unwrap().size, 300_000);
 }
 
 #[tokio::test]

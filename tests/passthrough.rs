@@ -109,3 +109,34 @@ fn without_passthrough_the_normal_path_gives_the_same_bytes() {
     assert_eq!(a.metric("cachefs_origin_bytes_total"), origin);
     assert_eq!(a.metric("cachefs_passthrough_opens_total"), 0.0);
 }
+
+/// A loader that mapped a file while it was still arriving keeps it open; a second process
+/// opens it once it is whole. The kernel keeps one I/O mode per inode, so that open must not
+/// be answered with passthrough (it failed with EIO): it opens and reads the right bytes, and
+/// passthrough comes back once the first handle is closed.
+#[test]
+fn a_file_mapped_while_incomplete_still_opens_once_whole() {
+    if !fuse_available("a_file_mapped_while_incomplete_still_opens_once_whole") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    let data = random_bytes((24 << 20) + 5, 113);
+    fs::write(src.path().join("m.bin"), &data).unwrap();
+    let a = Agent::start(&src.path().display().to_string(), &["--chunk-size", "4MiB"]);
+    let first = fs::File::open(a.path("m.bin")).unwrap();
+    // SAFETY: read-only mapping of a file nobody writes.
+    let map = unsafe { memmap2::Mmap::map(&first) }.unwrap();
+    assert!(map[..] == data[..], "the mapping's bytes differ");
+    let opens = a.metric("cachefs_passthrough_opens_total");
+    for _ in 0..3 {
+        let again = fs::read(a.path("m.bin")).unwrap_or_else(|e| panic!("open beside a mapped handle: {e}; log:\n{}", a.log_text()));
+        assert!(again == data);
+    }
+    assert_eq!(a.metric("cachefs_passthrough_opens_total"), opens, "passthrough beside a handle without it");
+    drop(map);
+    drop(first);
+    let f = open_passthrough(&a, "m.bin");
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut { f }, &mut got).unwrap();
+    assert!(got == data);
+}
