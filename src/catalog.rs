@@ -306,6 +306,16 @@ impl Catalog {
         self.object(ino)
     }
 
+    /// The inode that serves `obj` now (its path, as that version), if any.
+    pub fn ino_of(&self, obj: &ObjectVersion) -> Option<u64> {
+        let tree = self.read();
+        let ino = *tree.by_path.get(obj.key.as_str())?;
+        match &node(&tree, ino).ok()?.data {
+            NodeData::File(o) if o.id == obj.id => Some(ino),
+            _ => None,
+        }
+    }
+
     /// Every file version now in the catalog.
     pub fn files(&self) -> Vec<Arc<ObjectVersion>> {
         self.read()

@@ -99,6 +99,7 @@ pub mod names {
     pub const HANDOFF_LOST_BYTES: &str = "cachefs_handoff_lost_bytes";
     pub const CONTROL_MESSAGES: &str = "cachefs_control_messages_total";
     pub const PEER_AUTH_FAILURES: &str = "cachefs_peer_auth_failures_total";
+    pub const PAGE_INVALIDATIONS: &str = "cachefs_page_invalidations_total";
 }
 
 /// The agent's metrics. Clone-free: share it behind an `Arc`.
@@ -137,6 +138,8 @@ pub struct Metrics {
     pub control_messages: Family<ControlLabel, Counter>,
     /// Peer handshakes that failed, either side, by reason.
     pub peer_auth_failures: Family<ReasonLabel, Counter>,
+    /// Files whose kernel-cached pages were dropped because bytes served from them failed a check.
+    pub page_invalidations: Counter,
 }
 
 fn base(name: &str) -> &str {
@@ -181,6 +184,7 @@ impl Metrics {
             handoff_lost_bytes: Gauge::default(),
             control_messages: Family::default(),
             peer_auth_failures: Family::default(),
+            page_invalidations: Counter::default(),
             registry: Registry::default(),
         }
     }
@@ -244,6 +248,11 @@ impl Metrics {
             base(PEER_AUTH_FAILURES),
             "Peer connection handshakes that failed (a peer without the fleet token, or none offered), by reason",
             m.peer_auth_failures.clone(),
+        );
+        registry.register(
+            base(PAGE_INVALIDATIONS),
+            "Files whose pages in the kernel's cache were dropped because bytes served from them failed verification",
+            m.page_invalidations.clone(),
         );
         for direction in [Direction::sent, Direction::received] {
             let _ = m.handoff_bytes.get_or_create(&DirectionLabel { direction });

@@ -440,9 +440,13 @@ fn a_configured_peer_that_forges_bytes_is_caught_by_the_origin_checksum() {
     let c = Agent::start("s3://bkt/p", &args);
     assert!(poll_until(Duration::from_secs(10), || peer_entry(&c, &forger.addr).is_some_and(|p| p["state"] == "live")), "{}", c.status());
 
-    // The first read is served from the forger as it streams in; once the file is whole it is
-    // checked against the origin's CRC64NVME, dropped, and loaded from the origin alone.
-    let _ = std::fs::read(c.path("v.bin")).unwrap();
+    // The first read is served from the forger as it streams in (here through a mapping, as
+    // safetensors reads: the forged bytes land in the kernel's page cache); once the file is
+    // whole it is checked against the origin's CRC64NVME, dropped, and loaded from the origin alone.
+    let file = std::fs::File::open(c.path("v.bin")).unwrap();
+    let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+    let first: Vec<u8> = map.to_vec();
+    assert!(first != data, "the forger's bytes did not reach the mapping: the test proves nothing");
     let forged = forger.served.load(std::sync::atomic::Ordering::SeqCst);
     assert!(forged > 0, "the forger was never asked: the test proves nothing");
     assert!(
@@ -457,6 +461,10 @@ fn a_configured_peer_that_forges_bytes_is_caught_by_the_origin_checksum() {
     assert_eq!(f["origin_only"], true, "{f}");
     assert_eq!(peer_entry(&c, &forger.addr).unwrap()["state"], "distrusted");
     assert!(c.log_text().contains("fails the origin's checksum"), "{}", c.log_text());
+    // The kernel's cached pages of the file were dropped: the same mapping now faults in the
+    // origin's bytes.
+    assert_eq!(c.metric("cachefs_page_invalidations_total"), 1.0);
+    assert!(map[..] == data[..], "the mapping still shows forged bytes after the check failed");
 
     // Every later read has the origin's bytes, and the forger is not asked again.
     let want = {

@@ -146,6 +146,9 @@ impl Agent {
         let drain = start_drain(&cfg, &storage, peers.as_ref(), handoff, &shared)?;
         start_admin(&cfg, &storage, peers.as_ref(), &core, &reader, &drain, &shared).await?;
         let mount = Mount::start(&cfg.fuse, core.clone(), shared.metrics.clone()).await?;
+        if let Some(p) = &peers {
+            p.verifier.set_invalidate(mount.invalidator(storage.catalog.clone()));
+        }
         shared.ready.store(true, Ordering::SeqCst);
         crate::systemd::ready(&format!("serving {} at {}", cfg.shown_source(), cfg.fuse.mountpoint.display()));
         info!(mountpoint = %cfg.fuse.mountpoint.display(), "mounted; serving");

@@ -28,6 +28,7 @@ pub struct Mount {
     /// Reads the adapter runs on the runtime; waited for after the session ends.
     fuse_tasks: TaskTracker,
     ended: bool,
+    notifier: fuser::Notifier,
 }
 
 impl Mount {
@@ -47,6 +48,7 @@ impl Mount {
             err(format!("{e}{hint}"))
         })?;
         let unmounter = session.unmount_callable();
+        let notifier = session.notifier();
         let (done_tx, done) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("fuse-session".into())
@@ -59,7 +61,16 @@ impl Mount {
         if !crate::systemd::mount_answers(&cfg.mountpoint, MOUNT_ANSWER_TIMEOUT).await {
             warn!(timeout = ?MOUNT_ANSWER_TIMEOUT, "the new mount did not answer a statfs in time");
         }
-        Ok(Mount { mountpoint: cfg.mountpoint.clone(), unmounter, done, thread, fuse_tasks, ended: false })
+        Ok(Mount { mountpoint: cfg.mountpoint.clone(), unmounter, done, thread, fuse_tasks, ended: false, notifier })
+    }
+
+    /// Drops the kernel's cached pages of a file version, if `catalog` serves it now.
+    pub fn invalidator(&self, catalog: Arc<crate::catalog::Catalog>) -> crate::cache::verify::Invalidate {
+        let notifier = self.notifier.clone();
+        Arc::new(move |obj| match catalog.ino_of(obj) {
+            Some(ino) => notifier.inval_inode(fuser::INodeNo(ino), 0, 0).map(|()| true),
+            None => Ok(false),
+        })
     }
 
     /// Resolves when the session ends without being asked to (unmounted from outside).

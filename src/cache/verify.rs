@@ -86,12 +86,17 @@ impl FileState {
     }
 }
 
+/// Drops the kernel's cached pages of a file; whether the file is mounted (an inode to drop).
+pub type Invalidate = Arc<dyn Fn(&ObjectVersion) -> std::io::Result<bool> + Send + Sync>;
+
 pub struct Verifier {
     origin: Arc<Origin>,
     memory: Arc<MemoryTier>,
     membership: Arc<Membership>,
     metrics: Arc<Metrics>,
     reader: OnceLock<Weak<Reader>>,
+    /// Drops the kernel's cached pages of a file (set once the mount exists).
+    invalidate: OnceLock<Invalidate>,
     files: Mutex<HashMap<Arc<str>, FileState>>,
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -112,6 +117,7 @@ impl Verifier {
             membership,
             metrics,
             reader: OnceLock::new(),
+            invalidate: OnceLock::new(),
             files: Mutex::new(HashMap::new()),
             tasks,
             stop,
@@ -123,6 +129,27 @@ impl Verifier {
             }
         }));
         v
+    }
+
+    /// How to drop the kernel's cached pages of a file that served bytes failing its check.
+    pub fn set_invalidate(&self, f: Invalidate) {
+        let _ = self.invalidate.set(f);
+    }
+
+    /// Drop the kernel's cached pages of `obj` (bytes served from them may be forged).
+    async fn invalidate_pages(&self, obj: &Arc<ObjectVersion>) {
+        let Some(f) = self.invalidate.get().cloned() else { return };
+        let o = obj.clone();
+        // The kernel may wait for reads of those pages in flight: off the runtime's threads.
+        match tokio::task::spawn_blocking(move || f(&o)).await {
+            Ok(Ok(true)) => {
+                self.metrics.page_invalidations.inc();
+                warn!(key = %obj.key, "dropped the kernel's cached pages of the file: later reads and page faults get the origin's bytes");
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => warn!(key = %obj.key, error = %e, "could not drop the kernel's cached pages of the file"),
+            Err(e) => warn!(key = %obj.key, error = %e, "could not drop the kernel's cached pages of the file"),
+        }
     }
 
     /// The reader that loads a failed file again (set once it exists).
@@ -264,6 +291,7 @@ impl Verifier {
         warn!(key = %obj.key, kind, origin = format!("{theirs:016x}"), assembled = format!("{ours:016x}"), "file assembled from peers fails the origin's checksum; dropping it and loading it from the origin to find the peers that sent bad chunks");
         let freed = self.memory.drop_object(obj);
         info!(key = %obj.key, bytes = freed, "dropped the file's chunks");
+        self.invalidate_pages(obj).await;
         let Some(reader) = self.reader.get().and_then(Weak::upgrade) else { return };
         let reloaded = reader.load_all(obj, |_| {}).await;
         self.blame(obj, kind, &supplied);
