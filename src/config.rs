@@ -186,6 +186,11 @@ pub struct Settings {
     /// token never crosses the wire); while rotating, two lines: the current and the next
     #[arg(long)]
     pub peer_token_file: Option<PathBuf>,
+    /// Check every chunk taken from a peer against the BLAKE3 digest another holder vouches for,
+    /// before it is stored or served (default true; false trusts peers' crc32c and the
+    /// whole-file check alone)
+    #[arg(long, value_name = "BOOL")]
+    pub verify_peer_chunks: Option<bool>,
     /// Never open files with FUSE passthrough (serve local hits through normal FUSE replies).
     /// In the file: `passthrough = false`.
     #[arg(long)]
@@ -286,6 +291,8 @@ pub struct CacheConfig {
     pub readahead_budget: u64,
     /// How long a read may take before it fails (the reader's, the peers' and the origin's budget).
     pub read_timeout: Duration,
+    /// Keep a BLAKE3 digest of every chunk and check peers' chunks against other holders' ones.
+    pub digests: bool,
 }
 
 /// Serving chunks to peers and finding them.
@@ -360,6 +367,7 @@ impl Config {
                 chunk_size: DEFAULT_CHUNK_SIZE,
                 readahead_budget: DEFAULT_READAHEAD_BUDGET,
                 read_timeout: Duration::from_secs(DEFAULT_READ_TIMEOUT_SECS),
+                digests: true,
             },
             peers: PeerConfig::default(),
             fuse: FuseConfig { mountpoint, allow_other: false, threads: DEFAULT_FUSE_THREADS, passthrough: true },
@@ -526,7 +534,7 @@ fn resolve_cache(s: &Settings) -> Result<CacheConfig, ConfigError> {
     }
     let readahead_budget = size_setting("readahead-budget", &s.readahead_budget, DEFAULT_READAHEAD_BUDGET)?;
     let read_timeout = Duration::from_secs(positive("read-timeout", s.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT_SECS))?);
-    Ok(CacheConfig { dir, size, chunk_size, readahead_budget, read_timeout })
+    Ok(CacheConfig { dir, size, chunk_size, readahead_budget, read_timeout, digests: s.verify_peer_chunks.unwrap_or(true) })
 }
 
 fn resolve_peers(s: &Settings) -> Result<PeerConfig, ConfigError> {

@@ -100,6 +100,8 @@ pub mod names {
     pub const CONTROL_MESSAGES: &str = "cachefs_control_messages_total";
     pub const PEER_AUTH_FAILURES: &str = "cachefs_peer_auth_failures_total";
     pub const PAGE_INVALIDATIONS: &str = "cachefs_page_invalidations_total";
+    pub const PEER_UNVOUCHED_CHUNKS: &str = "cachefs_peer_unvouched_chunks_total";
+    pub const PEER_DIGEST_MISMATCHES: &str = "cachefs_peer_digest_mismatches_total";
 }
 
 /// The agent's metrics. Clone-free: share it behind an `Arc`.
@@ -140,6 +142,10 @@ pub struct Metrics {
     pub peer_auth_failures: Family<ReasonLabel, Counter>,
     /// Files whose kernel-cached pages were dropped because bytes served from them failed a check.
     pub page_invalidations: Counter,
+    /// Chunks taken from a peer with no other holder's digest to check them against.
+    pub peer_unvouched_chunks: Counter,
+    /// Chunks from a peer whose BLAKE3 differs from the digest another holder vouches for.
+    pub peer_digest_mismatches: Counter,
 }
 
 fn base(name: &str) -> &str {
@@ -185,6 +191,8 @@ impl Metrics {
             control_messages: Family::default(),
             peer_auth_failures: Family::default(),
             page_invalidations: Counter::default(),
+            peer_unvouched_chunks: Counter::default(),
+            peer_digest_mismatches: Counter::default(),
             registry: Registry::default(),
         }
     }
@@ -253,6 +261,16 @@ impl Metrics {
             base(PAGE_INVALIDATIONS),
             "Files whose pages in the kernel's cache were dropped because bytes served from them failed verification",
             m.page_invalidations.clone(),
+        );
+        registry.register(
+            base(PEER_UNVOUCHED_CHUNKS),
+            "Chunks taken from a peer that no other holder's digest could check before use",
+            m.peer_unvouched_chunks.clone(),
+        );
+        registry.register(
+            base(PEER_DIGEST_MISMATCHES),
+            "Chunks from a peer whose BLAKE3 differs from the digest another holder vouches for (dropped before use)",
+            m.peer_digest_mismatches.clone(),
         );
         for direction in [Direction::sent, Direction::received] {
             let _ = m.handoff_bytes.get_or_create(&DirectionLabel { direction });

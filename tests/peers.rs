@@ -186,6 +186,7 @@ impl proto::peer_server::Peer for CorruptPeer {
                 present: vec![0xffu8; n.div_ceil(8) as usize].into(),
                 chunks: n,
                 filling: Default::default(),
+                digests: Default::default(),
             })
             .collect();
         Ok(Response::new(proto::InventoryResponse { objects, draining: false }))

@@ -94,6 +94,7 @@ impl proto::peer_server::Peer for ForgingPeer {
                     present: vec![0xffu8; n.div_ceil(8) as usize].into(),
                     chunks: n,
                     filling: Default::default(),
+                    digests: Default::default(),
                 }
             })
             .collect();
@@ -159,7 +160,13 @@ fn start_forger(source: &str, chunk: u64) -> Forger {
 
 /// A forger that knows the object's bytes (`truth`): one chunk forged, the rest honest.
 fn start_forger_of(source: &str, chunk: u64, truth: Option<Vec<u8>>) -> Forger {
+    start_forger_full(source, chunk, truth, None)
+}
+
+/// A forger; with `token`, it holds the fleet token and passes the handshake as a server.
+fn start_forger_full(source: &str, chunk: u64, truth: Option<Vec<u8>>, token: Option<&str>) -> Forger {
     let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_rt = rt.enter();
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let local = listener.local_addr().unwrap();
     let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -174,10 +181,30 @@ fn start_forger_of(source: &str, chunk: u64, truth: Option<Vec<u8>>) -> Forger {
         forged_index: forged_index.clone(),
     };
     let svc = proto::peer_server::PeerServer::new(peer);
-    rt.spawn(
-        tonic::transport::Server::builder().add_service(svc).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let server = tonic::transport::Server::builder().add_service(svc);
+    match token {
+        None => rt.spawn(server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))),
+        Some(t) => rt.spawn(server.serve_with_incoming(authenticated(listener, t))),
+    };
     Forger { addr: local.to_string(), port: local.port(), served, forged_index, rt }
+}
+
+/// Connections on `listener` that passed the handshake with `token` (the forger holds it).
+fn authenticated(listener: tokio::net::TcpListener, token: &str) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<tokio::net::TcpStream>> {
+    let keyring = cachefs::peer::auth::Keyring::new(&[token.to_string()], "forger".into(), Arc::new(cachefs::metrics::Metrics::new())).unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok((mut s, from)) = listener.accept().await {
+            let (k, tx) = (keyring.clone(), tx.clone());
+            tokio::spawn(async move {
+                let by = tokio::time::Instant::now() + Duration::from_secs(5);
+                if k.accept(&mut s, &from.to_string(), by).await.is_ok() {
+                    let _ = tx.send(Ok(s)).await;
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// Say Hello to `to` as `node_id` with peer port `port`; the answer's status code.
@@ -531,7 +558,15 @@ fn only_the_peer_that_forged_a_chunk_is_distrusted() {
     assert!(std::fs::read(a.path("s.bin")).unwrap() == data);
     let b = start(&b_addr, &[&a_addr, &c_addr]);
     assert!(std::fs::read(b.path("s.bin")).unwrap() == data);
-    let c = start(&c_addr, &[&a_addr, &b_addr, &forger.addr]);
+    // C does not check chunks against other holders' digests (that would catch the forged one
+    // before use, see `a_forger_with_the_token_gets_no_byte_to_a_reader`): the whole-file check
+    // behind it is what this test is about.
+    let c = {
+        let mut v = s3_opts(&s3.endpoint());
+        let peers = [a_addr.as_str(), &b_addr, &forger.addr].join(",");
+        v.extend(["--chunk-size", "1MiB", "--listen", &c_addr, "--peers", &peers, "--verify-peer-chunks", "false"].map(String::from));
+        Agent::start("s3://bkt/p", &v.iter().map(String::as_str).collect::<Vec<_>>())
+    };
     let live = |x: &Agent, addr: &str| peer_entry(x, addr).is_some_and(|p| p["state"] == "live");
     assert!(poll_until(Duration::from_secs(15), || [&a_addr, &b_addr, &forger.addr].iter().all(|p| live(&c, p))), "{}", c.status());
 
@@ -578,4 +613,39 @@ fn peer_bytes_that_cannot_be_checked_are_reported() {
     let f = check_of(&b, "big.bin").unwrap_or_default();
     assert_eq!(f["served_unverified"], true, "{f}");
     assert!(b.log_text().contains("cannot be checked against the origin"), "{}", b.log_text());
+}
+
+/// A peer that holds the token, claims every chunk in its inventory and serves forged bytes
+/// with their correct crc32c: each chunk it serves is checked, before it is stored or served,
+/// against the digest the honest holder vouches for, so no forged byte reaches any read
+/// (before this, they reached readers until the whole-file check).
+#[test]
+fn a_forger_with_the_token_gets_no_byte_to_a_reader() {
+    if !fuse_available("a_forger_with_the_token_gets_no_byte_to_a_reader") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    let data = random_bytes((24 << 20) + 999, 1271);
+    std::fs::write(src.path().join("f.bin"), &data).unwrap();
+    let s = src.path().display().to_string();
+    let tok = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tok.path(), "fleet-token\n").unwrap();
+    let tok = tok.path().display().to_string();
+    let (_, a_addr) = peer_addr();
+    let a = Agent::start(&s, &["--listen", &a_addr, "--peer-token-file", &tok, "--chunk-size", "4MiB"]);
+    assert!(std::fs::read(a.path("f.bin")).unwrap() == data);
+    let forger = start_forger_full(&s, 4 << 20, None, Some("fleet-token"));
+    let peers = format!("{},{a_addr}", forger.addr);
+    let c = Agent::start(&s, &["--peers", &peers, "--peer-token-file", &tok, "--chunk-size", "4MiB"]);
+    let live = |addr: &str| peer_entry(&c, addr).is_some_and(|p| p["state"] == "live");
+    assert!(poll_until(Duration::from_secs(10), || live(&forger.addr) && live(&a_addr)), "{}", c.status());
+    // Through a mapping (as safetensors reads) and through read(): every byte is the origin's.
+    let file = std::fs::File::open(c.path("f.bin")).unwrap();
+    let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+    assert!(map[..] == data[..], "forged bytes reached a mapping");
+    assert!(std::fs::read(c.path("f.bin")).unwrap() == data, "forged bytes reached a read");
+    assert!(forger.served.load(std::sync::atomic::Ordering::SeqCst) > 0, "the forger was never asked: the test proves nothing");
+    assert!(c.metric("cachefs_peer_digest_mismatches_total") >= 1.0, "{}", c.log_text());
+    assert_eq!(c.metric("cachefs_verify_failures_total"), 0.0, "caught only after the fact");
+    assert_eq!(c.metric("cachefs_page_invalidations_total"), 0.0);
 }

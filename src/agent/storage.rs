@@ -56,7 +56,7 @@ impl Storage {
         let dir_err = |e| AgentError::CacheDir(cache.dir.display().to_string(), e);
         // Each chunk's CRC-64 is kept when the origin publishes whole-object CRC-64s to check with.
         let memory = MemoryTier::new(&cache.dir, cache.chunk_size, cache.size, metrics.clone()).map_err(dir_err)?;
-        let memory = Arc::new(memory.with_crc64(origin.crc64_kind().map(|k| k.algorithm())));
+        let memory = Arc::new(memory.with_crc64(origin.crc64_kind().map(|k| k.algorithm())).with_digests(cache.digests));
         let storage = Storage::from_parts(origin, memory).await.map_err(|e| AgentError::List(shown_source.to_string(), e.to_string()))?;
         let files = storage.catalog.files();
         let total: u64 = files.iter().map(|v| v.size).sum();

@@ -94,14 +94,17 @@ impl Sink {
         }
     }
 
-    /// The verified chunk: committed to memory if it was written there.
-    fn finish(self, crc: u32) -> Result<Chunk, PeerFetchError> {
+    /// The verified chunk: its crc32c is the one the peer sent and, when another holder vouched
+    /// for it, its BLAKE3 is that digest; committed to memory if it was written there.
+    fn finish(self, crc: u32, vouched: Option<[u8; 32]>) -> Result<Chunk, PeerFetchError> {
         match self {
             Sink::File(f) if f.crc() != crc => Err(PeerFetchError::Checksum),
+            Sink::File(f) if vouched.is_some() && f.digest() != vouched => Err(PeerFetchError::Digest),
             Sink::File(f) => {
                 f.commit(crc, Tier::peer).map(|bytes| Chunk { bytes, stored: true }).map_err(|e| PeerFetchError::Local(e.to_string()))
             }
             Sink::Heap(b) if crc32c::crc32c(&b) != crc => Err(PeerFetchError::Checksum),
+            Sink::Heap(b) if vouched.is_some_and(|d| *blake3::hash(&b).as_bytes() != d) => Err(PeerFetchError::Digest),
             Sink::Heap(b) => Ok(b.freeze().into()),
         }
     }
@@ -151,6 +154,8 @@ pub struct PeerSource {
     tracking: Option<Arc<super::tracking::Tracking>>,
     /// Owners are chosen among the last member list.
     rings: placement::RingCache,
+    /// Digests other holders vouch for (None: chunks are not checked against them).
+    vouchers: Option<super::vouch::Vouchers>,
 }
 
 /// Meshes of at most this many usable peers are also asked for inventories (at most one request
@@ -167,6 +172,8 @@ enum PeerFetchError {
     Protocol(String),
     #[error("checksum mismatch")]
     Checksum,
+    #[error("digest differs from the one another holder vouches for")]
+    Digest,
     #[error("memory tier: {0}")]
     Local(String),
 }
@@ -182,6 +189,7 @@ impl PeerSource {
     ) -> Self {
         let chunk_size = memory.chunk_size();
         let inventories = Inventories::new(chunk_size, timeouts.inventory, metrics.clone(), tasks);
+        let vouchers = memory.keeps_digests().then(|| super::vouch::Vouchers::new(chunk_size, timeouts.inventory, metrics.clone()));
         PeerSource {
             membership,
             memory,
@@ -193,6 +201,7 @@ impl PeerSource {
             verifier: None,
             tracking: None,
             rings: Default::default(),
+            vouchers,
         }
     }
 
@@ -254,7 +263,7 @@ impl PeerSource {
                 return HandoffOutcome::HandoffFailed;
             }
         };
-        match self.read_into(from, obj, index, want.end - want.start, false, Sink::File(fill)).await {
+        match self.read_into(from, obj, index, want.end - want.start, false, Sink::File(fill), None).await {
             Ok(_) => HandoffOutcome::HandoffStored,
             Err(_) => HandoffOutcome::HandoffFailed,
         }
@@ -270,6 +279,7 @@ impl PeerSource {
         want: u64,
         allow_fill: bool,
         mut sink: Sink,
+        vouched: Option<[u8; 32]>,
     ) -> Result<Chunk, PeerFetchError> {
         let attempt = peer.attempt();
         let limit = if allow_fill { self.timeouts.fill } else { self.timeouts.hit };
@@ -285,7 +295,7 @@ impl PeerSource {
             if have != want {
                 return Err(PeerFetchError::Protocol(format!("short stream: {have} of {want} bytes")));
             }
-            sink.finish(crc).map(|c| (c, crc))
+            sink.finish(crc, vouched).map(|c| (c, crc))
         }
         .await;
         match (&chunk, &self.verifier) {
@@ -359,6 +369,10 @@ impl PeerSource {
                     self.metrics.peer_checksum_errors.inc();
                     warn!(peer = %peer.addr, key = %obj.key, index, "peer sent a chunk that fails its checksum; fetching elsewhere");
                 }
+                if matches!(e, PeerFetchError::Digest) {
+                    self.metrics.peer_digest_mismatches.inc();
+                    warn!(peer = %peer.addr, key = %obj.key, index, "peer sent a chunk whose digest differs from the one another holder vouches for; dropped unread, fetching elsewhere");
+                }
                 self.membership.report_failure(peer, attempt, &e.to_string());
             }
         }
@@ -393,7 +407,11 @@ impl PeerSource {
             if matches!(step, Step::Owner(_)) {
                 stage.waiting_on_peer(true);
             }
-            if let Ok(c) = self.read_into(&p, obj, index, want, allow_fill, self.sink(obj, index, want)).await {
+            let vouched = match &self.vouchers {
+                Some(v) => v.digest(obj, index, &p, &holders).await,
+                None => None,
+            };
+            if let Ok(c) = self.read_into(&p, obj, index, want, allow_fill, self.sink(obj, index, want), vouched).await {
                 return Ok(Some(c));
             }
         }

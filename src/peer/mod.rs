@@ -21,6 +21,7 @@ pub mod raw;
 pub mod server;
 pub mod streams;
 pub mod tracking;
+pub mod vouch;
 
 pub use client::PeerSource;
 pub use membership::Membership;

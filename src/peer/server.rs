@@ -304,8 +304,8 @@ impl Peer for PeerServer {
         if r.chunk_size != chunk_size {
             return Err(Status::invalid_argument(format!("chunk size {} differs from this agent's {chunk_size}", r.chunk_size)));
         }
-        if r.objects.len() > 1024 {
-            return Err(Status::invalid_argument("at most 1024 objects per inventory request"));
+        if r.objects.len() > 1024 || (r.with_digests && r.objects.len() > 16) {
+            return Err(Status::invalid_argument("at most 1024 objects per inventory request, 16 with digests"));
         }
         let memory = self.reader.memory();
         let objects = r
@@ -320,6 +320,7 @@ impl Peer for PeerServer {
                     present: bitmap(n, |i| memory.contains(&obj, i)).into(),
                     chunks: n,
                     filling: bitmap(n, |i| self.reader.filling(&obj, i)).into(),
+                    digests: if r.with_digests { memory.digests(&obj).into() } else { Default::default() },
                 })
             })
             .collect();

@@ -96,6 +96,7 @@ impl Peer for Svc {
                     present: vec![all; chunks.div_ceil(8) as usize].into(),
                     chunks,
                     filling: Default::default(),
+                    digests: Default::default(),
                 }
             })
             .collect();

@@ -23,6 +23,8 @@ pub(super) struct Slot {
     pub(super) crc: u32,
     /// CRC-64 of the chunk in the origin's whole-object algorithm (0 when none is kept).
     pub(super) crc64: u64,
+    /// BLAKE3 of the chunk (zeros when digests are not kept): what this agent vouches for.
+    pub(super) digest: [u8; 32],
     /// The tier that filled it (a file assembled from peers is checked whole).
     pub(super) source: Option<Tier>,
     /// Live `Bytes` into this chunk's mapping: it is not evicted while any exists.

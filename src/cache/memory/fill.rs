@@ -25,6 +25,8 @@ pub struct Fill {
     pub(super) crc: u32,
     /// The chunk's CRC-64 so far, when the tier keeps them.
     pub(super) crc64: Option<crc_fast::Digest>,
+    /// The chunk's BLAKE3 so far, when the tier keeps digests.
+    pub(super) digest: Option<Box<blake3::Hasher>>,
     pub(super) reserved: bool,
     /// Small pieces (an HTTP body arrives in a few KiB at a time) gathered into larger writes.
     pub(super) staged: Vec<u8>,
@@ -56,10 +58,7 @@ impl Fill {
         if data.len() as u64 > self.remaining() {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "more bytes than the chunk holds"));
         }
-        self.crc = crc32c::crc32c_append(self.crc, data);
-        if let Some(d) = &mut self.crc64 {
-            d.update(data);
-        }
+        self.checksum(data);
         self.written += data.len() as u64;
         if self.staged.is_empty() && data.len() >= STAGE_BYTES {
             let r = self.file.write_at(data, self.chunk.start + self.written - data.len() as u64);
@@ -89,14 +88,28 @@ impl Fill {
             pipe.drain_to(std::os::fd::AsRawFd::as_raw_fd(&self.file.file), at, n)
         };
         self.full(r)?;
-        let map = self.file.mapping().ok_or_else(|| io::Error::other("cannot map the cache file"))?;
+        let file = self.file.clone();
+        let map = file.mapping().ok_or_else(|| io::Error::other("cannot map the cache file"))?;
         let landed = map.get(at as usize..at as usize + n).ok_or_else(|| io::Error::other("the cache file is shorter than its object"))?;
-        self.crc = crc32c::crc32c_append(self.crc, landed);
-        if let Some(d) = &mut self.crc64 {
-            d.update(landed);
-        }
+        self.checksum(landed);
         self.written += n as u64;
         Ok(())
+    }
+
+    /// Every checksum the chunk keeps, over its next bytes.
+    fn checksum(&mut self, data: &[u8]) {
+        self.crc = crc32c::crc32c_append(self.crc, data);
+        if let Some(d) = &mut self.crc64 {
+            d.update(data);
+        }
+        if let Some(h) = &mut self.digest {
+            h.update(data);
+        }
+    }
+
+    /// BLAKE3 of the bytes written so far (None: the tier keeps no digests).
+    pub fn digest(&self) -> Option<[u8; 32]> {
+        self.digest.as_ref().map(|h| *h.finalize().as_bytes())
     }
 
     /// Write what is staged.
@@ -127,6 +140,9 @@ impl Fill {
         if let Some(d) = &mut self.crc64 {
             d.reset();
         }
+        if let Some(h) = &mut self.digest {
+            h.reset();
+        }
         self.staged.clear();
     }
 
@@ -139,9 +155,10 @@ impl Fill {
         }
         let (index, len) = (self.key.index, self.chunk.end - self.chunk.start);
         let crc64 = self.crc64.as_ref().map(|d| d.finalize()).unwrap_or(0);
+        let digest = self.digest().unwrap_or_default();
         // Present and handed out in one step, so it cannot be evicted before the caller has it.
         let present = |s: &mut Slot| {
-            *s = Slot { present: true, writing: false, crc, crc64, source: Some(source), readers: s.readers, punch_when_read: false };
+            *s = Slot { present: true, writing: false, crc, crc64, digest, source: Some(source), readers: s.readers, punch_when_read: false };
             Some(())
         };
         let view = self.file.view_with(index, self.chunk.clone(), 0..len, present);

@@ -73,6 +73,8 @@ pub struct MemoryTier {
     metrics: Arc<Metrics>,
     /// Each chunk's CRC-64 is kept in this algorithm (the origin's whole-object checksum).
     crc64: Option<crc_fast::CrcAlgorithm>,
+    /// Keep a BLAKE3 digest of every chunk (peers vouch for chunks with them).
+    digests: bool,
     /// Told of every chunk evicted (set once; see [`MemoryTier::on_evict`]).
     evicted: std::sync::OnceLock<EvictHook>,
     /// Held (flock) for the tier's life: one agent per cache directory.
@@ -127,6 +129,7 @@ impl MemoryTier {
             pins: Mutex::new(HashMap::new()),
             metrics,
             crc64: None,
+            digests: true,
             evicted: std::sync::OnceLock::new(),
             _lock: lock,
         })
@@ -134,6 +137,7 @@ impl MemoryTier {
 
     /// Keep each chunk's CRC-64 in `alg`, so a whole object can be checked against the origin's
     /// checksum without reading it again ([`MemoryTier::whole_crc64`]).
+    /// (See also [`MemoryTier::with_digests`].)
     pub fn with_crc64(mut self, alg: Option<crc_fast::CrcAlgorithm>) -> Self {
         self.crc64 = alg;
         self
@@ -142,6 +146,24 @@ impl MemoryTier {
     /// The CRC-64 of the whole of `obj`, combined from its chunks', if every chunk is present
     /// and the tier keeps CRC-64s; and whether any chunk came from a peer. Costs about 0.3 ms
     /// of CPU per chunk (outside any lock): call it off the async threads for large files.
+    /// Whether every chunk gets a BLAKE3 digest as it is stored (default: yes).
+    pub fn with_digests(mut self, on: bool) -> Self {
+        self.digests = on;
+        self
+    }
+
+    /// Whether chunks get digests.
+    pub fn keeps_digests(&self) -> bool {
+        self.digests
+    }
+
+    /// The BLAKE3 digests of the chunks of `obj` held now (zeros for the others), 32 bytes each.
+    pub fn digests(&self, obj: &ObjectVersion) -> Vec<u8> {
+        let Some(f) = self.existing(obj) else { return Vec::new() };
+        let out = f.slots().iter().flat_map(|s| if s.present { s.digest } else { [0; 32] }).collect();
+        out
+    }
+
     pub fn whole_crc64(&self, obj: &ObjectVersion) -> Option<(u64, bool)> {
         let alg = self.crc64?;
         let (crcs, from_peer) = {
@@ -332,8 +354,9 @@ impl MemoryTier {
         // Dropped unreserved, it only clears `writing`.
         let key = ChunkKey { object: obj.id.clone(), index };
         let crc64 = self.crc64.map(crc_fast::Digest::new);
+        let digest = self.digests.then(|| Box::new(blake3::Hasher::new()));
         let mut fill =
-            Fill { tier: self.clone(), file: f, key, chunk, written: 0, crc: 0, crc64, reserved: false, staged: Vec::new(), used };
+            Fill { tier: self.clone(), file: f, key, chunk, written: 0, crc: 0, crc64, digest, reserved: false, staged: Vec::new(), used };
         fill.reserved = self.reserve(len, used);
         Ok(fill.reserved.then_some(fill))
     }
