@@ -447,6 +447,10 @@ struct Bench {
 
 impl Bench {
     fn start_agent(&self, listen: u16, peers: &[u16]) -> Agent {
+        self.start_agent_with(listen, peers, &[])
+    }
+
+    fn start_agent_with(&self, listen: u16, peers: &[u16], extra: &[&str]) -> Agent {
         let cache = format!("{}B", self.size + (512 << 20));
         let mut args: Vec<String> = vec!["--cache-size".into(), cache, "--listen".into(), format!("127.0.0.1:{listen}")];
         if !peers.is_empty() {
@@ -454,6 +458,7 @@ impl Bench {
             args.push(peers.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(","));
         }
         args.extend(self.origin.options.iter().cloned());
+        args.extend(extra.iter().map(|e| e.to_string()));
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         Agent::start(&self.origin.source, &a)
     }
@@ -608,6 +613,41 @@ fn handoff_row(b: &mut Bench, runs: usize, size: u64, src_crc: u32) {
 
 /// Every row on loopback (references, origins, cold, local and remote hits, Python, scale-out,
 /// handoff): the cold and remote-hit medians, seconds.
+/// The cost of verify-before-serve: a reader striping over two holders, each chunk checked
+/// against the other holder's digest, beside the same read with `--verify-peer-chunks false`,
+/// interleaved round by round (the first round of each not counted: fresh memory).
+fn vouched_rows(b: &mut Bench, a_port: u16, size: u64, src_crc: u32) {
+    eprintln!("remote hits from two holders, verification on and off ...");
+    let a2_port = common::free_port();
+    let a2 = b.start_agent(a2_port, &[a_port]);
+    let (n, _) = read_file(&key_path(&a2));
+    assert_eq!(n, size);
+    let mut rows: [(Vec<f64>, Vec<f64>, f64); 2] = Default::default();
+    for round in 0..b.opts.runs + 1 {
+        for (k, extra) in [[].as_slice(), ["--verify-peer-chunks", "false"].as_slice()].into_iter().enumerate() {
+            let r = b.start_agent_with(common::free_port(), &[a_port, a2_port], extra);
+            assert!(poll_until(Duration::from_secs(10), || r.live_peers() == 2), "the reader never saw both holders");
+            let c0 = cpu_seconds(r.pid());
+            let (n, s) = read_file(&key_path(&r));
+            let cpu = cpu_seconds(r.pid()) - c0;
+            assert_eq!(n, size);
+            assert_eq!(metric(&r, "cachefs_origin_bytes_total"), 0.0, "a remote hit from two holders read the origin");
+            if round == 0 {
+                assert_eq!(crc_file(&key_path(&r)), src_crc, "remote hit from two holders: wrong bytes");
+                rows[k].2 = metric(&r, "cachefs_peer_unvouched_chunks_total");
+            } else {
+                rows[k].0.push(s);
+                rows[k].1.push(cpu);
+            }
+            eprintln!("    round {round} verify {}: {s:.3} s, {cpu:.2} CPU s{}", k == 0, links::warm_up(round));
+        }
+    }
+    let [(on, on_cpu, on_unvouched), (off, off_cpu, _)] = rows;
+    let note = format!("each chunk checked against the other holder's BLAKE3 before use; {on_unvouched} chunks unvouched");
+    b.miss_row("remote hit: from two holders, chunks vouched by the other holder", on, on_cpu, size, note);
+    b.miss_row("remote hit: from two holders, --verify-peer-chunks false", off, off_cpu, size, "crc32c only".into());
+}
+
 fn loopback_rows(
     b: &mut Bench,
     rt: &tokio::runtime::Runtime,
@@ -742,6 +782,7 @@ fn loopback_rows(
     }
     let remote_secs = median(remote.clone());
     b.miss_row("remote hit: a second agent reads from the first's memory", remote, remote_cpu, size, note);
+    vouched_rows(b, a_port, size, src_crc);
 
     // Python.
     if python_ok() {
