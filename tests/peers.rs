@@ -187,6 +187,7 @@ impl proto::peer_server::Peer for CorruptPeer {
                 chunks: n,
                 filling: Default::default(),
                 digests: Default::default(),
+                digests_mac: Default::default(),
             })
             .collect();
         Ok(Response::new(proto::InventoryResponse { objects, draining: false }))

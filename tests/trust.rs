@@ -95,6 +95,7 @@ impl proto::peer_server::Peer for ForgingPeer {
                     chunks: n,
                     filling: Default::default(),
                     digests: Default::default(),
+                    digests_mac: Default::default(),
                 }
             })
             .collect();

@@ -107,15 +107,21 @@ struct Transcript<'a> {
     purpose: i32,
 }
 
+/// HMAC-SHA256 under `token` of `label` and `parts`, each length-prefixed.
+fn mac_of(token: &[u8], label: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(token) else { return Vec::new() };
+    for field in std::iter::once(label).chain(parts.iter().copied()) {
+        mac.update(&(field.len() as u32).to_be_bytes());
+        mac.update(field);
+    }
+    mac.finalize().into_bytes().to_vec()
+}
+
 impl Transcript<'_> {
     fn proof(&self, token: &[u8], label: &[u8]) -> Vec<u8> {
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(token) else { return Vec::new() };
         let purpose = self.purpose.to_be_bytes();
-        for field in [label, self.client_nonce, self.server_nonce, self.client_node.as_bytes(), self.server_node.as_bytes(), self.dialed.as_bytes(), &purpose] {
-            mac.update(&(field.len() as u32).to_be_bytes());
-            mac.update(field);
-        }
-        mac.finalize().into_bytes().to_vec()
+        let parts = [self.client_nonce, self.server_nonce, self.client_node.as_bytes(), self.server_node.as_bytes(), self.dialed.as_bytes(), &purpose];
+        mac_of(token, label, &parts)
     }
 
     /// The index of the first of `tokens` under which `proof` is right (constant time each).
@@ -132,6 +138,16 @@ impl Keyring {
             return None;
         }
         Some(Arc::new(Keyring { tokens, node, metrics, logged: Mutex::new(HashSet::new()) }))
+    }
+
+    /// HMAC-SHA256 under the current token of `parts` (each length-prefixed) with `label`.
+    pub fn sign(&self, label: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+        self.tokens.first().map(|t| mac_of(t, label, parts)).unwrap_or_default()
+    }
+
+    /// Whether `mac` is [`Keyring::sign`]'s under any of our tokens (constant time each).
+    pub fn verify(&self, label: &[u8], parts: &[&[u8]], mac: &[u8]) -> bool {
+        self.tokens.iter().any(|t| bool::from(subtle::ConstantTimeEq::ct_eq(mac_of(t, label, parts).as_slice(), mac)))
     }
 
     /// Count a failed handshake with `peer` and log it (a warning the first time per reason).

@@ -98,8 +98,12 @@ impl Sink {
     /// for it, its BLAKE3 is that digest; committed to memory if it was written there.
     fn finish(self, crc: u32, vouched: Option<[u8; 32]>) -> Result<Chunk, PeerFetchError> {
         match self {
-            Sink::File(f) if f.crc() != crc => Err(PeerFetchError::Checksum),
             Sink::File(f) if vouched.is_some() && f.digest() != vouched => Err(PeerFetchError::Digest),
+            Sink::File(f) if f.by_digest() => match vouched {
+                Some(d) => f.commit_vouched(d, crc, Tier::peer).map(|bytes| Chunk { bytes, stored: true }).map_err(|e| PeerFetchError::Local(e.to_string())),
+                None => Err(PeerFetchError::Local("a chunk checked by digest has none".into())),
+            },
+            Sink::File(f) if f.crc() != crc => Err(PeerFetchError::Checksum),
             Sink::File(f) => {
                 f.commit(crc, Tier::peer).map(|bytes| Chunk { bytes, stored: true }).map_err(|e| PeerFetchError::Local(e.to_string()))
             }
@@ -120,10 +124,6 @@ impl super::raw::RawDest for Counted<'_> {
     fn take(&mut self, data: &[u8]) -> Result<(), super::raw::RawError> {
         self.metrics.peer_received_bytes.inc_by(data.len() as u64);
         self.sink.write(data).map_err(|e| super::raw::RawError::Frame(e.to_string()))
-    }
-
-    fn splices(&self) -> bool {
-        matches!(self.sink, Sink::File(_))
     }
 
     fn take_from_pipe(&mut self, pipe: &crate::splice::Pipe, n: usize) -> Result<(), super::raw::RawError> {
@@ -189,7 +189,7 @@ impl PeerSource {
     ) -> Self {
         let chunk_size = memory.chunk_size();
         let inventories = Inventories::new(chunk_size, timeouts.inventory, metrics.clone(), tasks);
-        let vouchers = memory.keeps_digests().then(|| super::vouch::Vouchers::new(chunk_size, timeouts.inventory, metrics.clone()));
+        let vouchers = memory.keeps_digests().then(|| super::vouch::Vouchers::new(membership.keyring(), chunk_size, timeouts.inventory, metrics.clone()));
         PeerSource {
             membership,
             memory,
@@ -242,9 +242,15 @@ impl PeerSource {
     }
 
     /// Where chunk `index` of `obj` goes as it arrives: the memory tier, or (no room) a buffer.
-    fn sink(&self, obj: &ObjectVersion, index: u64, want: u64) -> Sink {
+    /// With a digest `vouched` for it, the chunk is checked by that alone (no crc32c taken).
+    fn sink(&self, obj: &ObjectVersion, index: u64, want: u64, vouched: bool) -> Sink {
         match self.memory.begin_fill(obj, index) {
-            Ok(Some(f)) => Sink::File(f),
+            Ok(Some(mut f)) => {
+                if vouched {
+                    f.check_by_digest();
+                }
+                Sink::File(f)
+            }
             _ => Sink::Heap(BytesMut::with_capacity(want as usize)),
         }
     }
@@ -411,7 +417,7 @@ impl PeerSource {
                 Some(v) => v.digest(obj, index, &p, &holders).await,
                 None => None,
             };
-            if let Ok(c) = self.read_into(&p, obj, index, want, allow_fill, self.sink(obj, index, want), vouched).await {
+            if let Ok(c) = self.read_into(&p, obj, index, want, allow_fill, self.sink(obj, index, want, vouched.is_some()), vouched).await {
                 return Ok(Some(c));
             }
         }

@@ -11,9 +11,10 @@
 //!   arrive within [`PREAMBLE`]; nothing is allocated for a token before its length is checked;
 //!   at most [`MAX_CONNS`] connections are told apart or served at once, [`MAX_CONNS_PER_SOURCE`]
 //!   from one address (more are closed at once); an idle connection is closed after [`IDLE`].
-//! - The client moves a chunk from the socket into its destination: into a cache file through a
-//!   pipe per connection (`splice`, no copy in user space) when the destination takes that, else
-//!   through one reused buffer per connection. Idle connections are kept for reuse for at most [`CLIENT_IDLE`]
+//! - The client moves a chunk from the socket into its destination through a pipe per
+//!   connection (`splice`): into a cache file with no copy in user space, or drained into a
+//!   buffer; through one reused buffer per connection where no pipe can be made. Idle
+//!   connections are kept for reuse for at most [`CLIENT_IDLE`]
 //!   (shorter than the server's), [`POOL`] per peer and [`MAX_IDLE`] in all; one the server has
 //!   closed is never reused, a failed one is dropped.
 //! - Every read and write is bounded by a timeout; connections end when the agent stops.
@@ -287,8 +288,6 @@ pub struct Conn {
 pub trait RawDest {
     /// Take the next bytes, in order.
     fn take(&mut self, data: &[u8]) -> Result<(), RawError>;
-    /// Whether the next bytes may come as a pipe's contents instead ([`RawDest::take_from_pipe`]).
-    fn splices(&self) -> bool;
     /// Take the next `n` bytes, waiting in `pipe`: all of them, or an error.
     fn take_from_pipe(&mut self, pipe: &crate::splice::Pipe, n: usize) -> Result<(), RawError>;
 }
@@ -424,11 +423,11 @@ impl Pool {
         if h.chunk_len != want {
             return Err(RawError::Frame(format!("chunk length {} != {want}", h.chunk_len)));
         }
-        if dest.splices() && c.pipe.is_none() {
+        if c.pipe.is_none() {
             c.pipe = crate::splice::Pipe::new().map_err(|e| debug!(error = %e, "no pipe: receiving through a buffer")).ok();
         }
         match &c.pipe {
-            Some(pipe) if dest.splices() => splice_body(&c.stream, pipe, h.chunk_len, dest).await?,
+            Some(pipe) => splice_body(&c.stream, pipe, h.chunk_len, dest).await?,
             _ => buffer_body(&mut c, h.chunk_len, dest).await?,
         }
         self.put_back(c);

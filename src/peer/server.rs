@@ -101,6 +101,9 @@ fn clean_key(key: &str) -> bool {
     !key.is_empty() && !key.starts_with('/') && key.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
 }
 
+/// The label of an inventory's digests MAC (see `ObjectInventory.digests_mac`).
+pub const DIGESTS_LABEL: &[u8] = b"cachefs-digests-v1";
+
 /// Server-side check of the token sent as metadata (inside TLS): any of `expected`, in
 /// constant time; none expected lets every request through.
 pub fn check_token(expected: Arc<Vec<Vec<u8>>>) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
@@ -308,19 +311,25 @@ impl Peer for PeerServer {
             return Err(Status::invalid_argument("at most 1024 objects per inventory request, 16 with digests"));
         }
         let memory = self.reader.memory();
+        let keyring = self.membership.keyring();
         let objects = r
             .objects
             .iter()
             .filter_map(|o| {
                 let obj = self.lookup(Some(o)).ok()?;
                 let n = chunk_count(obj.size, chunk_size);
+                let digests = if r.with_digests { memory.digests(&obj) } else { Vec::new() };
                 Some(ObjectInventory {
                     key: obj.key.clone(),
                     etag: o.etag.clone(),
                     present: bitmap(n, |i| memory.contains(&obj, i)).into(),
                     chunks: n,
                     filling: bitmap(n, |i| self.reader.filling(&obj, i)).into(),
-                    digests: if r.with_digests { memory.digests(&obj).into() } else { Default::default() },
+                    digests: digests.clone().into(),
+                    digests_mac: match (&keyring, digests.is_empty()) {
+                        (Some(k), false) => k.sign(DIGESTS_LABEL, &[obj.key.as_bytes(), o.etag.as_bytes(), &digests]).into(),
+                        _ => Default::default(),
+                    },
                 })
             })
             .collect();

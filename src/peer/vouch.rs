@@ -6,6 +6,8 @@
 //!   serving peer keeps (asked with an inventory `with_digests`, within the inventory timeout),
 //!   or None when no other holder has one: then only the serving peer's checksum and the
 //!   whole-file check stand behind the chunk (counted in `cachefs_peer_unvouched_chunks_total`).
+//! - Where peers use tokens, digests are believed only with a valid MAC under the fleet token
+//!   (`ObjectInventory.digests_mac`).
 //! - Answers are kept per object and peer for [`KEEP`]; a digest of a version never changes, so
 //!   only "not held" answers are asked again sooner ([`RETRY_MISSING`]). At most [`MAX_KEPT`]
 //!   answers are kept.
@@ -33,6 +35,8 @@ const MAX_KEPT: usize = 1024;
 const ASK_AT_MOST: usize = 2;
 
 pub struct Vouchers {
+    /// Digests must carry a MAC under the fleet token (peers use tokens).
+    keyring: Option<Arc<super::auth::Keyring>>,
     chunk_size: u64,
     timeout: Duration,
     metrics: Arc<Metrics>,
@@ -41,8 +45,8 @@ pub struct Vouchers {
 }
 
 impl Vouchers {
-    pub fn new(chunk_size: u64, timeout: Duration, metrics: Arc<Metrics>) -> Self {
-        Vouchers { chunk_size, timeout, metrics, kept: Mutex::new(HashMap::new()) }
+    pub fn new(keyring: Option<Arc<super::auth::Keyring>>, chunk_size: u64, timeout: Duration, metrics: Arc<Metrics>) -> Self {
+        Vouchers { keyring, chunk_size, timeout, metrics, kept: Mutex::new(HashMap::new()) }
     }
 
     /// The digest of chunk `index` of `obj` that a peer in `holders` other than `server` keeps.
@@ -84,7 +88,18 @@ impl Vouchers {
         req.set_timeout(self.timeout);
         self.metrics.add_control(ControlKind::inventory, Direction::sent);
         match tokio::time::timeout(self.timeout, p.client().inventory(req)).await {
-            Ok(Ok(r)) => r.into_inner().objects.into_iter().find(|o| o.key == obj.key).map(|o| o.digests),
+            Ok(Ok(r)) => {
+                let o = r.into_inner().objects.into_iter().find(|o| o.key == obj.key)?;
+                let signed = |k: &super::auth::Keyring| {
+                    k.verify(super::server::DIGESTS_LABEL, &[o.key.as_bytes(), o.etag.as_bytes(), &o.digests], &o.digests_mac)
+                };
+                if o.digests.is_empty() || self.keyring.as_deref().is_none_or(signed) {
+                    return Some(o.digests);
+                }
+                self.metrics.peer_auth_failure("digests");
+                debug!(peer = %p.addr, "the peer's digests carry no valid MAC: not believed");
+                None
+            }
             Ok(Err(e)) => {
                 debug!(peer = %p.addr, error = %e, "no digests from the peer");
                 None

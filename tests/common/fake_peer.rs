@@ -97,6 +97,7 @@ impl Peer for Svc {
                     chunks,
                     filling: Default::default(),
                     digests: Default::default(),
+                    digests_mac: Default::default(),
                 }
             })
             .collect();

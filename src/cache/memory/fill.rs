@@ -27,6 +27,8 @@ pub struct Fill {
     pub(super) crc64: Option<crc_fast::Digest>,
     /// The chunk's BLAKE3 so far, when the tier keeps digests.
     pub(super) digest: Option<Box<blake3::Hasher>>,
+    /// The chunk will be committed by its digest ([`Fill::commit_vouched`]): no crc32c is taken.
+    pub(super) by_digest: bool,
     pub(super) reserved: bool,
     /// Small pieces (an HTTP body arrives in a few KiB at a time) gathered into larger writes.
     pub(super) staged: Vec<u8>,
@@ -46,6 +48,11 @@ impl Fill {
     /// Bytes of the chunk still to be written.
     pub fn remaining(&self) -> u64 {
         (self.chunk.end - self.chunk.start) - self.written
+    }
+
+    /// Whether this chunk is checked by its digest ([`Fill::check_by_digest`]).
+    pub fn by_digest(&self) -> bool {
+        self.by_digest
     }
 
     /// crc32c of the bytes written so far.
@@ -98,7 +105,9 @@ impl Fill {
 
     /// Every checksum the chunk keeps, over its next bytes.
     fn checksum(&mut self, data: &[u8]) {
-        self.crc = crc32c::crc32c_append(self.crc, data);
+        if !self.by_digest {
+            self.crc = crc32c::crc32c_append(self.crc, data);
+        }
         if let Some(d) = &mut self.crc64 {
             d.update(data);
         }
@@ -146,11 +155,29 @@ impl Fill {
         self.staged.clear();
     }
 
+    /// This chunk will be checked by its BLAKE3 digest ([`Fill::commit_vouched`]), so no
+    /// crc32c is taken as it is written. False when the tier keeps no digests.
+    pub fn check_by_digest(&mut self) -> bool {
+        self.by_digest = self.digest.is_some() && self.written == 0;
+        self.by_digest
+    }
+
+    /// Make the chunk present if it is whole and its BLAKE3 is `digest`; `crc` (the sender's)
+    /// is then the crc32c of these very bytes and is recorded as theirs.
+    pub fn commit_vouched(mut self, digest: [u8; 32], crc: u32, source: Tier) -> io::Result<Bytes> {
+        if self.digest() != Some(digest) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "digest mismatch"));
+        }
+        self.crc = crc;
+        self.by_digest = false;
+        self.commit(crc, source)
+    }
+
     /// Make the chunk present if it is whole and its crc32c is `crc`; its bytes count for
     /// `source` on their first local read. Returns them (a view of the mapping).
     pub fn commit(mut self, crc: u32, source: Tier) -> io::Result<Bytes> {
         self.flush()?;
-        if self.remaining() != 0 || self.crc != crc {
+        if self.remaining() != 0 || self.by_digest || self.crc != crc {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "chunk incomplete or checksum mismatch"));
         }
         let (index, len) = (self.key.index, self.chunk.end - self.chunk.start);

@@ -202,3 +202,38 @@ fn a_dropped_object_keeps_the_bytes_of_a_send_in_flight() {
     assert_eq!(blocks(), 0, "the dropped chunk was not punched when its last view went");
     assert!(tier.begin_fill(&o, 0).unwrap().is_some(), "the chunk cannot be filled again");
 }
+
+/// A chunk checked by its digest takes no crc32c as it lands: only the right digest commits it
+/// (and then records the sender's crc32c), a plain commit refuses it; every stored chunk's
+/// digest is what `digests` answers, and a warm restart recomputes it.
+#[test]
+fn chunks_checked_by_digest_commit_only_with_the_right_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Arc::new(Metrics::new());
+    let o = obj(2 * 4096);
+    let data: Vec<u8> = (0..o.size).map(|i| (i * 11 % 251) as u8).collect();
+    let (c0, c1) = (&data[..4096], &data[4096..]);
+    let want = *blake3::hash(c0).as_bytes();
+    {
+        let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 16 * 4096, m.clone()).unwrap());
+        let mut f = tier.begin_fill(&o, 0).unwrap().unwrap();
+        assert!(f.check_by_digest());
+        f.write(c0).unwrap();
+        assert_eq!(f.crc(), 0, "no crc32c taken");
+        assert!(f.commit_vouched([9; 32], crc32c::crc32c(c0), Tier::peer).is_err());
+        let mut f = tier.begin_fill(&o, 0).unwrap().unwrap();
+        f.check_by_digest();
+        f.write(c0).unwrap();
+        assert_eq!(&f.commit_vouched(want, crc32c::crc32c(c0), Tier::peer).unwrap()[..], c0);
+        assert_eq!(tier.crc(&o, 0), Some(crc32c::crc32c(c0)));
+        let mut f = tier.begin_fill(&o, 1).unwrap().unwrap();
+        f.check_by_digest();
+        f.write(c1).unwrap();
+        assert!(f.commit(crc32c::crc32c(c1), Tier::peer).is_err(), "a chunk checked by digest needs its digest");
+        assert_eq!(&tier.digests(&o)[..32], &want);
+        assert_eq!(&tier.digests(&o)[32..], &[0; 32]);
+    }
+    let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 16 * 4096, m).unwrap());
+    tier.recover(&[Arc::new(o.clone())]).unwrap();
+    assert_eq!(&tier.digests(&o)[..32], &want, "recomputed on a warm restart");
+}
