@@ -103,7 +103,11 @@ fn a_fleet_rotates_its_token_without_a_flag_day() {
     drop(a);
     let e_addr = peer_addr();
     let e = Agent::start(&s, &strs(&args(&e_addr, &c_addr, &new_only)));
-    assert!(poll_until(Duration::from_secs(15), || peer_state(&e, &c_addr).as_deref() == Some("live")), "new-only agents interoperate: {}", e.status());
+    assert!(
+        poll_until(Duration::from_secs(15), || peer_state(&e, &c_addr).as_deref() == Some("live")),
+        "new-only agents interoperate: {}",
+        e.status()
+    );
     assert_eq!(sha256_file(&e.path("r.bin")), want);
     assert_eq!(tier(&e, "peer"), (24 << 20) as f64, "{}", e.log_text());
     drop((b, c));

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use common::*;
 use tonic::{Request, Response, Status};
 
-use cachefs::peer::proto;
 use cachefs::peer::auth::{Keyring, Purpose};
+use cachefs::peer::proto;
 use cachefs::peer::proto::peer_client::PeerClient;
 
 /// A keyring holding `token`, as a test client.

@@ -191,8 +191,12 @@ fn start_forger_full(source: &str, chunk: u64, truth: Option<Vec<u8>>, token: Op
 }
 
 /// Connections on `listener` that passed the handshake with `token` (the forger holds it).
-fn authenticated(listener: tokio::net::TcpListener, token: &str) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<tokio::net::TcpStream>> {
-    let keyring = cachefs::peer::auth::Keyring::new(&[token.to_string()], "forger".into(), Arc::new(cachefs::metrics::Metrics::new())).unwrap();
+fn authenticated(
+    listener: tokio::net::TcpListener,
+    token: &str,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<tokio::net::TcpStream>> {
+    let keyring =
+        cachefs::peer::auth::Keyring::new(&[token.to_string()], "forger".into(), Arc::new(cachefs::metrics::Metrics::new())).unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
         while let Ok((mut s, from)) = listener.accept().await {

@@ -120,7 +120,14 @@ fn mac_of(token: &[u8], label: &[u8], parts: &[&[u8]]) -> Vec<u8> {
 impl Transcript<'_> {
     fn proof(&self, token: &[u8], label: &[u8]) -> Vec<u8> {
         let purpose = self.purpose.to_be_bytes();
-        let parts = [self.client_nonce, self.server_nonce, self.client_node.as_bytes(), self.server_node.as_bytes(), self.dialed.as_bytes(), &purpose];
+        let parts = [
+            self.client_nonce,
+            self.server_nonce,
+            self.client_node.as_bytes(),
+            self.server_node.as_bytes(),
+            self.dialed.as_bytes(),
+            &purpose,
+        ];
         mac_of(token, label, &parts)
     }
 
@@ -179,14 +186,27 @@ impl Keyring {
 
     async fn client(&self, mut s: TcpStream, dialed: &str, purpose: Purpose) -> Result<(TcpStream, String), AuthError> {
         let client_nonce = nonce()?;
-        let hello = AuthHello { client_nonce: client_nonce.to_vec().into(), client_node: self.node.clone(), dialed: dialed.to_string(), purpose: purpose.wire() as i32 };
+        let hello = AuthHello {
+            client_nonce: client_nonce.to_vec().into(),
+            client_node: self.node.clone(),
+            dialed: dialed.to_string(),
+            purpose: purpose.wire() as i32,
+        };
         let mut out = MAGIC.to_vec();
         frame_into(&mut out, &hello);
         s.write_all(&out).await?;
         let ch: AuthChallenge = read(&mut s).await?;
-        let t = Transcript { client_nonce: &client_nonce, server_nonce: &ch.server_nonce, client_node: &self.node, server_node: &ch.server_node, dialed, purpose: hello.purpose };
+        let t = Transcript {
+            client_nonce: &client_nonce,
+            server_nonce: &ch.server_nonce,
+            client_node: &self.node,
+            server_node: &ch.server_node,
+            dialed,
+            purpose: hello.purpose,
+        };
         // The first of our tokens that the server proved it holds.
-        let token = self.tokens.iter().find(|mine| ch.proofs.iter().any(|p| t.check(std::slice::from_ref(*mine), SERVER_LABEL, p).is_some()));
+        let token =
+            self.tokens.iter().find(|mine| ch.proofs.iter().any(|p| t.check(std::slice::from_ref(*mine), SERVER_LABEL, p).is_some()));
         let Some(token) = token else { return Err(AuthError::ServerProof) };
         write(&mut s, &AuthProof { proof: t.proof(token, CLIENT_LABEL).into() }).await?;
         let result: AuthResult = read(&mut s).await?;
@@ -222,7 +242,14 @@ impl Keyring {
             return Err(AuthError::Malformed("nonce length".into()));
         }
         let server_nonce = nonce()?;
-        let t = Transcript { client_nonce: &hello.client_nonce, server_nonce: &server_nonce, client_node: &hello.client_node, server_node: &self.node, dialed: &hello.dialed, purpose: hello.purpose };
+        let t = Transcript {
+            client_nonce: &hello.client_nonce,
+            server_nonce: &server_nonce,
+            client_node: &hello.client_node,
+            server_node: &self.node,
+            dialed: &hello.dialed,
+            purpose: hello.purpose,
+        };
         let proofs = self.tokens.iter().map(|k| t.proof(k, SERVER_LABEL).into()).collect();
         write(s, &AuthChallenge { server_nonce: server_nonce.to_vec().into(), server_node: self.node.clone(), proofs }).await?;
         let proof: AuthProof = match read(s).await {
@@ -329,7 +356,14 @@ mod tests {
 
     #[test]
     fn proofs_bind_every_field_and_side() {
-        let t = Transcript { client_nonce: &[1; 32], server_nonce: &[2; 32], client_node: "a", server_node: "b", dialed: "127.0.0.1:1", purpose: 1 };
+        let t = Transcript {
+            client_nonce: &[1; 32],
+            server_nonce: &[2; 32],
+            client_node: "a",
+            server_node: "b",
+            dialed: "127.0.0.1:1",
+            purpose: 1,
+        };
         let p = t.proof(b"k", CLIENT_LABEL);
         assert_eq!(t.check(&[b"x".to_vec(), b"k".to_vec()], CLIENT_LABEL, &p), Some(1));
         assert_eq!(t.check(&[b"k".to_vec()], SERVER_LABEL, &p), None, "a client proof is not a server proof");

@@ -100,7 +100,10 @@ impl Sink {
         match self {
             Sink::File(f) if vouched.is_some() && f.digest() != vouched => Err(PeerFetchError::Digest),
             Sink::File(f) if f.by_digest() => match vouched {
-                Some(d) => f.commit_vouched(d, crc, Tier::peer).map(|bytes| Chunk { bytes, stored: true }).map_err(|e| PeerFetchError::Local(e.to_string())),
+                Some(d) => f
+                    .commit_vouched(d, crc, Tier::peer)
+                    .map(|bytes| Chunk { bytes, stored: true })
+                    .map_err(|e| PeerFetchError::Local(e.to_string())),
                 None => Err(PeerFetchError::Local("a chunk checked by digest has none".into())),
             },
             Sink::File(f) if f.crc() != crc => Err(PeerFetchError::Checksum),
@@ -112,6 +115,13 @@ impl Sink {
             Sink::Heap(b) => Ok(b.freeze().into()),
         }
     }
+}
+
+/// What a chunk from a peer must be: its length and, when another holder vouched for it, its
+/// BLAKE3 digest.
+struct Expect {
+    len: u64,
+    digest: Option<[u8; 32]>,
 }
 
 /// A sink on the raw path, counting what it receives.
@@ -189,7 +199,9 @@ impl PeerSource {
     ) -> Self {
         let chunk_size = memory.chunk_size();
         let inventories = Inventories::new(chunk_size, timeouts.inventory, metrics.clone(), tasks);
-        let vouchers = memory.keeps_digests().then(|| super::vouch::Vouchers::new(membership.keyring(), chunk_size, timeouts.inventory, metrics.clone()));
+        let vouchers = memory
+            .keeps_digests()
+            .then(|| super::vouch::Vouchers::new(membership.keyring(), chunk_size, timeouts.inventory, metrics.clone()));
         PeerSource {
             membership,
             memory,
@@ -269,7 +281,7 @@ impl PeerSource {
                 return HandoffOutcome::HandoffFailed;
             }
         };
-        match self.read_into(from, obj, index, want.end - want.start, false, Sink::File(fill), None).await {
+        match self.read_into(from, obj, index, Expect { len: want.end - want.start, digest: None }, false, Sink::File(fill)).await {
             Ok(_) => HandoffOutcome::HandoffStored,
             Err(_) => HandoffOutcome::HandoffFailed,
         }
@@ -282,11 +294,11 @@ impl PeerSource {
         peer: &PeerHandle,
         obj: &Arc<ObjectVersion>,
         index: u64,
-        want: u64,
+        expect: Expect,
         allow_fill: bool,
         mut sink: Sink,
-        vouched: Option<[u8; 32]>,
     ) -> Result<Chunk, PeerFetchError> {
+        let Expect { len: want, digest: vouched } = expect;
         let attempt = peer.attempt();
         let limit = if allow_fill { self.timeouts.fill } else { self.timeouts.hit };
         let req = ReadChunkRequest { object: Some(object_ref(obj)), index, chunk_size: self.chunk_size, allow_fill, protocol: PROTOCOL };
@@ -417,7 +429,8 @@ impl PeerSource {
                 Some(v) => v.digest(obj, index, &p, &holders).await,
                 None => None,
             };
-            if let Ok(c) = self.read_into(&p, obj, index, want, allow_fill, self.sink(obj, index, want, vouched.is_some()), vouched).await {
+            let sink = self.sink(obj, index, want, vouched.is_some());
+            if let Ok(c) = self.read_into(&p, obj, index, Expect { len: want, digest: vouched }, allow_fill, sink).await {
                 return Ok(Some(c));
             }
         }

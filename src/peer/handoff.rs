@@ -179,7 +179,11 @@ impl Handoff {
     async fn inventory(&self, peer: &PeerHandle, objects: &[Arc<ObjectVersion>]) -> Vec<(Arc<str>, Vec<u8>)> {
         let mut out = Vec::new();
         for group in objects.chunks(INVENTORY_OBJECTS) {
-            let req = InventoryRequest { objects: group.iter().map(|o| object_ref(o)).collect(), chunk_size: self.memory.chunk_size(), with_digests: false };
+            let req = InventoryRequest {
+                objects: group.iter().map(|o| object_ref(o)).collect(),
+                chunk_size: self.memory.chunk_size(),
+                with_digests: false,
+            };
             let mut req = tonic::Request::new(req);
             req.set_timeout(self.inventory_timeout);
             self.metrics.add_control(ControlKind::inventory, Direction::sent);

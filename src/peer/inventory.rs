@@ -139,7 +139,8 @@ impl Asker {
     async fn ask(&self, obj: &ObjectVersion, peers: &[Arc<PeerHandle>]) -> Vec<(String, Option<Answer>)> {
         let asks = peers.iter().map(|p| async move {
             let id = p.node_id()?;
-            let mut req = tonic::Request::new(InventoryRequest { objects: vec![object_ref(obj)], chunk_size: self.chunk_size, with_digests: false });
+            let mut req =
+                tonic::Request::new(InventoryRequest { objects: vec![object_ref(obj)], chunk_size: self.chunk_size, with_digests: false });
             req.set_timeout(self.timeout);
             self.metrics.add_control(ControlKind::inventory, Direction::sent);
             let answer = match tokio::time::timeout(self.timeout * 2, p.client().inventory(req)).await {

@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use super::proto::{RawChunkHeader, ReadChunkRequest};
 use super::auth::{Keyring, Purpose};
+use super::proto::{RawChunkHeader, ReadChunkRequest};
 use super::server::PeerServer;
 
 /// First bytes of a raw data connection.

@@ -34,14 +34,16 @@ const MAX_KEPT: usize = 1024;
 /// Other holders asked for one chunk at most.
 const ASK_AT_MOST: usize = 2;
 
+/// (object id, peer address) → when asked, its digests (32 bytes per chunk).
+type Kept = HashMap<(Arc<str>, String), (Instant, Bytes)>;
+
 pub struct Vouchers {
     /// Digests must carry a MAC under the fleet token (peers use tokens).
     keyring: Option<Arc<super::auth::Keyring>>,
     chunk_size: u64,
     timeout: Duration,
     metrics: Arc<Metrics>,
-    /// (object id, peer address) → when asked, its digests (32 bytes per chunk).
-    kept: Mutex<HashMap<(Arc<str>, String), (Instant, Bytes)>>,
+    kept: Mutex<Kept>,
 }
 
 impl Vouchers {
@@ -108,7 +110,7 @@ impl Vouchers {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Arc<str>, String), (Instant, Bytes)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
         self.kept.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -185,7 +185,16 @@ impl Fill {
         let digest = self.digest().unwrap_or_default();
         // Present and handed out in one step, so it cannot be evicted before the caller has it.
         let present = |s: &mut Slot| {
-            *s = Slot { present: true, writing: false, crc, crc64, digest, source: Some(source), readers: s.readers, punch_when_read: false };
+            *s = Slot {
+                present: true,
+                writing: false,
+                crc,
+                crc64,
+                digest,
+                source: Some(source),
+                readers: s.readers,
+                punch_when_read: false,
+            };
             Some(())
         };
         let view = self.file.view_with(index, self.chunk.clone(), 0..len, present);

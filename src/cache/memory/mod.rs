@@ -355,8 +355,20 @@ impl MemoryTier {
         let key = ChunkKey { object: obj.id.clone(), index };
         let crc64 = self.crc64.map(crc_fast::Digest::new);
         let digest = self.digests.then(|| Box::new(blake3::Hasher::new()));
-        let mut fill =
-            Fill { tier: self.clone(), file: f, key, chunk, written: 0, crc: 0, crc64, digest, by_digest: false, reserved: false, staged: Vec::new(), used };
+        let mut fill = Fill {
+            tier: self.clone(),
+            file: f,
+            key,
+            chunk,
+            written: 0,
+            crc: 0,
+            crc64,
+            digest,
+            by_digest: false,
+            reserved: false,
+            staged: Vec::new(),
+            used,
+        };
         fill.reserved = self.reserve(len, used);
         Ok(fill.reserved.then_some(fill))
     }
