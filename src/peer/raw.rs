@@ -201,10 +201,11 @@ impl Route {
         let purpose = match &self.keyring {
             Some(k) if !(peeked && &first == super::auth::MAGIC) => {
                 // A plain client (gRPC or raw) where peers must prove themselves: only a close.
-                k.failed(&self.from.to_string(), &super::auth::AuthError::NoHandshake);
+                // Logged once per source IP (a client's port changes with every connection).
+                k.failed(&self.from.ip().to_string(), &super::auth::AuthError::NoHandshake);
                 return Ok(());
             }
-            Some(k) => match k.accept(&mut conn, &self.from.to_string(), by).await {
+            Some(k) => match k.accept(&mut conn, &self.from.ip().to_string(), by).await {
                 Ok((purpose, _client)) => purpose,
                 Err(_) => return Ok(()),
             },
