@@ -148,6 +148,52 @@ pub struct Metrics {
     pub peer_digest_mismatches: Counter,
 }
 
+/// The metrics of peer authentication and verification (a part of [`Metrics::new`]).
+fn register_trust(registry: &mut Registry, m: &Metrics) {
+    use names::*;
+    registry.register(
+        base(PEER_AUTH_FAILURES),
+        "Peer connection handshakes that failed (a peer without the fleet token, or none offered), by reason",
+        m.peer_auth_failures.clone(),
+    );
+    registry.register(
+        base(PAGE_INVALIDATIONS),
+        "Files whose pages in the kernel's cache were dropped because bytes served from them failed verification",
+        m.page_invalidations.clone(),
+    );
+    registry.register(
+        base(PEER_UNVOUCHED_CHUNKS),
+        "Chunks taken from a peer that no other holder's digest could check before use",
+        m.peer_unvouched_chunks.clone(),
+    );
+    registry.register(
+        base(PEER_DIGEST_MISMATCHES),
+        "Chunks from a peer whose BLAKE3 differs from the digest another holder vouches for (dropped before use)",
+        m.peer_digest_mismatches.clone(),
+    );
+}
+
+/// Every label value known up front is exported from the start, at 0.
+fn seed_labels(m: &Metrics) {
+    for direction in [Direction::sent, Direction::received] {
+        let _ = m.handoff_bytes.get_or_create(&DirectionLabel { direction });
+        for kind in [
+            ControlKind::hello,
+            ControlKind::inventory,
+            ControlKind::drain,
+            ControlKind::handoff,
+            ControlKind::lookup,
+            ControlKind::announce,
+            ControlKind::gossip,
+        ] {
+            let _ = m.control_messages.get_or_create(&ControlLabel { kind, direction });
+        }
+    }
+    for tier in [Tier::memory, Tier::peer, Tier::origin] {
+        let _ = m.read_bytes.get_or_create(&TierLabel { tier });
+    }
+}
+
 fn base(name: &str) -> &str {
     name.trim_start_matches("cachefs_").trim_end_matches("_total")
 }
@@ -252,43 +298,8 @@ impl Metrics {
             "Peer requests that carry no chunk bytes, by kind, sent or received",
             m.control_messages.clone(),
         );
-        registry.register(
-            base(PEER_AUTH_FAILURES),
-            "Peer connection handshakes that failed (a peer without the fleet token, or none offered), by reason",
-            m.peer_auth_failures.clone(),
-        );
-        registry.register(
-            base(PAGE_INVALIDATIONS),
-            "Files whose pages in the kernel's cache were dropped because bytes served from them failed verification",
-            m.page_invalidations.clone(),
-        );
-        registry.register(
-            base(PEER_UNVOUCHED_CHUNKS),
-            "Chunks taken from a peer that no other holder's digest could check before use",
-            m.peer_unvouched_chunks.clone(),
-        );
-        registry.register(
-            base(PEER_DIGEST_MISMATCHES),
-            "Chunks from a peer whose BLAKE3 differs from the digest another holder vouches for (dropped before use)",
-            m.peer_digest_mismatches.clone(),
-        );
-        for direction in [Direction::sent, Direction::received] {
-            let _ = m.handoff_bytes.get_or_create(&DirectionLabel { direction });
-            for kind in [
-                ControlKind::hello,
-                ControlKind::inventory,
-                ControlKind::drain,
-                ControlKind::handoff,
-                ControlKind::lookup,
-                ControlKind::announce,
-                ControlKind::gossip,
-            ] {
-                let _ = m.control_messages.get_or_create(&ControlLabel { kind, direction });
-            }
-        }
-        for tier in [Tier::memory, Tier::peer, Tier::origin] {
-            let _ = m.read_bytes.get_or_create(&TierLabel { tier });
-        }
+        register_trust(&mut registry, &m);
+        seed_labels(&m);
         Metrics { registry, ..m }
     }
 
