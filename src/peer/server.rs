@@ -101,6 +101,13 @@ fn clean_key(key: &str) -> bool {
     !key.is_empty() && !key.starts_with('/') && key.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
 }
 
+/// Each object's digests (see `MemoryTier::digests`), taken off the async threads: chunks not
+/// hashed before are hashed now.
+async fn digests_of(memory: Arc<crate::cache::MemoryTier>, objs: Vec<Arc<ObjectVersion>>) -> Vec<Vec<u8>> {
+    let n = objs.len();
+    tokio::task::spawn_blocking(move || objs.iter().map(|o| memory.digests(o)).collect()).await.unwrap_or_else(|_| vec![Vec::new(); n])
+}
+
 /// The label of an inventory's digests MAC (see `ObjectInventory.digests_mac`).
 pub const DIGESTS_LABEL: &[u8] = b"cachefs-digests-v1";
 
@@ -312,25 +319,29 @@ impl Peer for PeerServer {
         }
         let memory = self.reader.memory();
         let keyring = self.membership.keyring();
-        let objects = r
-            .objects
-            .iter()
-            .filter_map(|o| {
-                let obj = self.lookup(Some(o)).ok()?;
+        let found: Vec<_> = r.objects.iter().filter_map(|o| Some((o, self.lookup(Some(o)).ok()?))).collect();
+        let mut digests = match r.with_digests {
+            true => digests_of(memory.clone(), found.iter().map(|(_, obj)| obj.clone()).collect()).await,
+            false => Vec::new(),
+        }
+        .into_iter();
+        let objects = found
+            .into_iter()
+            .map(|(o, obj)| {
                 let n = chunk_count(obj.size, chunk_size);
-                let digests = if r.with_digests { memory.digests(&obj) } else { Vec::new() };
-                Some(ObjectInventory {
+                let digests = digests.next().unwrap_or_default();
+                ObjectInventory {
                     key: obj.key.clone(),
                     etag: o.etag.clone(),
                     present: bitmap(n, |i| memory.contains(&obj, i)).into(),
                     chunks: n,
                     filling: bitmap(n, |i| self.reader.filling(&obj, i)).into(),
-                    digests: digests.clone().into(),
                     digests_mac: match (&keyring, digests.is_empty()) {
                         (Some(k), false) => k.sign(DIGESTS_LABEL, &[obj.key.as_bytes(), o.etag.as_bytes(), &digests]).into(),
                         _ => Default::default(),
                     },
-                })
+                    digests: digests.into(),
+                }
             })
             .collect();
         Ok(Response::new(InventoryResponse { objects, draining: self.draining.load(Ordering::SeqCst) }))

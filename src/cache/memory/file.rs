@@ -23,8 +23,9 @@ pub(super) struct Slot {
     pub(super) crc: u32,
     /// CRC-64 of the chunk in the origin's whole-object algorithm (0 when none is kept).
     pub(super) crc64: u64,
-    /// BLAKE3 of the chunk (zeros when digests are not kept): what this agent vouches for.
-    pub(super) digest: [u8; 32],
+    /// BLAKE3 of the chunk, what this agent vouches for: None until first asked for (or
+    /// taken as it landed, when it was checked by one).
+    pub(super) digest: Option<[u8; 32]>,
     /// The tier that filled it (a file assembled from peers is checked whole).
     pub(super) source: Option<Tier>,
     /// Live `Bytes` into this chunk's mapping: it is not evicted while any exists.
@@ -49,6 +50,8 @@ pub(super) struct ObjFile {
     /// Held around each write: concurrent writes to one tmpfs file spin on its inode lock
     /// (measured: 7% of a remote hit's CPU); waiting here sleeps instead.
     pub(super) write: Mutex<()>,
+    /// Held while digests are taken (see `digests.rs`): one caller hashes, the others wait.
+    pub(super) hashing: Mutex<()>,
 }
 
 /// A range of a mapping, owned: lets `Bytes` point into the tmpfs file without a copy. It
@@ -95,6 +98,7 @@ impl ObjFile {
             slots: Mutex::new(slots),
             map: Default::default(),
             write: Mutex::new(()),
+            hashing: Mutex::new(()),
         })
     }
 

@@ -25,7 +25,8 @@ pub struct Fill {
     pub(super) crc: u32,
     /// The chunk's CRC-64 so far, when the tier keeps them.
     pub(super) crc64: Option<crc_fast::Digest>,
-    /// The chunk's BLAKE3 so far, when the tier keeps digests.
+    /// The chunk's BLAKE3 so far, when it is checked by its digest (other chunks get theirs
+    /// when first asked for, see [`MemoryTier::digests`]).
     pub(super) digest: Option<Box<blake3::Hasher>>,
     /// The chunk will be committed by its digest ([`Fill::commit_vouched`]): no crc32c is taken.
     pub(super) by_digest: bool,
@@ -116,7 +117,7 @@ impl Fill {
         }
     }
 
-    /// BLAKE3 of the bytes written so far (None: the tier keeps no digests).
+    /// BLAKE3 of the bytes written so far (None: the chunk is not checked by its digest).
     pub fn digest(&self) -> Option<[u8; 32]> {
         self.digest.as_ref().map(|h| *h.finalize().as_bytes())
     }
@@ -158,7 +159,10 @@ impl Fill {
     /// This chunk will be checked by its BLAKE3 digest ([`Fill::commit_vouched`]), so no
     /// crc32c is taken as it is written. False when the tier keeps no digests.
     pub fn check_by_digest(&mut self) -> bool {
-        self.by_digest = self.digest.is_some() && self.written == 0;
+        self.by_digest = self.tier.digests && self.written == 0;
+        if self.by_digest && self.digest.is_none() {
+            self.digest = Some(Box::new(blake3::Hasher::new()));
+        }
         self.by_digest
     }
 
@@ -182,7 +186,7 @@ impl Fill {
         }
         let (index, len) = (self.key.index, self.chunk.end - self.chunk.start);
         let crc64 = self.crc64.as_ref().map(|d| d.finalize()).unwrap_or(0);
-        let digest = self.digest().unwrap_or_default();
+        let digest = self.digest();
         // Present and handed out in one step, so it cannot be evicted before the caller has it.
         let present = |s: &mut Slot| {
             *s = Slot {

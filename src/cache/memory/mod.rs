@@ -27,6 +27,7 @@
 //! No file I/O (writes, hole punching, journal lines) is done while `index` is held.
 
 mod budget;
+mod digests;
 mod file;
 mod fill;
 mod journal;
@@ -137,16 +138,13 @@ impl MemoryTier {
 
     /// Keep each chunk's CRC-64 in `alg`, so a whole object can be checked against the origin's
     /// checksum without reading it again ([`MemoryTier::whole_crc64`]).
-    /// (See also [`MemoryTier::with_digests`].)
     pub fn with_crc64(mut self, alg: Option<crc_fast::CrcAlgorithm>) -> Self {
         self.crc64 = alg;
         self
     }
 
-    /// The CRC-64 of the whole of `obj`, combined from its chunks', if every chunk is present
-    /// and the tier keeps CRC-64s; and whether any chunk came from a peer. Costs about 0.3 ms
-    /// of CPU per chunk (outside any lock): call it off the async threads for large files.
-    /// Whether every chunk gets a BLAKE3 digest as it is stored (default: yes).
+    /// Whether chunks have BLAKE3 digests to vouch for (default: yes; see
+    /// [`MemoryTier::digests`]).
     pub fn with_digests(mut self, on: bool) -> Self {
         self.digests = on;
         self
@@ -157,13 +155,9 @@ impl MemoryTier {
         self.digests
     }
 
-    /// The BLAKE3 digests of the chunks of `obj` held now (zeros for the others), 32 bytes each.
-    pub fn digests(&self, obj: &ObjectVersion) -> Vec<u8> {
-        let Some(f) = self.existing(obj) else { return Vec::new() };
-        let out = f.slots().iter().flat_map(|s| if s.present { s.digest } else { [0; 32] }).collect();
-        out
-    }
-
+    /// The CRC-64 of the whole of `obj`, combined from its chunks', if every chunk is present
+    /// and the tier keeps CRC-64s; and whether any chunk came from a peer. Costs about 0.3 ms
+    /// of CPU per chunk (outside any lock): call it off the async threads for large files.
     pub fn whole_crc64(&self, obj: &ObjectVersion) -> Option<(u64, bool)> {
         let alg = self.crc64?;
         let (crcs, from_peer) = {
@@ -354,7 +348,6 @@ impl MemoryTier {
         // Dropped unreserved, it only clears `writing`.
         let key = ChunkKey { object: obj.id.clone(), index };
         let crc64 = self.crc64.map(crc_fast::Digest::new);
-        let digest = self.digests.then(|| Box::new(blake3::Hasher::new()));
         let mut fill = Fill {
             tier: self.clone(),
             file: f,
@@ -363,7 +356,7 @@ impl MemoryTier {
             written: 0,
             crc: 0,
             crc64,
-            digest,
+            digest: None,
             by_digest: false,
             reserved: false,
             staged: Vec::new(),

@@ -237,3 +237,22 @@ fn chunks_checked_by_digest_commit_only_with_the_right_one() {
     tier.recover(&[Arc::new(o.clone())]).unwrap();
     assert_eq!(&tier.digests(&o)[..32], &want, "recomputed on a warm restart");
 }
+
+/// A chunk stored without a digest check takes no BLAKE3 as it lands; its digest is taken
+/// from the stored bytes when first asked for, and kept.
+#[test]
+fn digests_of_plain_chunks_are_taken_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let tier = Arc::new(MemoryTier::new(dir.path(), 4096, 16 * 4096, Arc::new(Metrics::new())).unwrap());
+    let o = obj(4096 + 100);
+    let data: Vec<u8> = (0..o.size).map(|i| (i * 13 % 251) as u8).collect();
+    for (i, part) in [&data[..4096], &data[4096..]].into_iter().enumerate() {
+        let mut f = tier.begin_fill(&o, i as u64).unwrap().unwrap();
+        f.write(part).unwrap();
+        assert_eq!(f.digest(), None, "no BLAKE3 taken on the receive path");
+        f.commit(crc32c::crc32c(part), Tier::origin).unwrap();
+    }
+    let want: Vec<u8> = [&data[..4096], &data[4096..]].iter().flat_map(|p| *blake3::hash(p).as_bytes()).collect();
+    assert_eq!(tier.digests(&o), want);
+    assert_eq!(tier.digests(&o), want, "kept once taken");
+}
