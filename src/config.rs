@@ -128,6 +128,10 @@ pub struct Settings {
     /// Memory budget for cached chunks, e.g. 16GiB [default: half the available memory]
     #[arg(long)]
     pub cache_size: Option<String>,
+    /// Mount a tmpfs with huge pages on the cache directory when it is a missing or empty
+    /// directory on a tmpfs without them, as under /dev/shm (default true; false leaves it)
+    #[arg(long, value_name = "BOOL")]
+    pub cache_huge_pages: Option<bool>,
     /// Chunk size, 1MiB..64MiB [default: 8MiB]
     #[arg(long)]
     pub chunk_size: Option<String>,
@@ -293,6 +297,8 @@ pub struct CacheConfig {
     pub read_timeout: Duration,
     /// Keep a BLAKE3 digest of every chunk and check peers' chunks against other holders' ones.
     pub digests: bool,
+    /// Back the cache directory with huge pages where it can be (see `cache::hugepages`).
+    pub huge_pages: bool,
 }
 
 /// Serving chunks to peers and finding them.
@@ -368,6 +374,7 @@ impl Config {
                 readahead_budget: DEFAULT_READAHEAD_BUDGET,
                 read_timeout: Duration::from_secs(DEFAULT_READ_TIMEOUT_SECS),
                 digests: true,
+                huge_pages: true,
             },
             peers: PeerConfig::default(),
             fuse: FuseConfig { mountpoint, allow_other: false, threads: DEFAULT_FUSE_THREADS, passthrough: true },
@@ -534,7 +541,8 @@ fn resolve_cache(s: &Settings) -> Result<CacheConfig, ConfigError> {
     }
     let readahead_budget = size_setting("readahead-budget", &s.readahead_budget, DEFAULT_READAHEAD_BUDGET)?;
     let read_timeout = Duration::from_secs(positive("read-timeout", s.read_timeout.unwrap_or(DEFAULT_READ_TIMEOUT_SECS))?);
-    Ok(CacheConfig { dir, size, chunk_size, readahead_budget, read_timeout, digests: s.verify_peer_chunks.unwrap_or(true) })
+    let (digests, huge_pages) = (s.verify_peer_chunks.unwrap_or(true), s.cache_huge_pages.unwrap_or(true));
+    Ok(CacheConfig { dir, size, chunk_size, readahead_budget, read_timeout, digests, huge_pages })
 }
 
 fn resolve_peers(s: &Settings) -> Result<PeerConfig, ConfigError> {

@@ -27,7 +27,7 @@ fn read_then_stop(name: &str, size: usize, seed: u64, kill: bool) -> Stopped {
     fs::write(src.path().join(name), &data).unwrap();
     let work = tempfile::tempdir().unwrap();
     let cache = std::path::PathBuf::from(format!("/dev/shm/cachefs-restart-{}-{seed}", std::process::id()));
-    let _ = fs::remove_dir_all(&cache);
+    common::remove_cache_dir(&cache);
     let st = Stopped { source: src.path().display().to_string(), mountpoint: work.path().join("mnt"), cache, data, _src: src, _work: work };
     let mut a = st.start();
     assert!(fs::read(a.path(name)).unwrap() == st.data);
@@ -56,6 +56,37 @@ fn restart_keeps_the_cache(kill: bool) {
     assert_eq!(b.metric("cachefs_cache_bytes"), st.data.len() as f64);
     assert!(fs::read(b.path("r.bin")).unwrap() == st.data);
     assert_eq!(b.metric("cachefs_origin_bytes_total"), 0.0, "a restarted agent fetched again; log:\n{}", b.log_text());
+    // The first agent backed its cache directory (under /dev/shm) with huge pages; the mount
+    // outlived it, and the second found its warm cache there.
+    let opts = mount_options(&st.cache).unwrap_or_default();
+    assert!(opts.contains("huge=within_size"), "the cache dir is not a huge-page tmpfs: {opts:?}");
+    assert!(b.log_text().contains("on a tmpfs with huge pages"), "log:\n{}", b.log_text());
+    let huge = fs::read_to_string("/proc/meminfo").unwrap().lines().find_map(|l| l.strip_prefix("ShmemHugePages:").map(str::to_string));
+    let kib: u64 = huge.and_then(|h| h.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0);
+    assert!(kib >= 40 << 10, "the cached chunks are not in huge pages: ShmemHugePages {kib} kB");
+}
+
+/// The options of the mount at `p` (None: nothing is mounted there).
+fn mount_options(p: &std::path::Path) -> Option<String> {
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    let p = p.display().to_string();
+    mounts.lines().rfind(|l| l.split(' ').nth(1) == Some(p.as_str())).and_then(|l| l.split(' ').nth(3)).map(str::to_string)
+}
+
+/// `--cache-huge-pages false` leaves the cache directory a plain directory of /dev/shm.
+#[test]
+fn huge_pages_can_be_turned_off() {
+    if !fuse_available("huge_pages_can_be_turned_off") {
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    fs::write(src.path().join("s.bin"), random_bytes(4 << 20, 77)).unwrap();
+    let a = Agent::start(&src.path().display().to_string(), &["--cache-huge-pages", "false"]);
+    assert!(fs::read(a.path("s.bin")).unwrap() == random_bytes(4 << 20, 77));
+    assert_eq!(mount_options(&a.cache_dir), None, "a tmpfs was mounted on the cache dir");
+    assert!(!a.log_text().contains("mounted a tmpfs"), "log:\n{}", a.log_text());
+    let b = Agent::start(&src.path().display().to_string(), &[]);
+    assert!(mount_options(&b.cache_dir).is_some_and(|o| o.contains("huge=within_size")), "log:\n{}", b.log_text());
 }
 
 #[test]

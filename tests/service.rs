@@ -113,5 +113,5 @@ fn notify_ready_watchdog_stopping_and_drain() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(!is_mounted(&mp));
-    let _ = std::fs::remove_dir_all(&cache);
+    common::remove_cache_dir(std::path::Path::new(&cache));
 }

@@ -368,7 +368,7 @@ fn run_soak(duration: Duration) {
     }
     for slot in &soak.slots {
         slot.stop(false);
-        let _ = std::fs::remove_dir_all(&slot.cache_dir);
+        common::remove_cache_dir(&slot.cache_dir);
     }
 }
 

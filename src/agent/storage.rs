@@ -54,6 +54,9 @@ impl Storage {
         let origin =
             Arc::new(Origin::with_request_timeout(&source.url, &source.options, source.concurrency, metrics.clone(), cache.read_timeout)?);
         let dir_err = |e| AgentError::CacheDir(cache.dir.display().to_string(), e);
+        if cache.huge_pages {
+            huge_pages(cache);
+        }
         // Each chunk's CRC-64 is kept when the origin publishes whole-object CRC-64s to check with.
         let memory = MemoryTier::new(&cache.dir, cache.chunk_size, cache.size, metrics.clone()).map_err(dir_err)?;
         let memory = Arc::new(memory.with_crc64(origin.crc64_kind().map(|k| k.algorithm())).with_digests(cache.digests));
@@ -126,6 +129,19 @@ impl Storage {
             }
             .instrument(tracing::info_span!("catalog")),
         );
+    }
+}
+
+/// Back the cache directory with huge pages where the contract of `cache::hugepages` allows.
+fn huge_pages(cache: &CacheConfig) {
+    use crate::cache::hugepages::{prepare, HugePages};
+    let dir = cache.dir.display();
+    match prepare(&cache.dir, cache.chunk_size) {
+        HugePages::Mounted => info!(cache_dir = %dir, "mounted a tmpfs with huge pages (huge=within_size) on the cache directory"),
+        HugePages::Already => info!(cache_dir = %dir, "the cache directory is on a tmpfs with huge pages"),
+        HugePages::Skipped(why) => {
+            info!(cache_dir = %dir, %why, "the cache directory stays as it is (no huge pages): storing chunks costs more CPU")
+        }
     }
 }
 

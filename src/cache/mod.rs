@@ -4,6 +4,7 @@
 
 pub mod chunk;
 pub mod credit;
+pub mod hugepages;
 pub mod memory;
 pub mod reader;
 pub mod verify;

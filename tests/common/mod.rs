@@ -354,13 +354,21 @@ pub fn lazy_unmount(p: &Path) {
     }
 }
 
+/// Remove an agent's cache directory, with the huge-page tmpfs the agent may have mounted on it.
+pub fn remove_cache_dir(dir: &Path) {
+    if is_mounted(dir) {
+        lazy_unmount(dir);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
         if is_mounted(&self.mountpoint) {
             lazy_unmount(&self.mountpoint);
         }
-        let _ = std::fs::remove_dir_all(&self.cache_dir);
+        remove_cache_dir(&self.cache_dir);
     }
 }
 pub mod fake_http;
