@@ -165,6 +165,13 @@ impl PeerServer {
 
     /// The whole chunk a peer asks for, with its crc32c, counted as an active transfer until the
     /// guard is dropped.
+    /// The chunk `r` asks for as it lies in this agent's cache file, if it is held there now
+    /// (see `MemoryTier::chunk_in_file`), for the raw path to send without a copy.
+    pub fn chunk_in_file(&self, r: &ReadChunkRequest) -> Option<(std::fs::File, u64, Bytes, u32)> {
+        let obj = self.lookup(r.object.as_ref()).ok()?;
+        self.reader.memory().chunk_in_file(&obj, r.index)
+    }
+
     pub async fn chunk(&self, r: ReadChunkRequest) -> Result<(Bytes, u32, ActiveGuard), Status> {
         let chunk_size = self.reader.chunk_size();
         if r.chunk_size != chunk_size {

@@ -376,6 +376,17 @@ impl MemoryTier {
         Some((bytes, slot.crc))
     }
 
+    /// Present chunk `index` where it lies in its cache file: a new descriptor of the file, the
+    /// chunk's offset in it, and a view of it that keeps it from being punched while it lives
+    /// (so the file's bytes there can be sent with `sendfile`); with its crc32c.
+    pub fn chunk_in_file(&self, obj: &ObjectVersion, index: u64) -> Option<(File, u64, Bytes, u32)> {
+        let f = self.existing(obj)?;
+        let chunk = chunk_range(index, obj.size, self.chunk_size);
+        let (view, slot) = f.view(index, chunk.clone(), 0..chunk.end - chunk.start)?;
+        let file = f.file.try_clone().ok()?;
+        Some((file, chunk.start, view, slot.crc))
+    }
+
     /// crc32c of a present chunk.
     pub fn crc(&self, obj: &ObjectVersion, index: u64) -> Option<u32> {
         self.present(obj, index).map(|(_, s)| s.crc)
