@@ -43,8 +43,11 @@ pub fn detach(path: &Path) -> io::Result<()> {
 /// kernel's attribute cache even when the FUSE daemon behind it is gone).
 pub fn is_mount_point(path: &Path) -> bool {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else { return false };
-    let p = path.display().to_string();
-    // The mount table escapes spaces and the like as octal.
-    let escaped = p.replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011").replace('\n', "\\012");
+    let escaped = mount_table_path(path);
     mounts.lines().any(|l| l.split(' ').nth(1) == Some(escaped.as_str()))
+}
+
+/// `path` as the mount table writes it (spaces and the like escaped as octal).
+pub fn mount_table_path(path: &Path) -> String {
+    path.display().to_string().replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011").replace('\n', "\\012")
 }

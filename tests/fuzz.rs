@@ -194,7 +194,7 @@ fn peer_requests_get_an_answer_or_a_status() {
             let named = object.clone();
             let r = ReadChunkRequest { object, index, chunk_size, allow_fill, protocol: cachefs::peer::PROTOCOL };
             match rt.block_on(server.chunk(r)) {
-                Ok((bytes, crc, _guard)) => {
+                Ok((bytes, crc, _guard, _)) => {
                     let o = named.expect("bytes for no object");
                     let want = if o.key == "a.bin" { 5u8 } else { 6u8 };
                     prop_assert!(bytes.iter().all(|b| *b == want) && !bytes.is_empty());

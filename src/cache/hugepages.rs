@@ -69,11 +69,9 @@ fn existing_ancestor(dir: &Path) -> Option<PathBuf> {
 /// For the mount that holds `path` (resolved) in a `/proc/self/mounts` text: None if it is not
 /// tmpfs, else whether it has huge pages.
 fn tmpfs_huge(mounts: &str, path: &Path) -> Option<bool> {
-    let escape =
-        |p: &Path| p.display().to_string().replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011").replace('\n', "\\012");
     // The deepest mount point above the path; of several there, the last mounted.
     let entry = path.ancestors().find_map(|a| {
-        let a = escape(a);
+        let a = crate::sys::mount_table_path(a);
         mounts.lines().rfind(|l| l.split(' ').nth(1) == Some(a.as_str()))
     })?;
     let mut fields = entry.split(' ');

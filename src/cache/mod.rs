@@ -10,5 +10,5 @@ pub mod reader;
 pub mod verify;
 
 pub use chunk::ChunkKey;
-pub use memory::MemoryTier;
+pub use memory::{ChunkFile, MemoryTier};
 pub use reader::{Chunk, ChunkSource, Reader, ReaderOptions};

@@ -257,14 +257,14 @@ async fn serve_requests(mut s: TcpStream, server: &PeerServer) -> Result<(), Raw
             Err(_) => return Ok(()),
         };
         let answer = tokio::time::timeout(IDLE, async {
-            match server.chunk(req.clone()).await {
-                Ok((bytes, crc, _guard)) => {
+            match server.chunk(req).await {
+                Ok((bytes, crc, _guard, in_file)) => {
                     let h = RawChunkHeader { code: 0, message: String::new(), chunk_len: bytes.len() as u64, crc32c: crc };
                     write_frame(&mut s, &h).await?;
-                    match server.chunk_in_file(&req) {
-                        // The same bytes (same crc, length), held in the file while they are sent.
-                        Some((file, at, view, c)) if c == crc && view.len() == bytes.len() => send_file(&s, &file, at, view.len()).await?,
-                        _ => s.write_all(&bytes).await?,
+                    match in_file {
+                        // The view `bytes` keeps these bytes in the file while they are sent.
+                        Some(f) => send_file(&s, &f, f.offset, bytes.len()).await?,
+                        None => s.write_all(&bytes).await?,
                     }
                     server.metrics.peer_sent_bytes.inc_by(bytes.len() as u64);
                     Ok::<_, std::io::Error>(())
@@ -284,7 +284,7 @@ async fn serve_requests(mut s: TcpStream, server: &PeerServer) -> Result<(), Raw
 
 /// `len` bytes of `file` from `offset` onto the socket with `sendfile(2)`: the file's pages
 /// go to the socket without a copy through user space.
-async fn send_file(s: &TcpStream, file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<()> {
+async fn send_file(s: &TcpStream, file: &impl std::os::fd::AsRawFd, offset: u64, len: usize) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let mut off = offset as libc::off_t;
     let mut left = len;

@@ -34,7 +34,7 @@ use super::proto::{
 use super::streams::{ChunkStream, Streams};
 use super::{bitmap, same_version, PROTOCOL, TOKEN_HEADER};
 use crate::cache::chunk::{chunk_count, chunk_range};
-use crate::cache::Reader;
+use crate::cache::{ChunkFile, Reader};
 use crate::catalog::{Catalog, ObjectVersion};
 use crate::metrics::{ControlKind, Direction, Metrics};
 
@@ -165,14 +165,7 @@ impl PeerServer {
 
     /// The whole chunk a peer asks for, with its crc32c, counted as an active transfer until the
     /// guard is dropped.
-    /// The chunk `r` asks for as it lies in this agent's cache file, if it is held there now
-    /// (see `MemoryTier::chunk_in_file`), for the raw path to send without a copy.
-    pub fn chunk_in_file(&self, r: &ReadChunkRequest) -> Option<(std::fs::File, u64, Bytes, u32)> {
-        let obj = self.lookup(r.object.as_ref()).ok()?;
-        self.reader.memory().chunk_in_file(&obj, r.index)
-    }
-
-    pub async fn chunk(&self, r: ReadChunkRequest) -> Result<(Bytes, u32, ActiveGuard), Status> {
+    pub async fn chunk(&self, r: ReadChunkRequest) -> Result<(Bytes, u32, ActiveGuard, Option<ChunkFile>), Status> {
         let chunk_size = self.reader.chunk_size();
         if r.chunk_size != chunk_size {
             return Err(Status::invalid_argument(format!("chunk size {} differs from this agent's {chunk_size}", r.chunk_size)));
@@ -183,9 +176,9 @@ impl PeerServer {
         }
         self.active.fetch_add(1, Ordering::SeqCst);
         let guard = ActiveGuard(self.active.clone());
-        if let Some((bytes, crc)) = self.reader.memory().map_chunk(&obj, r.index) {
+        if let Some((bytes, crc, at)) = self.reader.memory().map_chunk_in_file(&obj, r.index) {
             debug!(key = %obj.key, index = r.index, "serving chunk from memory");
-            return Ok((bytes, crc, guard));
+            return Ok((bytes, crc, guard, Some(at)));
         }
         if !r.allow_fill {
             return Err(Status::not_found("chunk not held"));
@@ -197,7 +190,7 @@ impl PeerServer {
                 if bytes.len() as u64 != range.end - range.start {
                     return Err(Status::internal("filled chunk has the wrong length"));
                 }
-                Ok((bytes, crc, guard))
+                Ok((bytes, crc, guard, None))
             }
             Err(crate::Error::Stale(_)) => Err(Status::not_found("object changed at the origin")),
             Err(e) => Err(Status::unavailable(format!("could not fill the chunk: {e}"))),
@@ -310,7 +303,7 @@ impl Peer for PeerServer {
     }
 
     async fn read_chunk(&self, req: Request<ReadChunkRequest>) -> Result<Response<ChunkStream>, Status> {
-        let (bytes, crc, guard) = self.chunk(req.into_inner()).await?;
+        let (bytes, crc, guard, _) = self.chunk(req.into_inner()).await?;
         Ok(Response::new(self.streams.stream(bytes, crc, guard, self.metrics.clone())))
     }
 

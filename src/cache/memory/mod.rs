@@ -61,6 +61,19 @@ use crate::metrics::{Metrics, Tier};
 /// Suffix of the memory tier's data files in the cache directory.
 pub const DATA_SUFFIX: &str = ".chunks";
 
+/// The cache file a present chunk lies in, and its offset there (see
+/// [`MemoryTier::map_chunk_in_file`]).
+pub struct ChunkFile {
+    file: Arc<ObjFile>,
+    pub offset: u64,
+}
+
+impl AsRawFd for ChunkFile {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.file.as_raw_fd()
+    }
+}
+
 pub struct MemoryTier {
     dir: PathBuf,
     chunk_size: u64,
@@ -369,22 +382,17 @@ impl MemoryTier {
     /// A present chunk as `Bytes` pointing into the file's mapping (no copy), with the crc32c
     /// recorded when it was stored. The chunk is not evicted while the bytes are alive.
     pub fn map_chunk(&self, obj: &ObjectVersion, index: u64) -> Option<(Bytes, u32)> {
+        self.map_chunk_in_file(obj, index).map(|(bytes, crc, _)| (bytes, crc))
+    }
+
+    /// [`MemoryTier::map_chunk`], with where the chunk lies in its cache file: while the view
+    /// lives, the file's bytes there are the view's (they can be sent with `sendfile`).
+    pub fn map_chunk_in_file(&self, obj: &ObjectVersion, index: u64) -> Option<(Bytes, u32, ChunkFile)> {
         let f = self.existing(obj)?;
         let chunk = chunk_range(index, obj.size, self.chunk_size);
         let (bytes, slot) = f.view(index, chunk.clone(), 0..chunk.end - chunk.start)?;
         lock(&self.index).touch(&ChunkKey { object: obj.id.clone(), index });
-        Some((bytes, slot.crc))
-    }
-
-    /// Present chunk `index` where it lies in its cache file: a new descriptor of the file, the
-    /// chunk's offset in it, and a view of it that keeps it from being punched while it lives
-    /// (so the file's bytes there can be sent with `sendfile`); with its crc32c.
-    pub fn chunk_in_file(&self, obj: &ObjectVersion, index: u64) -> Option<(File, u64, Bytes, u32)> {
-        let f = self.existing(obj)?;
-        let chunk = chunk_range(index, obj.size, self.chunk_size);
-        let (view, slot) = f.view(index, chunk.clone(), 0..chunk.end - chunk.start)?;
-        let file = f.file.try_clone().ok()?;
-        Some((file, chunk.start, view, slot.crc))
+        Some((bytes, slot.crc, ChunkFile { file: f, offset: chunk.start }))
     }
 
     /// crc32c of a present chunk.
