@@ -417,7 +417,6 @@ fn cpu_seconds(pid: i32) -> f64 {
     f.iter().sum::<u64>() as f64 / tick
 }
 
-/// Touch `bytes` of fresh memory once, so the VM's first-touch cost does not land in a row.
 /// This VM hands freed memory back to its host at once (free page reporting, 2 MiB blocks and
 /// up), and a page the host took back is several times slower to touch again: rounds then
 /// measure the host, and touching memory before timing buys nothing. While it lives, reporting
@@ -451,9 +450,28 @@ impl Drop for HoldPageReporting {
     }
 }
 
+/// Touch `bytes` of fresh memory once, so the VM's first-touch cost does not land in a row.
+/// Through 2 MiB pages (a tmpfs of its own with `huge=always`; /dev/shm where none can be
+/// mounted), so that the next huge-page allocations too take blocks the host backs: 4 KiB
+/// allocations reuse memory freed a moment ago, while a 2 MiB one needs a whole free block, and
+/// those are what this VM hands back to its host.
 fn pretouch(bytes: u64) {
-    let p = PathBuf::from(format!("/dev/shm/cachefs-bench-pretouch-{}", std::process::id()));
-    let chunk = vec![1u8; 64 << 20];
+    let Ok(dir) = tempfile::tempdir() else { return pretouch_in(Path::new("/dev/shm"), bytes) };
+    let size = format!("huge=always,size={}", bytes + (64 << 20));
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", &size, "tmpfs"]).arg(dir.path()).status().is_ok_and(|s| s.success());
+    if !mounted {
+        return pretouch_in(Path::new("/dev/shm"), bytes);
+    }
+    pretouch_in(dir.path(), bytes);
+    let _ = Command::new("umount").arg(dir.path()).status();
+}
+
+/// Write `bytes` of data that is neither zeros nor repeated pages into a file in `dir`, then
+/// remove it.
+fn pretouch_in(dir: &Path, bytes: u64) {
+    let p = dir.join(format!("cachefs-bench-pretouch-{}", std::process::id()));
+    let mut chunk = vec![0u8; 64 << 20];
+    rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut chunk);
     if let Ok(mut f) = std::fs::File::create(&p) {
         let mut left = bytes;
         while left > 0 {
