@@ -708,6 +708,29 @@ fn loopback_rows(
     src_crc: u32,
 ) -> (f64, f64) {
     let (size, runs) = (b.size, b.opts.runs);
+    reference_rows(b, shm);
+    origin_rows(b, rt, file_store, agent_origin_is_s3);
+    let a_port = common::free_port();
+    let (mut a, cold_secs) = cold_rows(b, a_port, src_crc);
+    local_rows(b, shm, &a);
+    let remote_secs = remote_rows(b, a_port, src_crc);
+    vouched_rows(b, a_port, size, src_crc);
+    if python_ok() {
+        python_rows(b, shm, &a, a_port);
+    } else {
+        eprintln!("!!! python3 with safetensors and numpy unavailable: Python rows skipped");
+    }
+    b.agent_record("A (cold, then local hits and the source of remote hits)", &a);
+    a.stop();
+    drop(a);
+    scale_out_row(b, runs, size, src_crc);
+    handoff_row(b, runs, size, src_crc);
+    (cold_secs, remote_secs)
+}
+
+/// What the machine itself does: a tmpfs read and a loopback TCP stream.
+fn reference_rows(b: &mut Bench, shm: &Path) {
+    let (size, runs) = (b.size, b.opts.runs);
     eprintln!("references ...");
     let _ = read_file(shm);
     let tmpfs: Vec<f64> = (0..runs).map(|_| read_file(shm).1).collect();
@@ -715,13 +738,17 @@ fn loopback_rows(
     b.row("tmpfs reference (/dev/shm, 4 MiB reads)", tmpfs, size, String::new());
     let tcp: Vec<f64> = (0..runs).map(|_| loopback_tcp(size)).collect();
     b.row("loopback TCP reference (127.0.0.1, one stream)", tcp, size, String::new());
+}
 
+/// Each origin read without an agent: one stream, and the best of several parallel ranged GETs.
+fn origin_rows(b: &mut Bench, rt: &tokio::runtime::Runtime, file_store: &Origin, agent_origin_is_s3: bool) {
+    let (size, runs) = (b.size, b.opts.runs);
     eprintln!("origins ...");
     let mut origins = vec![file_store];
     if agent_origin_is_s3 {
         origins.push(&b.origin);
     }
-    let mut origin_rows = vec![];
+    let mut rows = vec![];
     for o in origins {
         let single: Vec<f64> = (0..runs)
             .map(|_| single_stream(rt, o, "model.safetensors"))
@@ -739,19 +766,24 @@ fn loopback_rows(
         }
         let lim =
             if o.label == "s3" { b.opts.origin_mbps.map(|m| format!(", limited to {m} MB/s")).unwrap_or_default() } else { String::new() };
-        origin_rows.push((format!("origin {}, single stream GET", o.label), single, format!("{}{lim}", o.label)));
-        origin_rows.push((format!("origin {}, parallel ranged GET (8 MiB x {})", o.label, best.0), best.2, format!("{}{lim}", o.label)));
+        rows.push((format!("origin {}, single stream GET", o.label), single, format!("{}{lim}", o.label)));
+        rows.push((format!("origin {}, parallel ranged GET (8 MiB x {})", o.label, best.0), best.2, format!("{}{lim}", o.label)));
     }
-    for (n, v, note) in origin_rows {
+    for (n, v, note) in rows {
         b.row(&n, v, size, note);
     }
+}
 
-    // Cold: a fresh agent reads the file once through its mount.
+/// Cold: fresh agents on `a_port` read the file once through their mounts. Returns the last
+/// (it then holds the file) and the median seconds.
+fn cold_rows(b: &mut Bench, a_port: u16, src_crc: u32) -> (Agent, f64) {
+    let (size, runs) = (b.size, b.opts.runs);
     eprintln!("cold reads through a mount (origin {}) ...", b.origin.label);
-    let a_port = common::free_port();
     let (mut cold, mut cold_cpu) = (vec![], vec![]);
     let mut a_keep = None;
     for i in 0..runs {
+        // The last run's agent leaves the port first; the last one is kept.
+        drop(a_keep.take());
         let a = b.start_agent(a_port, &[]);
         let before = metric(&a, "cachefs_fuse_read_requests_total");
         let c0 = cpu_seconds(a.pid());
@@ -761,48 +793,42 @@ fn loopback_rows(
         cold.push(s);
         let reqs = metric(&a, "cachefs_fuse_read_requests_total") - before;
         eprintln!("    cold run {i}: {s:.3} s, {reqs} FUSE reads (avg {:.0} KiB)", size as f64 / reqs.max(1.0) / 1024.0);
-        if i + 1 == runs {
-            a_keep = Some((a, reqs));
-        } else {
-            drop(a);
-        }
+        a_keep = Some((a, reqs));
     }
-    let (mut a, cold_reqs) = a_keep.unwrap();
+    let (a, cold_reqs) = a_keep.expect("at least one run");
     assert_eq!(crc_file(&key_path(&a)), src_crc, "cold read: wrong bytes");
     let ratio = metric(&a, "cachefs_origin_bytes_total") / size as f64;
     let cold_secs = median(cold.clone());
-    b.miss_row(
-        "cold: first read through a cachefs mount",
-        cold,
-        cold_cpu,
-        size,
-        format!("origin {}; {cold_reqs} FUSE reads; origin bytes/file {ratio:.3}", b.origin.label),
-    );
+    let note = format!("origin {}; {cold_reqs} FUSE reads; origin bytes/file {ratio:.3}", b.origin.label);
+    b.miss_row("cold: first read through a cachefs mount", cold, cold_cpu, size, note);
+    (a, cold_secs)
+}
 
-    // Local hit, interleaved with the tmpfs reference (this VM warms up within a run).
+/// Local hits on `a`, interleaved with the tmpfs reference (this VM warms up within a run).
+fn local_rows(b: &mut Bench, shm: &Path, a: &Agent) {
+    let (size, runs) = (b.size, b.opts.runs);
     eprintln!("local hits (interleaved with tmpfs) ...");
     let (mut local, mut tm) = (vec![], vec![]);
     for round in 0..runs + 2 {
         let t = read_file(shm).1;
-        let before = metric(&a, "cachefs_fuse_read_requests_total");
-        let (n, l) = read_file(&key_path(&a));
+        let before = metric(a, "cachefs_fuse_read_requests_total");
+        let (n, l) = read_file(&key_path(a));
         assert_eq!(n, size);
-        let reqs = metric(&a, "cachefs_fuse_read_requests_total") - before;
+        let reqs = metric(a, "cachefs_fuse_read_requests_total") - before;
         if round >= 2 {
             tm.push(t);
             local.push(l);
         }
         eprintln!("    round {round}: tmpfs {t:.3} s, local hit {l:.3} s, {reqs} FUSE reads");
     }
-    let passthrough = metric(&a, "cachefs_passthrough_opens_total");
-    b.row(
-        "local hit: second read through the same mount",
-        local,
-        size,
-        format!("passthrough opens {passthrough}; tmpfs in the same rounds {:.3} s", median(tm)),
-    );
+    let passthrough = metric(a, "cachefs_passthrough_opens_total");
+    let note = format!("passthrough opens {passthrough}; tmpfs in the same rounds {:.3} s", median(tm));
+    b.row("local hit: second read through the same mount", local, size, note);
+}
 
-    // Remote hit: a fresh second agent reads from A's memory.
+/// Remote hits: fresh agents read from the memory of the agent on `a_port`. Median seconds.
+fn remote_rows(b: &mut Bench, a_port: u16, src_crc: u32) -> f64 {
+    let (size, runs) = (b.size, b.opts.runs);
     eprintln!("remote hits ...");
     let (mut remote, mut remote_cpu) = (vec![], vec![]);
     let mut note = String::new();
@@ -833,22 +859,7 @@ fn loopback_rows(
     }
     let remote_secs = median(remote.clone());
     b.miss_row("remote hit: a second agent reads from the first's memory", remote, remote_cpu, size, note);
-    vouched_rows(b, a_port, size, src_crc);
-
-    // Python.
-    if python_ok() {
-        python_rows(b, shm, &a, a_port);
-    } else {
-        eprintln!("!!! python3 with safetensors and numpy unavailable: Python rows skipped");
-    }
-    b.agent_record("A (cold, then local hits and the source of remote hits)", &a);
-    a.stop();
-    drop(a);
-
-    scale_out_row(b, runs, size, src_crc);
-
-    handoff_row(b, runs, size, src_crc);
-    (cold_secs, remote_secs)
+    remote_secs
 }
 
 /// `safetensors` loads from /dev/shm, from the mount on a local hit and on a remote hit (a
@@ -900,99 +911,141 @@ fn main() {
         std::process::exit(1);
     }
     let started = Instant::now();
-    let work = tempfile::Builder::new().prefix("cachefs-bench-").tempdir_in("/var/tmp").unwrap();
-    let origin_dir = work.path().join("origin");
-    std::fs::create_dir_all(&origin_dir).unwrap();
-    let model = origin_dir.join("model.safetensors");
-    eprintln!("writing a safetensors file of about {} ...", cachefs::size::format_size(opts.size));
-    let (size, tensors) = write_model(&model, opts.size);
-    let src_crc = crc_file(&model);
-    eprintln!("  {} bytes, {tensors} tensors", size);
-    let shm_dir = PathBuf::from(format!("/dev/shm/cachefs-bench-ref-{}", std::process::id()));
-    std::fs::create_dir_all(&shm_dir).unwrap();
-    let shm = shm_dir.join("model.safetensors");
-    std::fs::copy(&model, &shm).unwrap();
-
+    let inputs = Inputs::write(opts.size);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let file_origin = Origin {
-        label: "file",
-        store: Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&origin_dir).unwrap()),
-        source: origin_dir.display().to_string(),
-        options: vec![],
-    };
-    // SeaweedFS S3 on 127.0.0.1 (optional), behind the bandwidth limit when one is asked for.
-    let weed = find_weed().and_then(|w| {
-        std::env::set_var("WEED", &w);
-        Weed::start("bench")
-    });
-    let s3_origin = weed.as_ref().map(|w| {
-        let port = match opts.origin_mbps {
-            Some(m) => start_throttle(SocketAddr::from(([127, 0, 0, 1], w.s3_port)), m).port(),
-            None => w.s3_port,
-        };
-        let mut b = object_store::aws::AmazonS3Builder::new().with_bucket_name(&w.bucket);
-        let mut options = vec![];
-        for (k, v) in s3_options(port) {
-            b = b.with_config(k.parse().unwrap(), v.clone());
-            options.push("--source-option".to_string());
-            options.push(format!("{k}={v}"));
-        }
-        let store: Arc<dyn ObjectStore> = Arc::new(b.build().unwrap());
-        Origin { label: "s3", store, source: format!("s3://{}", w.bucket), options }
-    });
-    if let (Some(w), Some(o)) = (&weed, &s3_origin) {
-        eprintln!("uploading to SeaweedFS on 127.0.0.1:{} ...", w.s3_port);
-        let upload = w.store();
-        rt.block_on(async {
-            // The bucket is created asynchronously after the port opens: wait for a small put.
-            w.put("ready", b"ok".to_vec()).await;
-            upload_file(upload, "model.safetensors", &model).await;
-        });
-        let _ = o;
-    }
+    let (weed, s3_origin) = s3_origin(&opts, &rt, &inputs.model);
     if opts.origin_mbps.is_some() && s3_origin.is_none() {
         eprintln!("load bench: error: --origin-mbps needs the S3 origin (weed) to throttle");
         std::process::exit(1);
     }
     let agent_origin_is_s3 = s3_origin.is_some();
+    let file_store = inputs.file_origin();
     let mut b = Bench {
-        size,
-        origin: s3_origin.unwrap_or(file_origin),
+        size: inputs.size,
+        origin: s3_origin.unwrap_or_else(|| inputs.file_origin()),
         rows: vec![],
         agents: vec![],
         tmpfs_secs: f64::NAN,
         seed_table: vec![],
         opts,
     };
-    let runs = b.opts.runs;
-    let file_store = Origin {
-        label: "file",
-        store: Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&origin_dir).unwrap()),
-        source: String::new(),
-        options: vec![],
-    };
 
     // All the memory the run will use (tmpfs caches of several agents, page cache of the origin):
     // everything available but 4 GiB, at least twice the file.
-    let touch = cachefs::config::available_memory().unwrap_or(0).saturating_sub(4 << 30).max(2 * size);
+    let touch = cachefs::config::available_memory().unwrap_or(0).saturating_sub(4 << 30).max(2 * inputs.size);
     let _reporting = HoldPageReporting::new();
     eprintln!("touching {} of memory first ...", cachefs::size::format_size(touch));
     pretouch(touch);
-    let (cold_secs, remote_secs) =
-        if b.opts.only_links { (f64::NAN, f64::NAN) } else { loopback_rows(&mut b, &rt, &shm, &file_store, agent_origin_is_s3, src_crc) };
-    let _ = std::fs::remove_dir_all(&shm_dir);
-
+    let (cold_secs, remote_secs) = if b.opts.only_links {
+        (f64::NAN, f64::NAN)
+    } else {
+        loopback_rows(&mut b, &rt, &inputs.shm, &file_store, agent_origin_is_s3, inputs.src_crc)
+    };
+    let _ = std::fs::remove_dir_all(&inputs.shm_dir);
     if let Some(p) = b.opts.links.clone() {
-        links::run(&mut b, &p, &model, src_crc, work.path());
+        links::run(&mut b, &p, &inputs.model, inputs.src_crc, inputs.work.path());
     }
 
-    // Report.
+    let remote_vs_cold = cold_secs / remote_secs;
+    let table = markdown(&b, &inputs, agent_origin_is_s3, remote_vs_cold);
+    println!("\n{table}");
+    let json = serde_json::json!({
+        "size": inputs.size, "tensors": inputs.tensors, "runs": b.opts.runs, "quick": b.opts.quick,
+        "origin": if agent_origin_is_s3 { "s3 (SeaweedFS, 127.0.0.1)" } else { "file" },
+        "origin_mbps": b.opts.origin_mbps,
+        "machine": { "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "mem_bytes": cachefs::config::available_memory() },
+        "rows": b.rows, "agents": b.agents, "markdown": table, "remote_vs_cold": remote_vs_cold,
+        "links": b.opts.links.as_ref().map(|p| serde_json::json!({"link_gbps": p.link_gbps, "link_rtt_ms": p.link_rtt_ms, "origin_rtt_ms": p.origin_rtt_ms, "origin_mbps": p.origin_mbps})),
+        "seed_table": b.seed_table,
+        "elapsed_seconds": started.elapsed().as_secs_f64(),
+    });
+    let out = write_json(&json);
+    eprintln!("wrote {} ({:.0} s in all)", out.display(), started.elapsed().as_secs_f64());
+    drop(weed);
+}
+
+/// The run's files: the model in an origin directory, and its copy in /dev/shm.
+struct Inputs {
+    work: tempfile::TempDir,
+    origin_dir: PathBuf,
+    model: PathBuf,
+    size: u64,
+    tensors: usize,
+    src_crc: u32,
+    shm_dir: PathBuf,
+    shm: PathBuf,
+}
+
+impl Inputs {
+    fn write(target: u64) -> Inputs {
+        let work = tempfile::Builder::new().prefix("cachefs-bench-").tempdir_in("/var/tmp").unwrap();
+        let origin_dir = work.path().join("origin");
+        std::fs::create_dir_all(&origin_dir).unwrap();
+        let model = origin_dir.join("model.safetensors");
+        eprintln!("writing a safetensors file of about {} ...", cachefs::size::format_size(target));
+        let (size, tensors) = write_model(&model, target);
+        let src_crc = crc_file(&model);
+        eprintln!("  {} bytes, {tensors} tensors", size);
+        let shm_dir = PathBuf::from(format!("/dev/shm/cachefs-bench-ref-{}", std::process::id()));
+        std::fs::create_dir_all(&shm_dir).unwrap();
+        let shm = shm_dir.join("model.safetensors");
+        std::fs::copy(&model, &shm).unwrap();
+        Inputs { work, origin_dir, model, size, tensors, src_crc, shm_dir, shm }
+    }
+
+    /// The origin directory as an origin.
+    fn file_origin(&self) -> Origin {
+        Origin {
+            label: "file",
+            store: Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&self.origin_dir).unwrap()),
+            source: self.origin_dir.display().to_string(),
+            options: vec![],
+        }
+    }
+}
+
+/// SeaweedFS S3 on 127.0.0.1 with the model uploaded (none where `weed` is missing), behind the
+/// bandwidth limit when one is asked for.
+fn s3_origin(opts: &Opts, rt: &tokio::runtime::Runtime, model: &Path) -> (Option<Weed>, Option<Origin>) {
+    let weed = find_weed().and_then(|w| {
+        std::env::set_var("WEED", &w);
+        Weed::start("bench")
+    });
+    let Some(w) = &weed else { return (None, None) };
+    let port = match opts.origin_mbps {
+        Some(m) => start_throttle(SocketAddr::from(([127, 0, 0, 1], w.s3_port)), m).port(),
+        None => w.s3_port,
+    };
+    let mut b = object_store::aws::AmazonS3Builder::new().with_bucket_name(&w.bucket);
+    let mut options = vec![];
+    for (k, v) in s3_options(port) {
+        b = b.with_config(k.parse().unwrap(), v.clone());
+        options.push("--source-option".to_string());
+        options.push(format!("{k}={v}"));
+    }
+    let store: Arc<dyn ObjectStore> = Arc::new(b.build().unwrap());
+    eprintln!("uploading to SeaweedFS on 127.0.0.1:{} ...", w.s3_port);
+    let upload = w.store();
+    rt.block_on(async {
+        // The bucket is created asynchronously after the port opens: wait for a small put.
+        w.put("ready", b"ok".to_vec()).await;
+        upload_file(upload, "model.safetensors", model).await;
+    });
+    let source = format!("s3://{}", w.bucket);
+    (weed, Some(Origin { label: "s3", store, source, options }))
+}
+
+/// The run's tables in markdown.
+fn markdown(b: &Bench, inputs: &Inputs, agent_origin_is_s3: bool, remote_vs_cold: f64) -> String {
     let mut table = String::new();
     table.push_str(&format!(
-        "File: {} ({size} bytes, {tensors} tensors, F16/F32), origin for the mounts: {}{}; median of {runs} runs; {}.\n\n",
-        cachefs::size::format_size(size),
+        "File: {} ({} bytes, {} tensors, F16/F32), origin for the mounts: {}{}; median of {} runs; {}.\n\n",
+        cachefs::size::format_size(inputs.size),
+        inputs.size,
+        inputs.tensors,
         if agent_origin_is_s3 { "SeaweedFS S3 on 127.0.0.1" } else { "local directory (file://)" },
         b.opts.origin_mbps.map(|m| format!(" limited to {m} MB/s")).unwrap_or_default(),
+        b.opts.runs,
         if b.opts.quick { "--quick" } else { "full run" }
     ));
     table.push_str("| row | time (s) | GB/s | vs tmpfs | agent CPU s/GiB | notes |\n|---|---:|---:|---:|---:|---|\n");
@@ -1008,7 +1061,6 @@ fn main() {
             r["note"].as_str().unwrap()
         ));
     }
-    let remote_vs_cold = cold_secs / remote_secs;
     table.push_str(&format!(
         "\nRemote hit vs cold read: {remote_vs_cold:.1}x faster (origin{}).\n",
         b.opts.origin_mbps.map(|m| format!(" limited to {m} MB/s")).unwrap_or_default()
@@ -1024,25 +1076,19 @@ fn main() {
     }
     if let Some(p) = &b.opts.links {
         table.push('\n');
-        table.push_str(&links::report(&b, p));
+        table.push_str(&links::report(b, p));
     }
-    println!("\n{table}");
+    table
+}
+
+/// Write `target/bench/load.json`; its path.
+fn write_json(json: &serde_json::Value) -> PathBuf {
     let out_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
         .join("bench");
     std::fs::create_dir_all(&out_dir).unwrap();
-    let json = serde_json::json!({
-        "size": size, "tensors": tensors, "runs": runs, "quick": b.opts.quick,
-        "origin": if agent_origin_is_s3 { "s3 (SeaweedFS, 127.0.0.1)" } else { "file" },
-        "origin_mbps": b.opts.origin_mbps,
-        "machine": { "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "mem_bytes": cachefs::config::available_memory() },
-        "rows": b.rows, "agents": b.agents, "markdown": table, "remote_vs_cold": remote_vs_cold,
-        "links": b.opts.links.as_ref().map(|p| serde_json::json!({"link_gbps": p.link_gbps, "link_rtt_ms": p.link_rtt_ms, "origin_rtt_ms": p.origin_rtt_ms, "origin_mbps": p.origin_mbps})),
-        "seed_table": b.seed_table,
-        "elapsed_seconds": started.elapsed().as_secs_f64(),
-    });
-    std::fs::write(out_dir.join("load.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
-    eprintln!("wrote {} ({:.0} s in all)", out_dir.join("load.json").display(), started.elapsed().as_secs_f64());
-    drop(weed);
+    let out = out_dir.join("load.json");
+    std::fs::write(&out, serde_json::to_string_pretty(json).unwrap()).unwrap();
+    out
 }
