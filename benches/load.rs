@@ -419,8 +419,9 @@ fn cpu_seconds(pid: i32) -> f64 {
 
 /// This VM hands freed memory back to its host at once (free page reporting, 2 MiB blocks and
 /// up), and a page the host took back is several times slower to touch again: rounds then
-/// measure the host, and touching memory before timing buys nothing. While it lives, reporting
-/// waits a minute (its most) and lets 64 GiB wait; the old settings come back on drop.
+/// measure the host, and memory touched before timing is soon cold again. While it lives,
+/// reporting waits a minute (its most) and lets 64 GiB wait, so what [`pretouch`] touched
+/// just before a round stays backed; the old settings come back on drop.
 struct HoldPageReporting(Vec<(PathBuf, String)>);
 
 impl HoldPageReporting {

@@ -43,6 +43,11 @@ pub fn detach(path: &Path) -> io::Result<()> {
 /// kernel's attribute cache even when the FUSE daemon behind it is gone).
 pub fn is_mount_point(path: &Path) -> bool {
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else { return false };
+    mounted_at(&mounts, path)
+}
+
+/// Whether a `/proc/self/mounts` text has a mount at `path`.
+pub fn mounted_at(mounts: &str, path: &Path) -> bool {
     let escaped = mount_table_path(path);
     mounts.lines().any(|l| l.split(' ').nth(1) == Some(escaped.as_str()))
 }

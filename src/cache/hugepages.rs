@@ -42,7 +42,7 @@ pub fn prepare(dir: &Path, chunk_size: u64) -> HugePages {
         Some(true) => return HugePages::Already,
         Some(false) => {}
     }
-    if crate::sys::is_mount_point(dir) {
+    if crate::sys::mounted_at(&mounts, dir) {
         return skip("it is a mount point of its own");
     }
     if !chunk_size.is_multiple_of(HUGE_PAGE) {
